@@ -1,0 +1,141 @@
+"""Checkpoint directories: tensors and the resolved config, never pickled objects.
+
+A checkpoint directory holds
+
+* ``model.safetensors``: the open_clip state dict, loadable with plain
+  ``open_clip.create_model(arch, pretrained=".../model.safetensors")``;
+* ``config.json``: the resolved config of the run;
+* ``metrics.json``: the metrics reported with this checkpoint;
+* ``train_state.pt``: optimizer state, loop position and RNG states, read back with
+  ``torch.load(weights_only=True)``.
+
+Directories are written under a temporary name and renamed into place, so a crash
+never leaves a half-written checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dps_tune.config import Config, config_from_dict, save_json
+from dps_tune.errors import CheckpointError
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+STATE_FILE = "train_state.pt"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoopState:
+    """Where a run is: the position the next step starts from."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps taken
+    batch_in_epoch: int = 0  # batches of the current epoch already trained on
+
+
+def save_checkpoint(path: str | os.PathLike, *, model_state: Mapping[str, torch.Tensor], config: Config,
+                    metrics: Mapping[str, Any], loop: LoopState | None = None,
+                    optimizer_state: Mapping[str, Any] | None = None,
+                    extra_state: Mapping[str, Any] | None = None) -> Path:
+    """Write a checkpoint directory atomically; returns its path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE),
+              metadata={"format": "open_clip state_dict", "model": config.model})
+    save_json(config, tmp / CONFIG_FILE)
+    save_json(dict(metrics), tmp / METRICS_FILE)
+    if loop is not None:
+        state = {
+            "format": FORMAT_VERSION,
+            "epoch": loop.epoch,
+            "step": loop.step,
+            "batch_in_epoch": loop.batch_in_epoch,
+            "optimizer": optimizer_state or {},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            **(extra_state or {}),
+        }
+        torch.save(state, tmp / STATE_FILE)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    model_state: dict[str, torch.Tensor]
+    config: Config
+    metrics: dict[str, Any]
+    train_state: dict[str, Any] | None
+
+    @property
+    def loop(self) -> LoopState:
+        s = self.train_state or {}
+        return LoopState(int(s.get("epoch", 0)), int(s.get("step", 0)), int(s.get("batch_in_epoch", 0)))
+
+
+def read_config(path: str | os.PathLike, *, check_paths: bool = False) -> Config:
+    path = Path(path)
+    cfg_path = path / CONFIG_FILE if path.is_dir() else path
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint config {str(cfg_path)!r}: cannot be read ({exc})") from None
+    return config_from_dict(raw, check_paths=check_paths)
+
+
+def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True) -> LoadedCheckpoint:
+    path = Path(path)
+    if not (path / MODEL_FILE).is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r}: no {MODEL_FILE} in it")
+    try:
+        model_state = load_file(str(path / MODEL_FILE))
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {MODEL_FILE} cannot be read ({exc})") from None
+    config = read_config(path)
+    metrics_path = path / METRICS_FILE
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    state = None
+    if with_state and (path / STATE_FILE).is_file():
+        try:
+            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r}: {STATE_FILE} cannot be read safely ({exc})") from None
+    return LoadedCheckpoint(path, model_state, config, metrics, state)
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    rng = state.get("rng", {})
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def export(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy a checkpoint's model, config and metrics (not its training state) to ``dst``."""
+    src, dst = Path(src), Path(dst)
+    load_checkpoint(src, with_state=False)  # refuse anything incomplete
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (MODEL_FILE, CONFIG_FILE, METRICS_FILE):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    return dst
+

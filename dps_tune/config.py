@@ -1,0 +1,571 @@
+"""One frozen, typed config for a run, built and validated in one place.
+
+A config file is YAML with a base config (the keys below), an optional ``search:``
+block (see :mod:`dps_tune.search_space`) and an optional ``tune:`` block
+(:class:`TuneConfig`). Everything is checked before any work starts, and nothing
+mutates a :class:`Config` afterwards: overrides build a new one.
+
+Keys may be written in full (``optim.lr``) or by their leaf name when that name is
+unique (``lr``, ``epochs``, ``masking``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from dps_tune.errors import ConfigError
+
+ALGORITHMS = ("ce", "flyp", "dps")
+DATASETS = ("synthetic", "csv", "iwildcam")
+SPLITS = ("id_val", "id_test", "ood_val", "ood_test")
+SUPPRESS_MODES = ("top", "bottom", "random")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE_MODES = ("auto", "on", "off")
+TEMPLATE_SETS = ("auto", "iwildcam", "synthetic", "simple")
+MODES = ("max", "min")
+
+# Fields holding filesystem paths: made absolute at load time, so a trial whose
+# working directory is elsewhere (Ray changes it) still finds them.
+_PATH_FIELDS = (
+    "data.root",
+    "data.train_csv",
+    "data.classnames",
+    "data.image_cache",
+    "dps.reference",
+    "dps.reference_experiment",
+    "dps.ranking_cache",
+)
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Size of the procedurally generated world (see :mod:`dps_tune.synthetic`)."""
+
+    seed: int = 0
+    classes: int = 10
+    train_per_class: int = 60
+    eval_per_class: int = 24
+    image_size: int = 64
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "synthetic"
+    # synthetic: where the world is generated (default: the user cache);
+    # iwildcam: the directory that holds iwildcam_v2.0 (or that directory itself);
+    # csv: base directory for relative image paths inside the CSVs.
+    root: str | None = None
+    train_csv: str | None = None
+    eval_csvs: tuple[tuple[str, str], ...] = ()
+    csv_separator: str = "\t"
+    csv_img_key: str = "filepath"
+    csv_caption_key: str = "title"
+    csv_label_key: str = "label"
+    classnames: str | None = None
+    templates: str = "auto"
+    eval_splits: tuple[str, ...] = SPLITS
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    workers: int = 2
+    image_cache: str | None = None
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5
+    wd: float = 0.2
+    epochs: int = 20
+    warmup_steps: int = 500
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 0.0
+
+
+@dataclass(frozen=True)
+class DPSConfig:
+    masking: float = 0.9
+    suppress: str = "top"
+    # Either a checkpoint (directory or weights file) fine-tuned with CE from the same
+    # pretrained weights, or a finished CE sweep whose best trial is used.
+    reference: str | None = None
+    reference_experiment: str | None = None
+    reference_metric: str = "id_val_f1"
+    ranking_cache: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    device: str = "auto"
+    precision: str = "auto"
+    compile: str = "auto"
+    eval_every_steps: int = 0
+    log_every_steps: int = 25
+    checkpoint_every_eval: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    algorithm: str = "ce"
+    model: str = "ViT-B-16"
+    pretrained: str = "openai"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dps: DPSConfig = field(default_factory=DPSConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """The ``tune:`` block: how a sweep is searched, scheduled and resourced."""
+
+    metric: str = "id_val_f1"
+    mode: str = "max"
+    num_samples: int = 8
+    max_concurrent_trials: int = 2
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    max_t: int = 0  # 0 means optim.epochs
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    keep_checkpoints: int = 2
+    seed: int = 0
+    max_failures: int = 2
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in canonical form."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} = {value!r}: expected a mapping of {_field_list(tp)}")
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected an integer")
+    if tp is float:
+        # PyYAML reads "1e-5" (no dot) as a string; accept anything float() accepts.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} = {value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} = {value!r}: expected a string")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if args == (tuple[str, str], ...):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key} = {value!r}: expected a mapping of split name to path")
+            return tuple((str(k), _coerce(f"{key}.{k}", v, str)) for k, v in value.items())
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r}: expected a list")
+        return tuple(_coerce(key, v, args[0]) for v in value)
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug, not user input
+
+
+def _field_list(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(
+                f"unknown key {prefix}{key!s}: allowed keys are {_field_list(cls)}"
+            )
+        kwargs[key] = _coerce(f"{prefix}{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A JSON-ready dict that :func:`config_from_dict` turns back into the same object."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif f.name == "eval_csvs":
+            value = dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+# ------------------------------------------------------------------------------ keys
+
+
+def _leaf_paths(cls: type = Config, prefix: str = "") -> dict[str, Any]:
+    """Every settable dotted key of ``cls`` mapped to its annotation."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(_leaf_paths(tp, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = tp
+    return out
+
+
+CONFIG_KEYS: dict[str, Any] = _leaf_paths(Config)
+
+
+def resolve_key(key: str) -> str:
+    """Canonical dotted key for ``key``, which may be a unique leaf name (``lr``)."""
+    if key in CONFIG_KEYS:
+        return key
+    matches = [k for k in CONFIG_KEYS if k.rsplit(".", 1)[-1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise ConfigError(f"key {key!r} is ambiguous: write one of {', '.join(matches)}")
+    raise ConfigError(f"unknown key {key!r}: allowed keys are {', '.join(CONFIG_KEYS)}")
+
+
+def _nested(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=1e-4"`` -> ``("optim.lr", 1e-4)``; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return resolve_key(key.strip()), value
+
+
+def with_overrides(cfg: Config, overrides: Mapping[str, Any], *, check_paths: bool = True) -> Config:
+    """A new validated config with ``overrides`` (dotted or leaf keys) applied."""
+    dotted = {resolve_key(k): v for k, v in overrides.items()}
+    raw = _merge(to_dict(cfg), _nested(dotted))
+    return config_from_dict(raw, check_paths=check_paths)
+
+
+# ------------------------------------------------------------------------ validation
+
+
+def _absolute_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    def fix(p: Any) -> Any:
+        if isinstance(p, str) and p and "://" not in p:
+            return str((base_dir / os.path.expanduser(p)).resolve())
+        return p
+
+    out = _merge(raw, {})
+    for dotted in _PATH_FIELDS:
+        section, name = dotted.split(".")
+        if isinstance(out.get(section), Mapping) and name in out[section]:
+            out[section] = {**out[section], name: fix(out[section][name])}
+    data = out.get("data")
+    if isinstance(data, Mapping) and isinstance(data.get("eval_csvs"), Mapping):
+        out["data"] = {**data, "eval_csvs": {k: fix(v) for k, v in data["eval_csvs"].items()}}
+    pre = out.get("pretrained")
+    if isinstance(pre, str) and _looks_like_path(pre):
+        out["pretrained"] = fix(pre)
+    return out
+
+
+def _looks_like_path(value: str) -> bool:
+    return "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: {allowed}")
+
+
+def _check_choice(key: str, value: Any, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    _check(value in choices, key, value, f"must be one of {', '.join(choices)}")
+
+
+def validate(cfg: Config, *, check_paths: bool = True) -> None:
+    """Raise :class:`ConfigError` naming the first bad key, its value and what is allowed."""
+    _check_choice("algorithm", cfg.algorithm, ALGORITHMS)
+    _check(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
+
+    d = cfg.data
+    _check_choice("data.dataset", d.dataset, DATASETS)
+    _check_choice("data.templates", d.templates, TEMPLATE_SETS)
+    _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
+    _check(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be >= 1")
+    _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+    _check(len(d.csv_separator) == 1, "data.csv_separator", d.csv_separator, "must be one character")
+    for split in d.eval_splits:
+        _check_choice("data.eval_splits", split, SPLITS)
+    for split, _ in d.eval_csvs:
+        _check_choice("data.eval_csvs", split, SPLITS)
+    s = d.synthetic
+    _check(2 <= s.classes <= 10, "data.synthetic.classes", s.classes, "must be between 2 and 10")
+    _check(s.train_per_class >= 1, "data.synthetic.train_per_class", s.train_per_class, "must be >= 1")
+    _check(s.eval_per_class >= 1, "data.synthetic.eval_per_class", s.eval_per_class, "must be >= 1")
+    _check(16 <= s.image_size <= 512, "data.synthetic.image_size", s.image_size, "must be between 16 and 512")
+    if d.dataset == "csv":
+        _check(d.train_csv is not None, "data.train_csv", d.train_csv, "required when data.dataset is csv")
+        _check(d.classnames is not None, "data.classnames", d.classnames, "required when data.dataset is csv")
+    if d.dataset == "iwildcam":
+        _check(d.root is not None, "data.root", d.root, "required when data.dataset is iwildcam")
+
+    o = cfg.optim
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(o.wd >= 0, "optim.wd", o.wd, "must be >= 0")
+    _check(o.epochs >= 1, "optim.epochs", o.epochs, "must be >= 1")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _check(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "must be in [0, 1)")
+    _check(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "must be in [0, 1)")
+    _check(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+
+    p = cfg.dps
+    _check(0 <= p.masking < 1, "dps.masking", p.masking, "must be in [0, 1)")
+    _check_choice("dps.suppress", p.suppress, SUPPRESS_MODES)
+    if cfg.algorithm == "dps":
+        _check(
+            (p.reference is None) != (p.reference_experiment is None),
+            "dps.reference",
+            p.reference,
+            "algorithm dps needs exactly one of dps.reference (a CE checkpoint) "
+            "or dps.reference_experiment (a finished CE sweep)",
+        )
+    _check(
+        _is_metric_name(p.reference_metric), "dps.reference_metric", p.reference_metric,
+        f"must be one of {', '.join(metric_names())}",
+    )
+
+    t = cfg.train
+    _check(t.device in DEVICES or t.device.startswith("cuda:"), "train.device", t.device,
+           "must be auto, cpu, cuda or cuda:N")
+    _check_choice("train.precision", t.precision, PRECISIONS)
+    _check_choice("train.compile", t.compile, COMPILE_MODES)
+    _check(t.eval_every_steps >= 0, "train.eval_every_steps", t.eval_every_steps, "must be >= 0 (0: once per epoch)")
+    _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, "must be >= 1")
+
+    _validate_model(cfg)
+    if check_paths:
+        validate_paths(cfg)
+
+
+def _validate_model(cfg: Config) -> None:
+    from dps_tune import models  # imports torch and open_clip; only needed here
+
+    known = models.list_architectures()
+    _check(cfg.model in known, "model", cfg.model,
+           "not an open_clip architecture (see `python -c 'import open_clip; print(open_clip.list_models())'`)")
+    if cfg.pretrained == "none" or _looks_like_path(cfg.pretrained):
+        return
+    tags = models.list_pretrained_tags(cfg.model)
+    _check(cfg.pretrained in tags, "pretrained", cfg.pretrained,
+           f"must be none, a weights file (.pt, .bin, .safetensors) or one of the tags for "
+           f"{cfg.model}: {', '.join(tags) or '(none known)'}")
+
+
+def _require_file(key: str, value: str | None, *, directory_ok: bool = False) -> None:
+    if value is None:
+        return
+    path = Path(value)
+    ok = path.is_file() or (directory_ok and path.is_dir())
+    _check(ok, key, value, "no such file" + (" or directory" if directory_ok else ""))
+
+
+def validate_paths(cfg: Config) -> None:
+    """Check that every input file the config names exists."""
+    d = cfg.data
+    if _looks_like_path(cfg.pretrained):
+        _require_file("pretrained", cfg.pretrained)
+    if d.dataset == "iwildcam":
+        from dps_tune.data import find_iwildcam_dir
+
+        find_iwildcam_dir(d.root)  # raises a one-line error naming what is missing
+    if d.dataset == "csv":
+        _require_file("data.train_csv", d.train_csv)
+        for split, path in d.eval_csvs:
+            _require_file(f"data.eval_csvs.{split}", path)
+        if d.root is not None:
+            _check(Path(d.root).is_dir(), "data.root", d.root, "no such directory")
+    if d.classnames is not None:
+        _require_file("data.classnames", d.classnames)
+    if d.image_cache is not None:
+        _check(Path(d.image_cache).is_dir(), "data.image_cache", d.image_cache,
+               "no such directory (build it with `dps-tune prepare`)")
+    if cfg.algorithm == "dps":
+        _require_file("dps.reference", cfg.dps.reference, directory_ok=True)
+        if cfg.dps.reference_experiment is not None:
+            _check(Path(cfg.dps.reference_experiment).is_dir(), "dps.reference_experiment",
+                   cfg.dps.reference_experiment, "no such directory")
+
+
+def metric_names(splits: Iterable[str] = SPLITS) -> list[str]:
+    return [f"{s}_{m}" for s in splits for m in ("acc", "f1")]
+
+
+def _is_metric_name(name: str) -> bool:
+    return name in metric_names() or name in ("train_loss",)
+
+
+def config_from_dict(raw: Mapping[str, Any], *, check_paths: bool = True) -> Config:
+    cfg = _build(Config, raw)
+    validate(cfg, check_paths=check_paths)
+    return cfg
+
+
+# --------------------------------------------------------------------------- files
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """A parsed config file: the validated base config plus its raw sweep blocks."""
+
+    config: Config
+    tune: TuneConfig
+    search: Mapping[str, Any]
+    path: Path
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {str(path)!r}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
+    return raw
+
+
+def load_file(
+    path: str | os.PathLike,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
+    *,
+    check_paths: bool = True,
+) -> ConfigFile:
+    """Read a config file, apply ``--set`` overrides, validate, and freeze.
+
+    Relative paths inside the file are taken relative to the current directory.
+    """
+    raw = read_yaml(path)
+    search = raw.pop("search", None) or {}
+    tune_raw = raw.pop("tune", None) or {}
+    if not isinstance(search, Mapping):
+        raise ConfigError(f"search = {search!r}: expected a mapping of config key to distribution")
+    if not isinstance(tune_raw, Mapping):
+        raise ConfigError(f"tune = {tune_raw!r}: expected a mapping of {_field_list(TuneConfig)}")
+    if isinstance(overrides, Mapping):
+        pairs = [(resolve_key(k), v) for k, v in overrides.items()]
+    else:
+        pairs = [parse_override(o) for o in overrides]
+    tune_over = {k[len("tune."):]: v for k, v in pairs if k.startswith("tune.")}
+    base_over = {k: v for k, v in pairs if not k.startswith("tune.")}
+    raw = _merge(raw, _nested(base_over))
+    raw = _absolute_paths(raw, Path.cwd())
+    cfg = config_from_dict(raw, check_paths=check_paths)
+    tune = _build(TuneConfig, _merge(dict(tune_raw), tune_over), prefix="tune.")
+    validate_tune(tune, cfg)
+    return ConfigFile(config=cfg, tune=tune, search=dict(search), path=Path(path).resolve())
+
+
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
+    """The validated base config of a file; ``search:`` and ``tune:`` blocks are ignored."""
+    return load_file(path, overrides).config
+
+
+def validate_tune(t: TuneConfig, cfg: Config) -> None:
+    allowed = metric_names(cfg.data.eval_splits) + ["train_loss"]
+    _check(t.metric in allowed, "tune.metric", t.metric, f"must be one of {', '.join(allowed)}")
+    _check_choice("tune.mode", t.mode, MODES)
+    _check(t.num_samples >= 1, "tune.num_samples", t.num_samples, "must be >= 1")
+    _check(t.max_concurrent_trials >= 1, "tune.max_concurrent_trials", t.max_concurrent_trials, "must be >= 1")
+    _check(t.grace_period >= 1, "tune.grace_period", t.grace_period, "must be >= 1")
+    _check(t.reduction_factor > 1, "tune.reduction_factor", t.reduction_factor, "must be > 1")
+    _check(t.max_t >= 0, "tune.max_t", t.max_t, "must be >= 0 (0: optim.epochs)")
+    _check(t.cpus_per_trial > 0, "tune.cpus_per_trial", t.cpus_per_trial, "must be > 0")
+    _check(t.gpus_per_trial >= 0, "tune.gpus_per_trial", t.gpus_per_trial, "must be >= 0")
+    _check(t.gpus_per_trial <= 1 or t.gpus_per_trial == int(t.gpus_per_trial), "tune.gpus_per_trial",
+           t.gpus_per_trial, "must be a fraction of one GPU or a whole number of GPUs")
+    _check(t.keep_checkpoints >= 1, "tune.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+    _check(t.max_failures >= 0, "tune.max_failures", t.max_failures, "must be >= 0")
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> None:
+    """Write ``obj`` (a config dataclass or dict) as JSON, atomically."""
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,181 @@
+"""open_clip models: tiny architectures, loading through open_clip, state-dict naming.
+
+Every model is built by ``open_clip.create_model``; weights come from an open_clip
+pretrained tag, a local weights file, or random initialisation (``none``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Mapping
+
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from torch import nn
+
+from dps_tune.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+_CONFIG_DIR = Path(__file__).with_name("model_configs")
+# Wrapper prefixes added by DataParallel/DistributedDataParallel and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+open_clip.add_model_config(_CONFIG_DIR)
+
+
+def list_architectures() -> list[str]:
+    return open_clip.list_models()
+
+
+def list_pretrained_tags(arch: str) -> list[str]:
+    return open_clip.list_pretrained_tags_by_model(arch)
+
+
+def register_pretrained_tag(arch: str, tag: str, path: str | os.PathLike, **preprocess: object) -> None:
+    """Make ``pretrained=tag`` resolve to a local file through open_clip's tag lookup."""
+    from open_clip import pretrained as oc_pretrained
+
+    cfg = {
+        "file": str(path),
+        "mean": open_clip.OPENAI_DATASET_MEAN,
+        "std": open_clip.OPENAI_DATASET_STD,
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+        **preprocess,
+    }
+    oc_pretrained._PRETRAINED.setdefault(arch, {})[tag] = cfg
+
+
+def strip_wrapper_prefix(name: str) -> str:
+    """``module._orig_mod.visual.proj`` -> ``visual.proj``."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                changed = True
+    return name
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain open_clip module under DataParallel / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A snapshot of the state dict: wrapper prefixes removed, copied to the CPU, contiguous.
+
+    Always a copy, also for a model on the CPU, so later training does not change it.
+    """
+    return {
+        strip_wrapper_prefix(k): v.detach().to("cpu", copy=True).contiguous()
+        for k, v in model.state_dict().items()
+    }
+
+
+def create_model(arch: str, pretrained: str, *, device: str | torch.device = "cpu",
+                 cache_dir: str | None = None) -> nn.Module:
+    """Build ``arch`` with open_clip and load ``pretrained`` (tag, weights file or ``none``).
+
+    Raises :class:`CheckpointError` with a one-line message when the weights are missing
+    or do not fit the architecture.
+    """
+    kwargs: dict[str, object] = {"device": device, "cache_dir": cache_dir}
+    if pretrained != "none":
+        tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+        if tag_cfg:
+            # OpenAI weights were trained with QuickGELU; building ViT-B-16 without it
+            # silently changes every activation of the pretrained network.
+            kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
+        elif not Path(pretrained).is_file():
+            raise CheckpointError(f"pretrained {pretrained!r}: no such file and not a known tag for {arch}")
+        kwargs["pretrained"] = pretrained
+    try:
+        with _quiet_random_init(pretrained == "none"):
+            model = open_clip.create_model(arch, **kwargs)
+    except (RuntimeError, FileNotFoundError, OSError, KeyError, ValueError, AssertionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, (AssertionError, KeyError)) or "size mismatch" in first or "Missing key" in first:
+            first = f"the weights do not fit this architecture ({first[:300]})"
+        raise CheckpointError(f"pretrained {pretrained!r} for model {arch}: {first[:400]}") from None
+    return model
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init(active: bool):
+    """open_clip warns on the root logger when no weights load; ``none`` asks for exactly that."""
+    flt = _DropRandomInitWarning()
+    root = logging.getLogger()
+    if active:
+        root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
+
+
+def eval_transform(model: nn.Module):
+    """The model's own open_clip evaluation preprocessing (resize, centre crop, normalise)."""
+    return image_transform_v2(preprocess_cfg(model), is_train=False)
+
+
+def preprocess_cfg(model: nn.Module) -> PreprocessCfg:
+    return PreprocessCfg(**open_clip.get_model_preprocess_cfg(unwrap(model)))
+
+
+def image_size(model: nn.Module) -> int:
+    size = preprocess_cfg(model).size
+    return int(size if isinstance(size, int) else size[0])
+
+
+def get_tokenizer(arch: str):
+    return open_clip.get_tokenizer(arch)
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a state dict from safetensors or ``torch.load(weights_only=True)``.
+
+    A checkpoint directory is accepted and its ``model.safetensors`` is read.
+    Wrapper prefixes (``module.``, ``_orig_mod.``) are removed from the names.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"weights file {str(path)!r}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, pickle with code in it, ...
+        raise CheckpointError(f"weights file {str(path)!r}: cannot be read safely ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    if isinstance(state, Mapping) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"weights file {str(path)!r}: not a state dict of tensors")
+    return {strip_wrapper_prefix(k): v for k, v in state.items()}
+
+
+def pretrained_state_dict(arch: str, pretrained: str, cache_dir: str | None = None) -> dict[str, torch.Tensor]:
+    """The weights ``create_model(arch, pretrained)`` starts from, as a plain CPU state dict."""
+    return plain_state_dict(create_model(arch, pretrained, cache_dir=cache_dir))

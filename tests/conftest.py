@@ -1,0 +1,73 @@
+"""Shared fixtures: an isolated cache, no network, a tiny synthetic world and configs."""
+
+from __future__ import annotations
+
+import os
+
+# Nothing in the test suite may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+TINY_WORLD = {"classes": 4, "train_per_class": 8, "eval_per_class": 4, "image_size": 32}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("dps_tune_cache")
+    old = os.environ.get("DPS_TUNE_CACHE")
+    os.environ["DPS_TUNE_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("DPS_TUNE_CACHE", None)
+    else:
+        os.environ["DPS_TUNE_CACHE"] = old
+
+
+def tiny_raw(**overrides) -> dict:
+    """A raw config dict for the tiny model on a tiny synthetic world."""
+    raw = {
+        "algorithm": "ce",
+        "model": "tiny-vit",
+        "pretrained": "none",
+        "seed": 0,
+        "data": {"dataset": "synthetic", "batch_size": 8, "eval_batch_size": 64, "workers": 0,
+                 "synthetic": dict(TINY_WORLD)},
+        "optim": {"lr": 1e-3, "wd": 0.1, "epochs": 1, "warmup_steps": 2},
+        "train": {"log_every_steps": 2},
+    }
+    for key, value in overrides.items():
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return raw
+
+
+@pytest.fixture
+def tiny_config():
+    from dps_tune.config import config_from_dict
+
+    def make(**overrides):
+        return config_from_dict(tiny_raw(**overrides))
+
+    return make
+
+
+@pytest.fixture
+def write_yaml(tmp_path):
+    import yaml
+
+    def write(raw: dict, name: str = "config.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return write

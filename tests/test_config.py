@@ -1,0 +1,127 @@
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_raw
+from dps_tune import cli
+from dps_tune.config import (Config, config_from_dict, load_file, parse_override, resolve_key, to_dict,
+                             with_overrides)
+from dps_tune.errors import ConfigError
+
+
+def test_round_trip_and_frozen(tiny_config):
+    cfg = tiny_config()
+    assert config_from_dict(to_dict(cfg)) == cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0  # type: ignore[misc]
+
+
+def test_leaf_keys_and_overrides(tiny_config):
+    assert resolve_key("lr") == "optim.lr"
+    assert resolve_key("masking") == "dps.masking"
+    assert parse_override("epochs=3") == ("optim.epochs", 3)
+    assert parse_override("optim.lr=1e-4") == ("optim.lr", "1e-4")  # YAML reads 1e-4 as text...
+    cfg = with_overrides(tiny_config(), {"lr": "1e-4", "data.batch_size": 4})
+    assert cfg.optim.lr == pytest.approx(1e-4)  # ...and the float field accepts it
+    assert cfg.data.batch_size == 4
+
+
+def test_exact_key_wins_over_leaf_name():
+    assert resolve_key("seed") == "seed"  # not data.synthetic.seed
+    assert resolve_key("data.synthetic.seed") == "data.synthetic.seed"
+    with pytest.raises(ConfigError, match="unknown key 'sed'"):
+        resolve_key("sed")
+
+
+def test_paths_made_absolute(write_yaml, tmp_path, monkeypatch):
+    (tmp_path / "ref").mkdir()
+    path = write_yaml(tiny_raw(**{"algorithm": "dps", "dps.reference": "ref"}))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_file(path).config
+    assert cfg.dps.reference == str(tmp_path / "ref")
+
+
+BAD = [
+    ({"bogus": 1}, "unknown key bogus"),
+    ({"optim.bogus": 1}, "unknown key optim.bogus"),
+    ({"optim.epochs": "many"}, "optim.epochs = 'many': expected an integer"),
+    ({"optim.lr": 0}, "optim.lr = 0.0: must be > 0"),
+    ({"optim.lr": -1e-5}, "optim.lr = -1e-05: must be > 0"),
+    ({"optim.wd": -0.1}, "optim.wd = -0.1: must be >= 0"),
+    ({"dps.masking": 1.0}, "dps.masking = 1.0: must be in [0, 1)"),
+    ({"dps.masking": -0.1}, "dps.masking = -0.1: must be in [0, 1)"),
+    ({"optim.epochs": 0}, "optim.epochs = 0: must be >= 1"),
+    ({"data.batch_size": 0}, "data.batch_size = 0: must be >= 1"),
+    ({"algorithm": "sgd"}, "algorithm = 'sgd': must be one of ce, flyp, dps"),
+    ({"model": "ViT-Z-99"}, "model = 'ViT-Z-99': not an open_clip architecture"),
+    ({"data.dataset": "imagenet"}, "data.dataset = 'imagenet': must be one of synthetic, csv, iwildcam"),
+    ({"data.eval_splits": ["id_val", "ood_train"]}, "data.eval_splits = 'ood_train': must be one of"),
+    ({"data.dataset": "iwildcam", "data.root": "/nonexistent/wilds"}, "no iwildcam_v2.0/metadata.csv"),
+    ({"data.dataset": "csv", "data.train_csv": "/nonexistent/train.csv", "data.classnames": "/nonexistent/c.txt"},
+     "data.train_csv = '/nonexistent/train.csv': no such file"),
+    ({"pretrained": "/nonexistent/weights.safetensors"}, "pretrained = '/nonexistent/weights.safetensors': no such file"),
+    ({"pretrained": "laion9000"}, "pretrained = 'laion9000': must be none, a weights file"),
+    ({"algorithm": "dps", "dps.reference": "/nonexistent/ref"}, "dps.reference = '/nonexistent/ref': no such file"),
+    ({"algorithm": "dps"}, "algorithm dps needs exactly one of dps.reference"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[m.split(":")[0][:40] for _, m in BAD])
+def test_bad_config_is_one_line_error(overrides, message, write_yaml, capsys):
+    path = write_yaml(tiny_raw(**overrides))
+    code = cli.main(["train", str(path), "--out", str(path.parent / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1, err
+    assert err[0].startswith("dps-tune: error: ")
+    assert message in err[0]
+    assert not (path.parent / "out").exists(), "no work may start on a bad config"
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("lr=-1", "optim.lr = -1.0: must be > 0"),
+    ("optim.nonsense=1", "unknown key 'optim.nonsense'"),
+    ("batch_size=0", "data.batch_size = 0: must be >= 1"),
+    ("no_equals_sign", "expected key=value"),
+])
+def test_bad_set_override(setting, message, write_yaml, capsys):
+    path = write_yaml(tiny_raw())
+    code = cli.main(["train", str(path), "--set", setting])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_bad_yaml_and_missing_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algorithm: [ce\n")
+    assert cli.main(["train", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_tune_block_is_validated(write_yaml):
+    raw = tiny_raw()
+    raw["tune"] = {"metric": "ood_val_loss"}
+    with pytest.raises(ConfigError, match="tune.metric = 'ood_val_loss'"):
+        load_file(write_yaml(raw))
+    raw["tune"] = {"num_sample": 3}
+    with pytest.raises(ConfigError, match="unknown key tune.num_sample"):
+        load_file(write_yaml(raw))
+
+
+def test_console_script_exit_status_and_no_traceback(write_yaml):
+    path = write_yaml(tiny_raw(**{"optim.lr": -1}))
+    proc = subprocess.run([sys.executable, "-m", "dps_tune.cli", "train", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "dps-tune: error: optim.lr = -1.0: must be > 0"
+
+
+def test_defaults_are_the_paper_setup():
+    cfg = Config()
+    assert (cfg.model, cfg.pretrained, cfg.optim.lr, cfg.optim.wd, cfg.optim.epochs, cfg.data.batch_size) == (
+        "ViT-B-16", "openai", 1e-5, 0.2, 20, 64)
+    assert cfg.optim.warmup_steps == 500

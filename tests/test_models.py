@@ -1,0 +1,103 @@
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dps_tune import models
+from dps_tune.errors import CheckpointError
+
+
+def _random_tiny(seed=0):
+    torch.manual_seed(seed)
+    return models.create_model("tiny-vit", "none")
+
+
+def _same_weights(a, b):
+    sa, sb = models.plain_state_dict(a), models.plain_state_dict(b)
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_tiny_architectures_are_registered():
+    assert {"tiny-vit", "small-vit"} <= set(open_clip.list_models())
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".bin"])
+def test_load_local_weights_through_open_clip(tmp_path, suffix):
+    src = _random_tiny(seed=1)
+    path = tmp_path / f"weights{suffix}"
+    state = models.plain_state_dict(src)
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    loaded = models.create_model("tiny-vit", str(path))
+    assert _same_weights(src, loaded)
+    assert not _same_weights(_random_tiny(seed=2), loaded)
+
+
+def test_pretrained_tag_resolves_through_open_clip_hub_cache(tmp_path):
+    """The real tag path: open_clip's tag table -> hf_hub_download, served offline from a local cache."""
+    from open_clip import pretrained as oc_pretrained
+
+    src = _random_tiny(seed=3)
+    repo = tmp_path / "hub" / "models--dps-tune-tests--tiny-vit"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    save_file(models.plain_state_dict(src), str(snap / "open_clip_model.safetensors"))
+    oc_pretrained._PRETRAINED.setdefault("tiny-vit", {})["unit_test_tag"] = oc_pretrained._pcfg(
+        hf_hub="dps-tune-tests/tiny-vit/")
+    try:
+        assert "unit_test_tag" in models.list_pretrained_tags("tiny-vit")
+        loaded = models.create_model("tiny-vit", "unit_test_tag", cache_dir=str(tmp_path / "hub"))
+        assert _same_weights(src, loaded)
+    finally:
+        del oc_pretrained._PRETRAINED["tiny-vit"]["unit_test_tag"]
+
+
+def test_registered_file_tag(tmp_path):
+    src = _random_tiny(seed=4)
+    save_file(models.plain_state_dict(src), str(tmp_path / "w.safetensors"))
+    models.register_pretrained_tag("tiny-vit", "unit_file_tag", tmp_path / "w.safetensors")
+    assert _same_weights(src, models.create_model("tiny-vit", "unit_file_tag"))
+
+
+def test_quick_gelu_follows_the_openai_tag(monkeypatch):
+    seen = {}
+
+    def fake_create(arch, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop before any download")
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create)
+    with pytest.raises(CheckpointError):
+        models.create_model("ViT-B-16", "openai")
+    assert seen["force_quick_gelu"] is True and seen["pretrained"] == "openai"
+
+
+def test_missing_hub_weights_are_a_one_line_error(tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        models.create_model("ViT-B-16", "openai", cache_dir=str(tmp_path))
+    assert "\n" not in str(err.value) and "openai" in str(err.value)
+
+
+def test_mismatched_weights_are_refused(tmp_path):
+    small = models.create_model("small-vit", "none")
+    save_file(models.plain_state_dict(small), str(tmp_path / "small.safetensors"))
+    with pytest.raises(CheckpointError, match="tiny-vit") as err:
+        models.create_model("tiny-vit", str(tmp_path / "small.safetensors"))
+    assert "\n" not in str(err.value)
+
+
+def test_strip_wrapper_prefix():
+    assert models.strip_wrapper_prefix("module._orig_mod.visual.proj") == "visual.proj"
+    assert models.strip_wrapper_prefix("_orig_mod.module.token_embedding.weight") == "token_embedding.weight"
+    assert models.strip_wrapper_prefix("visual.module_x") == "visual.module_x"
+
+
+def test_pickled_module_is_refused(tmp_path):
+    torch.save(_random_tiny(), tmp_path / "model.pt")  # a whole pickled module, as the paper code writes
+    with pytest.raises(CheckpointError, match="cannot be read safely"):
+        models.load_weights_file(tmp_path / "model.pt")

@@ -1,0 +1,215 @@
+import logging
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import tiny_raw
+from dps_tune import cli, models, suppression
+from dps_tune.checkpoint import load_checkpoint
+from dps_tune.errors import CheckpointError
+from dps_tune.methods import Batch, CEObjective
+from dps_tune.train import run_trial
+
+
+def brute_force_scores(theta0, theta1):
+    """The published algorithm, row by row: re-normalise the whole tensor for every row."""
+    out = {}
+    for name, a in theta0.items():
+        if a.dim() < 2 or any(s in name for s in ("bias", "positional_embedding", "ln")):
+            continue
+        delta = (a - theta1[name]).abs()
+        rows = []
+        for c in range(a.shape[0]):
+            norm = torch.linalg.vector_norm(delta)
+            rows.append(0.0 if norm.item() == 0 else (delta[c].max() / norm).item())
+        out[name] = torch.tensor(rows)
+    return out
+
+
+def random_pair(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {
+        "visual.conv1.weight": (8, 3, 4, 4),  # 4-D conv weight
+        "visual.transformer.resblocks.0.attn.in_proj_weight": (12, 4),
+        "visual.transformer.resblocks.0.attn.in_proj_bias": (12,),  # excluded: bias, 1-D
+        "visual.ln_pre.weight": (4,),  # excluded: 1-D
+        "visual.ln_post.weight2d": (3, 4),  # excluded: name contains ln
+        "positional_embedding": (5, 4),  # excluded by name
+        "token_embedding.weight": (20, 4),
+        "text_projection": (4, 4),
+        "frozen.weight": (6, 4),  # Δ ≡ 0
+        "logit_scale": (),
+    }
+    theta0 = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    theta1 = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in theta0.items()}
+    theta1["frozen.weight"] = theta0["frozen.weight"].clone()
+    # some exact ties across tensors, to pin down the global order
+    theta1["text_projection"][0] = theta0["text_projection"][0] + 0.5
+    return theta0, theta1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_scores_equal_the_per_row_loop(seed):
+    theta0, theta1 = random_pair(seed)
+    fast = suppression.rank_scores(theta0, theta1)
+    slow = brute_force_scores(theta0, theta1)
+    assert list(fast) == list(slow)
+    assert set(fast) == {"visual.conv1.weight", "visual.transformer.resblocks.0.attn.in_proj_weight",
+                         "token_embedding.weight", "text_projection", "frozen.weight"}
+    for name in fast:
+        assert torch.equal(fast[name], slow[name]), name
+    assert torch.equal(fast["frozen.weight"], torch.zeros(6))  # not NaN
+
+
+def test_prefixed_names_are_matched():
+    theta0, theta1 = random_pair()
+    wrapped = {f"module._orig_mod.{k}": v for k, v in theta1.items()}
+    a = suppression.rank_scores(theta0, theta1)
+    b = suppression.rank_scores({f"module.{k}": v for k, v in theta0.items()}, wrapped)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mismatched_reference_is_refused():
+    theta0, theta1 = random_pair()
+    theta1["token_embedding.weight"] = torch.zeros(21, 4)
+    with pytest.raises(CheckpointError, match="token_embedding.weight.*shape"):
+        suppression.rank_scores(theta0, theta1)
+    del theta1["token_embedding.weight"]
+    with pytest.raises(CheckpointError, match="missing"):
+        suppression.rank_scores(theta0, theta1)
+
+
+def test_masking_counts_and_modes():
+    theta0, theta1 = random_pair()
+    scores = suppression.rank_scores(theta0, theta1)
+    n = sum(s.numel() for s in scores.values())  # 8 + 12 + 20 + 4 + 6 = 50
+    assert n == 50
+    for masking in (0.0, 0.29, 0.5, 0.9):
+        k = math.floor(round(masking * 100) * n / 100)
+        for mode in ("top", "bottom", "random"):
+            masks = suppression.select_rows(scores, masking, mode, seed=1)
+            assert sum(int(m.sum()) for m in masks.values()) == k, (masking, mode)
+    flat = torch.cat(list(scores.values()))
+    top = torch.cat(list(suppression.select_rows(scores, 0.5, "top").values()))
+    bottom = torch.cat(list(suppression.select_rows(scores, 0.5, "bottom").values()))
+    assert flat[top].min() >= flat[~top].max()
+    assert flat[bottom].max() <= flat[~bottom].min()
+    r1 = suppression.select_rows(scores, 0.5, "random", seed=7)
+    r2 = suppression.select_rows(scores, 0.5, "random", seed=7)
+    r3 = suppression.select_rows(scores, 0.5, "random", seed=8)
+    assert all(torch.equal(r1[k], r2[k]) for k in r1)
+    assert any(not torch.equal(r1[k], r3[k]) for k in r1)
+
+
+def test_floor_uses_the_written_decimal():
+    assert suppression.suppressed_count(0.29, 100) == 29  # float arithmetic says 28
+    assert suppression.suppressed_count(0.9, 189_696) == 170_726
+
+
+def test_suppressed_rows_hold_bit_for_bit_under_adamw():
+    torch.manual_seed(0)
+    model = models.create_model("tiny-vit", "none")
+    theta0 = models.plain_state_dict(model)
+    g = torch.Generator().manual_seed(5)
+    theta1 = {k: v + torch.rand(v.shape[:1] + (1,) * (v.dim() - 1), generator=g) * torch.randn(v.shape, generator=g)
+              for k, v in theta0.items() if v.dim() >= 1}
+    scores = suppression.rank_scores(theta0, theta1)
+    masks = suppression.select_rows(scores, 0.5, "top")
+    sup = suppression.RowSuppressor(model, masks)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.2)
+    sup.attach(opt)
+    tok = models.get_tokenizer("tiny-vit")
+    prompts = torch.stack([tok([f"a photo of a {c}." for c in ("cat", "dog", "owl")])])
+    objective = CEObjective(prompts, seed=0)
+    batch = Batch(torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2]))
+    for _ in range(20):
+        opt.zero_grad()
+        objective.loss(model, batch)["loss"].backward()
+        opt.step()
+    after = models.plain_state_dict(model)
+    for name, mask in masks.items():
+        held = after[name][mask]
+        assert torch.equal(held, theta0[name][mask]), name  # bit for bit, despite weight decay
+        moved = (after[name][~mask] != theta0[name][~mask]).flatten(1).any(1)
+        assert bool(moved.all()), f"{name}: {int((~moved).sum())} unsuppressed rows did not train"
+    # parameters outside the ranked set train normally
+    assert not torch.equal(after["visual.ln_pre.weight"], theta0["visual.ln_pre.weight"])
+    assert sup.num_suppressed == math.floor(0.5 * sup.num_ranked)
+
+
+def test_ranking_cache_hit(tmp_path, caplog):
+    theta0, theta1 = random_pair()
+    with caplog.at_level(logging.INFO, logger="dps_tune.suppression"):
+        a, hit1 = suppression.cached_ranking(theta0, theta1, tmp_path)
+        b, hit2 = suppression.cached_ranking(theta0, theta1, tmp_path)
+    assert (hit1, hit2) == (False, True)
+    assert "ranking cache miss" in caplog.text and "ranking cache hit" in caplog.text
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    # a different reference is a different key
+    theta1["text_projection"] += 1
+    _, hit3 = suppression.cached_ranking(theta0, theta1, tmp_path)
+    assert not hit3
+
+
+def _pretrained_file(tmp_path):
+    torch.manual_seed(123)
+    path = tmp_path / "pretrained.safetensors"
+    save_file(models.plain_state_dict(models.create_model("tiny-vit", "none")), str(path))
+    return path
+
+
+def test_masking_zero_is_ce(tiny_config, tmp_path):
+    pre = _pretrained_file(tmp_path)
+    ref = tmp_path / "ref.safetensors"
+    save_file({k: v + 1 for k, v in models.load_weights_file(pre).items()}, str(ref))
+    out = {}
+    for algo in ("ce", "dps"):
+        cfg = tiny_config(algorithm=algo, pretrained=str(pre), **{"dps.reference": str(ref), "dps.masking": 0.0,
+                                                                     "dps.ranking_cache": str(tmp_path / "rc")})
+        out[algo] = run_trial(cfg)
+    for key in out["ce"]:
+        if key != "samples_per_s":
+            assert out["ce"][key] == out["dps"][key], key
+
+
+def test_dps_train_holds_exactly_the_top_rows(tmp_path, write_yaml, capsys):
+    """CE reference run, then DPS: the saved model equals θ0 on exactly the top-ranked rows."""
+    pre = _pretrained_file(tmp_path)
+    raw = tiny_raw(pretrained=str(pre), **{"optim.epochs": 2, "dps.ranking_cache": str(tmp_path / "rc")})
+    path = write_yaml(raw)
+    assert cli.main(["train", str(path), "--out", str(tmp_path / "ce"), "--no-progress"]) == 0
+    assert cli.main(["train", str(path), "--out", str(tmp_path / "dps"), "--no-progress",
+                     "--set", "algorithm=dps", "--set", f"dps.reference={tmp_path / 'ce' / 'checkpoint'}",
+                     "--set", "masking=0.6"]) == 0
+    capsys.readouterr()
+    theta0 = models.load_weights_file(pre)
+    ref = load_checkpoint(tmp_path / "ce" / "checkpoint").model_state
+    final = load_checkpoint(tmp_path / "dps" / "checkpoint").model_state
+    masks = suppression.select_rows(suppression.rank_scores(theta0, ref), 0.6, "top")
+    suppressed = 0
+    for name, mask in masks.items():
+        same = (final[name] == theta0[name]).flatten(1).all(1)  # [rows]
+        assert torch.equal(same, mask), name
+        suppressed += int(mask.sum())
+    assert suppressed == math.floor(0.6 * sum(m.numel() for m in masks.values()))
+
+
+def test_rank_command_writes_and_summarizes(tmp_path, capsys):
+    pre = _pretrained_file(tmp_path)
+    ref = tmp_path / "ref.safetensors"
+    theta = models.load_weights_file(pre)
+    save_file({k: v + 0.01 * torch.randn_like(v) for k, v in theta.items()}, str(ref))
+    out = tmp_path / "ranking.pt"
+    code = cli.main(["rank", "--model", "tiny-vit", "--pretrained", str(pre), "--reference", str(ref),
+                     "--masking", "0.9", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0
+    scores = suppression.load_ranking(out)
+    total = sum(s.numel() for s in scores.values())
+    assert f"{math.floor(0.9 * total)} / {total}" in " ".join(text.split())
+    assert "token_embedding.weight" in text and "visual.conv1.weight" in text
+    blob = torch.load(out, weights_only=True)
+    assert blob["rule"] == suppression.RULE_VERSION
