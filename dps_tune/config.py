@@ -262,9 +262,17 @@ CONFIG_KEYS: dict[str, Any] = _leaf_paths(Config)
 
 
 def resolve_key(key: str) -> str:
-    """Canonical dotted key for ``key``, which may be a unique leaf name (``lr``)."""
+    """Canonical dotted key for ``key``, which may be a unique leaf name (``lr``).
+
+    ``tune.*`` keys name fields of :class:`TuneConfig`.
+    """
     if key in CONFIG_KEYS:
         return key
+    if key.startswith("tune."):
+        names = [f.name for f in dataclasses.fields(TuneConfig)]
+        if key[len("tune."):] in names:
+            return key
+        raise ConfigError(f"unknown key {key!r}: allowed tune keys are {', '.join(names)}")
     matches = [k for k in CONFIG_KEYS if k.rsplit(".", 1)[-1] == key]
     if len(matches) == 1:
         return matches[0]
@@ -535,7 +543,7 @@ def load_file(
     raw = _merge(raw, _nested(base_over))
     raw = _absolute_paths(raw, Path.cwd())
     cfg = config_from_dict(raw, check_paths=check_paths)
-    tune = _build(TuneConfig, _merge(dict(tune_raw), tune_over), prefix="tune.")
+    tune = tune_config_from_dict(_merge(dict(tune_raw), tune_over))
     validate_tune(tune, cfg)
     return ConfigFile(config=cfg, tune=tune, search=dict(search), path=Path(path).resolve())
 
@@ -543,6 +551,10 @@ def load_file(
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
     """The validated base config of a file; ``search:`` and ``tune:`` blocks are ignored."""
     return load_file(path, overrides).config
+
+
+def tune_config_from_dict(raw: Mapping[str, Any]) -> TuneConfig:
+    return _build(TuneConfig, raw, prefix="tune.")
 
 
 def validate_tune(t: TuneConfig, cfg: Config) -> None:

@@ -81,6 +81,9 @@ class CEObjective(Objective):
     def loss(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         num_templates, num_classes, _ = self.class_tokens.shape
         pick = torch.randint(num_templates, (num_classes,), generator=self.generator)  # [C], on the CPU
+        if self.class_tokens.is_cuda:
+            # From pageable memory the driver may wait for the GPU before copying: pin it.
+            pick = pick.pin_memory()
         pick = pick.to(self.class_tokens.device, non_blocking=True)
         tokens = self.class_tokens[pick, torch.arange(num_classes, device=pick.device)]  # [C, L]
         return {"loss": self._forward(model, batch.images, tokens, batch.labels)}

@@ -176,6 +176,13 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {strip_wrapper_prefix(k): v for k, v in state.items()}
 
 
-def pretrained_state_dict(arch: str, pretrained: str, cache_dir: str | None = None) -> dict[str, torch.Tensor]:
-    """The weights ``create_model(arch, pretrained)`` starts from, as a plain CPU state dict."""
-    return plain_state_dict(create_model(arch, pretrained, cache_dir=cache_dir))
+def pretrained_state_dict(arch: str, pretrained: str, *, seed: int = 0,
+                          cache_dir: str | None = None) -> dict[str, torch.Tensor]:
+    """The weights a trial with this ``seed`` starts from, as a plain CPU state dict.
+
+    For ``pretrained="none"`` that is the random initialisation after
+    ``torch.manual_seed(seed)``, exactly as :func:`dps_tune.train.run_trial` draws it.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return plain_state_dict(create_model(arch, pretrained, cache_dir=cache_dir))

@@ -1,7 +1,14 @@
-"""Reading finished or running experiments from disk: trials, metrics, best checkpoints.
+"""Reading experiments from disk: trials, their metrics, and the best checkpoints.
 
-Ray-free: it reads the files an experiment directory holds (``result.json`` lines,
-``params.json`` and checkpoint directories with their ``metrics.json``).
+Ray-free: it reads the files an experiment directory holds, so it works on a laptop
+over a copy of a cluster's results. A sweep directory looks like::
+
+    EXP/dps_tune_sweep.json            base config, search space, tune settings, status
+    EXP/optuna.db                      the Optuna study (pruned trials included)
+    EXP/<trial>/dps_tune_config.json   the trial's resolved config
+    EXP/<trial>/result.json            one JSON line per evaluation
+    EXP/<trial>/events.out.tfevents.*  TensorBoard curves
+    EXP/<trial>/checkpoint_NNNNNN/     model.safetensors, config.json, metrics.json, train_state.pt
 """
 
 from __future__ import annotations
@@ -9,11 +16,26 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import pandas as pd
 
 from dps_tune.errors import UserError
 
-CHECKPOINT_GLOB = "checkpoint_*"
+SWEEP_FILE = "dps_tune_sweep.json"
+TRIAL_CONFIG_FILE = "dps_tune_config.json"
+PARAM_COLUMNS = {"algorithm": "algorithm", "optim.lr": "lr", "optim.wd": "wd", "dps.masking": "masking",
+                 "dps.suppress": "suppress"}
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def default_mode(metric: str) -> str:
+    return "min" if metric.endswith("loss") else "max"
 
 
 def checkpoints(exp_dir: str | os.PathLike) -> list[tuple[Path, dict]]:
@@ -34,11 +56,165 @@ def checkpoints(exp_dir: str | os.PathLike) -> list[tuple[Path, dict]]:
     return found
 
 
-def best_checkpoint(exp_dir: str | os.PathLike, metric: str, mode: str = "max") -> Path:
-    """The kept checkpoint with the best ``metric`` (``mode`` max or min) under ``exp_dir``."""
-    scored = [(m[metric], p) for p, m in checkpoints(exp_dir)
-              if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])]
+def best_checkpoint(exp_dir: str | os.PathLike, metric: str, mode: str = "max", scope: str = "all") -> Path:
+    """The kept checkpoint with the best ``metric`` under ``exp_dir``.
+
+    ``scope="all"`` ranks every kept checkpoint of every trial; ``scope="last"`` ranks
+    trials by their last reported value and returns that trial's newest checkpoint.
+    """
+    if scope == "last":
+        trials = [t for t in load_trials(exp_dir) if _finite(t.last.get(metric))]
+        if not trials:
+            raise UserError(f"experiment {str(exp_dir)!r}: no trial reports {metric!r}")
+        pick = max if mode == "max" else min
+        trial = pick(trials, key=lambda t: t.last[metric])
+        kept = sorted(p for p, _ in checkpoints(trial.path))
+        if not kept:
+            raise UserError(f"trial {trial.trial_id}: no checkpoint was kept")
+        return kept[-1]
+    scored = [(m[metric], p) for p, m in checkpoints(exp_dir) if _finite(m.get(metric))]
     if not scored:
         raise UserError(f"experiment {str(exp_dir)!r}: no checkpoint reports {metric!r}")
     pick = max if mode == "max" else min
     return pick(scored, key=lambda t: t[0])[1]
+
+
+@dataclass
+class Trial:
+    trial_id: str
+    path: Path
+    config: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    errored: bool = False
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+    def param(self, dotted: str) -> Any:
+        node: Any = self.config
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    rows: dict[int, dict[str, Any]] = {}
+    if not path.is_file():
+        return []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed driver
+        if "step" in row:
+            rows[int(row["step"])] = row  # a retried trial may report a step again: keep the newest
+    return [rows[k] for k in sorted(rows)]
+
+
+def load_trials(exp_dir: str | os.PathLike) -> list[Trial]:
+    """Every trial of a sweep directory, in trial-id order."""
+    exp = Path(exp_dir)
+    if not exp.is_dir():
+        raise UserError(f"experiment {str(exp)!r}: no such directory")
+    trials = []
+    for cfg_path in sorted(exp.glob(f"*/{TRIAL_CONFIG_FILE}")):
+        tdir = cfg_path.parent
+        history = _read_history(tdir / "result.json")
+        trial_id = history[-1].get("trial_id") if history else None
+        trials.append(Trial(trial_id or tdir.name, tdir, json.loads(cfg_path.read_text()), history,
+                            errored=(tdir / "error.txt").exists()))
+    if not trials:
+        raise UserError(f"experiment {str(exp)!r}: no dps_tune trials in it")
+    return sorted(trials, key=lambda t: t.trial_id)
+
+
+def sweep_meta(exp_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(exp_dir) / SWEEP_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def trial_status(trial: Trial, max_t: float | None, finished: bool) -> str:
+    target = trial.param("optim.epochs") or 0
+    if max_t:
+        target = min(target, max_t)
+    epoch = trial.last.get("epoch", 0)
+    if epoch >= target:
+        return "completed"
+    if trial.errored and finished:
+        return "error"
+    return "early-stopped" if finished else "running"
+
+
+def results_table(exp_dir: str | os.PathLike, metric: str | None = None, mode: str | None = None) -> pd.DataFrame:
+    """One row per trial, sorted by ``metric``: searched parameters, epochs, status, every acc/F1."""
+    meta = sweep_meta(exp_dir)
+    metric = metric or meta.get("tune", {}).get("metric", "id_val_f1")
+    mode = mode or meta.get("tune", {}).get("mode") or default_mode(metric)
+    finished = meta.get("status") == "finished"
+    rows = []
+    for t in load_trials(exp_dir):
+        row: dict[str, Any] = {"trial_id": t.trial_id}
+        for dotted, short in PARAM_COLUMNS.items():
+            row[short] = t.param(dotted)
+        if row["algorithm"] != "dps":  # masking and suppress mean nothing to CE and FLYP
+            row["masking"] = row["suppress"] = None
+        row["epochs"] = t.last.get("epoch", 0)
+        row["status"] = trial_status(t, meta.get("max_t"), finished)
+        row["early_stopped"] = row["status"] == "early-stopped"
+        for key, value in t.last.items():
+            if key.endswith(("_acc", "_f1")):
+                row[key] = value
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if metric in df.columns:
+        df = df.sort_values(metric, ascending=(mode == "min"), na_position="last", kind="stable")
+    return df.reset_index(drop=True)
+
+
+def histories(exp_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every evaluation of every trial: one row per (trial, report), with the trial's parameters."""
+    rows = []
+    for t in load_trials(exp_dir):
+        params = {short: t.param(dotted) for dotted, short in PARAM_COLUMNS.items()}
+        for h in t.history:
+            rows.append({"trial_id": t.trial_id, **params,
+                         **{k: v for k, v in h.items() if _finite(v) or k in ("epoch", "step")}})
+    return pd.DataFrame(rows)
+
+
+def method_name(config: dict[str, Any]) -> str:
+    """``ce``, ``flyp``, or ``dps (top)`` / ``dps (random)`` / ``dps (bottom)`` for the DPS arms."""
+    algorithm = config.get("algorithm", "?")
+    if algorithm == "dps":
+        return f"dps ({config.get('dps', {}).get('suppress', 'top')})"
+    return algorithm
+
+
+def best_per_method(exp_dirs: list[str | os.PathLike], metric: str, mode: str = "max") -> list[dict[str, Any]]:
+    """For each method, the kept checkpoint best by ``metric``: its path, trial and metrics.
+
+    Selection uses validation metrics only (``metric`` should be a ``*_val_*`` metric);
+    the test metrics of the chosen checkpoint are what a method is reported with.
+    """
+    best: dict[str, tuple[float, Path, dict]] = {}
+    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
+    for exp in exp_dirs:
+        for path, metrics in checkpoints(exp):
+            cfg_path = path / "config.json"
+            if not _finite(metrics.get(metric)) or not cfg_path.is_file():
+                continue
+            method = method_name(json.loads(cfg_path.read_text()))
+            if method not in best or better(metrics[metric], best[method][0]):
+                best[method] = (metrics[metric], path, metrics)
+    order = ["ce", "dps (top)", "dps (random)", "dps (bottom)", "flyp"]
+    names = sorted(best, key=lambda m: (order.index(m) if m in order else len(order), m))
+    return [{"method": m, "checkpoint": best[m][1], "trial": _trial_id(best[m][1].parent), **best[m][2]}
+            for m in names]
+
+
+def _trial_id(trial_dir: Path) -> str:
+    history = _read_history(trial_dir / "result.json")
+    return str(history[-1].get("trial_id", trial_dir.name)) if history else trial_dir.name

@@ -73,7 +73,8 @@ def rank_scores(theta0: Mapping[str, torch.Tensor], theta1: Mapping[str, torch.T
     scores: Scores = {}
     for name in check_compatible(theta0, theta1):
         a = theta0[name]
-        delta = (a.float() - theta1[name].to(a.device).float()).abs()  # [rows, ...]
+        # abs_ in place: the difference is already a fresh tensor, so one temporary, not two.
+        delta = (a.float() - theta1[name].to(a.device).float()).abs_()  # [rows, ...]
         norm = torch.linalg.vector_norm(delta)  # Frobenius norm of the whole tensor
         row_max = delta.flatten(1).amax(dim=1)  # [rows]
         # A tensor CE never moved scores 0 everywhere (the paper code divides by zero here).

@@ -16,6 +16,7 @@ of the demo's tiny CLIP, which sees many more domains (see :mod:`dps_tune.pretra
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 CLASSNAMES = ("circle", "square", "triangle", "star", "cross", "heart", "ring", "diamond", "crescent", "arrow")
 TEMPLATES = ("a photo of a {c}.", "a {c} in the wild.")
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 # Domains: how a camera renders a scene.
 DOMAINS = ("day", "night", "dusk", "snow", "fog", "sketch")
@@ -91,8 +92,16 @@ def _shape_polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> l
     raise ValueError(kind)
 
 
+@functools.lru_cache(maxsize=256)
 def _location_background(location: int, size: int) -> np.ndarray:
-    """A fixed scene per location (terrain colour, horizon, vegetation blobs): [H, W, 3] float."""
+    """A fixed scene per location (sky and terrain colour, horizon, bushes): [H, W, 3] float32, read-only.
+
+    The bushes are wide, soft and close to the terrain colour, so no part of a
+    background looks like a shape class (round blobs were indistinguishable from
+    "circle"). Cached: it is a pure function of its arguments, costs more than the
+    rest of a render, and the pretraining set draws thousands of images from a few
+    hundred locations.
+    """
     rng = np.random.default_rng([7919, location])
     base = rng.uniform(0.25, 0.75, 3) * np.array([0.8, 1.0, 0.6])
     top = np.clip(base + rng.uniform(-0.25, 0.25, 3), 0, 1)
@@ -101,10 +110,15 @@ def _location_background(location: int, size: int) -> np.ndarray:
     img = np.where(yy < horizon, top, base) * np.ones((size, size, 3))
     xx, yv = np.meshgrid(np.arange(size), np.arange(size))
     for _ in range(6):
-        cx, cy, rad = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(size / 10, size / 4)
-        colour = np.clip(base + rng.uniform(-0.3, 0.3, 3), 0, 1)
-        img[(xx - cx) ** 2 + (yv - cy) ** 2 < rad ** 2] = colour
-    return img
+        cx, cy = rng.uniform(0, size), rng.uniform(horizon * size, size)
+        rx = rng.uniform(size / 5, size / 2.5)
+        ry = rx * rng.uniform(0.15, 0.35)
+        colour = np.clip(base + rng.uniform(-0.15, 0.15, 3), 0, 1)
+        img[((xx - cx) / rx) ** 2 + ((yv - cy) / ry) ** 2 < 1] = colour
+    soft = Image.fromarray((img * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius=size / 48))
+    out = np.asarray(soft, dtype=np.float32) / 255.0
+    out.setflags(write=False)  # shared by every render at this location
+    return out
 
 
 def render(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
@@ -121,29 +135,32 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
         angle = rng.choice([0.0, math.pi]) + rng.uniform(-0.4, 0.4)
     hue = rng.uniform(0.15, 1.0, 3)
     canvas = Image.fromarray((np.clip(bg, 0, 1) * 255).astype(np.uint8))
-    draw = ImageDraw.Draw(canvas)
-    fill = tuple(int(v * 255) for v in hue)
-    if kind == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif kind == "ring":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(2, int(0.3 * r)))
-    else:
-        draw.polygon(_shape_polygon(kind, cx, cy, r, angle), fill=fill)
+    mask = Image.new("L", canvas.size, 0)  # where the subject is: the night camera's flash lights it
+    for layer, fill in ((ImageDraw.Draw(canvas), tuple(int(v * 255) for v in hue)), (ImageDraw.Draw(mask), 255)):
+        if kind == "circle":
+            layer.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif kind == "ring":
+            layer.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(2, int(0.3 * r)))
+        else:
+            layer.polygon(_shape_polygon(kind, cx, cy, r, angle), fill=fill)
     img = np.asarray(canvas.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
-    img = _apply_domain(img, scene.domain, rng)
+    subject = np.asarray(mask.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0  # [H, W]
+    img = _apply_domain(img, subject, scene.domain, rng)
     out = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
     if scene.domain in ("night", "fog"):
         out = out.filter(ImageFilter.GaussianBlur(radius=0.6 if scene.domain == "night" else 1.0))
     return out
 
 
-def _apply_domain(img: np.ndarray, domain: str, rng: np.random.Generator) -> np.ndarray:
-    """[H, W, 3] in [0, 1] -> the same scene as this kind of camera sees it."""
+def _apply_domain(img: np.ndarray, subject: np.ndarray, domain: str, rng: np.random.Generator) -> np.ndarray:
+    """[H, W, 3] in [0, 1] -> the same scene as this kind of camera sees it; ``subject`` is [H, W] in [0, 1]."""
     if domain == "day":
         return img + rng.normal(0, 0.03, img.shape)
-    if domain == "night":  # infrared: grey, dark, low contrast, sensor noise
+    if domain == "night":
+        # Infrared: grey, dark, low contrast, sensor noise. The flash lights the near
+        # subject a little more than the far background, as in real camera-trap photos.
         grey = img @ np.array([0.3, 0.59, 0.11])
-        grey = 0.12 + 0.55 * grey * rng.uniform(0.6, 1.0)
+        grey = 0.12 + 0.55 * grey * rng.uniform(0.6, 1.0) + rng.uniform(0.05, 0.15) * subject
         return np.repeat(grey[..., None], 3, axis=2) + rng.normal(0, 0.09, img.shape[:2] + (1,))
     if domain == "dusk":
         return img * np.array([1.0, 0.7, 0.45]) * 0.8 + rng.normal(0, 0.04, img.shape)

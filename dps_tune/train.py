@@ -8,6 +8,7 @@ optimizer, schedule position, epoch, step and RNG.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -22,10 +23,11 @@ from torch import nn
 from dps_tune import checkpoint as ckpt
 from dps_tune import data as data_mod
 from dps_tune import models, suppression
+from dps_tune import augment, image_cache
 from dps_tune.config import Config
 from dps_tune.errors import CheckpointError, TrainingError
-from dps_tune.evaluate import evaluate_splits, tokenize_prompts
-from dps_tune.methods import Batch, ObjectiveContext, make_objective
+from dps_tune.evaluate import autocast, evaluate_splits, tokenize_prompts
+from dps_tune.methods import Batch, Objective, ObjectiveContext, make_objective
 from dps_tune.optim import build_optimizer, lr_at, set_lr
 
 logger = logging.getLogger(__name__)
@@ -60,9 +62,30 @@ def resolve_runtime(cfg: Config) -> Runtime:
     return Runtime(device, bf16, compile_, fused_adamw=cuda, pin_memory=cuda)
 
 
+def _backward_compiled_now() -> contextlib.AbstractContextManager:
+    """Make AOTAutograd lower the backward graph during the first forward call.
+
+    By default it does so lazily, at the first ``backward()``: a backward that fails to
+    compile would then crash the step outside :func:`compile_with_fallback`, and the
+    logged compile time would leave the backward out.
+    """
+    try:
+        from torch._functorch import config as aot_config
+    except ImportError:  # a torch without AOTAutograd's config: keep its default
+        return contextlib.nullcontext()
+    if not hasattr(aot_config, "force_non_lazy_backward_lowering"):
+        return contextlib.nullcontext()
+    return aot_config.patch(force_non_lazy_backward_lowering=True)
+
+
 def compile_with_fallback(fn: Callable) -> Callable:
     """``torch.compile(fn)``; if compiling fails, warn once and run ``fn`` eagerly."""
-    compiled = torch.compile(fn)
+    try:
+        compiled = torch.compile(fn)
+    except Exception as exc:  # e.g. a Python version torch.compile does not support yet
+        logger.warning("torch.compile failed (%s: %s); running eagerly", type(exc).__name__,
+                       str(exc).splitlines()[0][:200] if str(exc) else "")
+        return fn
     state = {"fn": compiled, "first": True}
 
     def call(*args, **kwargs):
@@ -70,7 +93,8 @@ def compile_with_fallback(fn: Callable) -> Callable:
             return state["fn"](*args, **kwargs)
         start = time.perf_counter()
         try:
-            out = compiled(*args, **kwargs)
+            with _backward_compiled_now():
+                out = compiled(*args, **kwargs)
             logger.info("torch.compile of %s took %.1f s", getattr(fn, "__name__", fn), time.perf_counter() - start)
             state["fn"] = compiled
         except Exception as exc:  # compiler bugs, missing toolchains: training must go on
@@ -82,6 +106,24 @@ def compile_with_fallback(fn: Callable) -> Callable:
         return out
 
     return call
+
+
+def train_step(model: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer, batch: Batch,
+               rt: Runtime, grad_clip: float = 0.0) -> torch.Tensor:
+    """One optimizer step of ``objective`` on ``batch``: the step every trial runs.
+
+    The forward pass runs under the runtime's autocast, the backward and the optimizer
+    step outside it. Returns the detached loss, still on the device: nothing here
+    waits for the GPU (``python -m dps_tune.bench step`` times exactly this function).
+    """
+    with autocast(rt.device, rt.bf16):
+        loss = objective.loss(model, batch)["loss"]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach()
 
 
 def _reference_state(cfg: Config) -> dict[str, torch.Tensor]:
@@ -98,7 +140,7 @@ def _reference_state(cfg: Config) -> dict[str, torch.Tensor]:
 def dps_ranking(cfg: Config, theta0: Mapping[str, torch.Tensor] | None = None) -> suppression.Scores:
     """The DPS ranking for ``cfg`` (pretrained vs reference), through the on-disk cache."""
     if theta0 is None:
-        theta0 = models.pretrained_state_dict(cfg.model, cfg.pretrained)
+        theta0 = models.pretrained_state_dict(cfg.model, cfg.pretrained, seed=cfg.seed)
     scores, _ = suppression.cached_ranking(theta0, _reference_state(cfg), cfg.dps.ranking_cache)
     return scores
 
@@ -152,7 +194,8 @@ def run_trial(
     """
     rt = resolve_runtime(cfg)
     if memory_fraction is not None and rt.device.type == "cuda" and 0 < memory_fraction < 1:
-        torch.cuda.set_per_process_memory_fraction(memory_fraction, rt.device)
+        # An index, not rt.device: torch rejects a bare torch.device("cuda") here.
+        torch.cuda.set_per_process_memory_fraction(float(memory_fraction), rt.device.index)
     torch.manual_seed(cfg.seed)
     own_work_dir = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="dps_tune_") if own_work_dir else work_dir)
@@ -162,6 +205,18 @@ def run_trial(
     finally:
         if own_work_dir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def evaluate_start(cfg: Config) -> dict[str, float]:
+    """Metrics of the weights ``cfg`` starts from (zero-shot for a pretrained model), no training."""
+    from dps_tune.config import with_overrides
+
+    cfg = with_overrides(cfg, {"algorithm": "ce"}, check_paths=False)  # no DPS reference needed to evaluate
+    rt = resolve_runtime(cfg)
+    torch.manual_seed(cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="dps_tune_") as work:
+        trial = _Trial(cfg, rt, None, None, Path(work), False, None)
+        return evaluate_splits(trial.model, trial.prompts, trial._eval_loaders(), bf16=rt.bf16)
 
 
 class _Trial:
@@ -176,6 +231,12 @@ class _Trial:
         self.model = models.create_model(cfg.model, cfg.pretrained, device=dev)
         self.model.train()
         self.spec = data_mod.load_dataset(cfg.data)
+        # A prepared image cache replaces JPEG decoding. A stale one is refused here, before
+        # any training; images that `dps-tune prepare --skip-bad` left out are dropped.
+        self.cache: image_cache.ImageCache | None = None
+        if cfg.data.image_cache is not None:
+            self.cache, self.spec = image_cache.open_for(cfg.data.image_cache, self.spec,
+                                                         model_size=models.image_size(self.model))
         tokenizer = models.get_tokenizer(cfg.model)
         self.prompts = tokenize_prompts(tokenizer, self.spec.classnames, self.spec.templates)  # [T, C, L]
 
@@ -200,6 +261,9 @@ class _Trial:
         pre = models.preprocess_cfg(self.model)
         self.train_tf = data_mod.TrainTransform(models.image_size(self.model), pre.mean, pre.std)
         self.eval_tf = models.eval_transform(self.model)
+        if self.cache is not None:
+            # The same preprocessing for cached uint8 batches, run on the trial's device.
+            self.device_train_tf, self.device_eval_tf = augment.for_model(self.model)
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, lr=o.lr, wd=o.wd, betas=(o.beta1, o.beta2), eps=o.eps,
                                          fused=rt.fused_adamw)
@@ -233,16 +297,34 @@ class _Trial:
 
     def _batches(self) -> Iterator[Batch]:
         cfg, dev = self.cfg, self.rt.device
-        loader = data_mod.train_loader(
-            self.records, self.train_tf, batch_size=cfg.data.batch_size, workers=cfg.data.workers,
-            seed=cfg.seed, epoch=self.loop.epoch, start_batch=self.loop.batch_in_epoch,
-            pin_memory=self.rt.pin_memory)
+        if self.cache is not None:
+            loader = image_cache.CachedTrainLoader(
+                self.cache, self.records, self.device_train_tf, batch_size=cfg.data.batch_size, seed=cfg.seed,
+                epoch=self.loop.epoch, start_batch=self.loop.batch_in_epoch, device=dev,
+                pin_memory=self.rt.pin_memory)
+        else:
+            loader = data_mod.train_loader(
+                self.records, self.train_tf, batch_size=cfg.data.batch_size, workers=cfg.data.workers,
+                seed=cfg.seed, epoch=self.loop.epoch, start_batch=self.loop.batch_in_epoch,
+                pin_memory=self.rt.pin_memory)
         for images, labels, index in loader:
-            texts = self.captions[index].to(dev, non_blocking=True) if self.captions is not None else None
+            texts = None
+            if self.captions is not None:
+                texts = self.captions[index]  # [B, L]
+                if self.rt.pin_memory:  # a pageable source may make the copy wait for the GPU
+                    texts = texts.pin_memory()
+                texts = texts.to(dev, non_blocking=True)
             yield Batch(images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True), texts)
 
     def _eval_loaders(self) -> dict[str, Any]:
         cfg = self.cfg
+        if self.cache is not None:
+            return {
+                split: image_cache.CachedEvalLoader(self.cache, records, self.device_eval_tf,
+                                                   batch_size=cfg.data.eval_batch_size, device=self.rt.device,
+                                                   pin_memory=self.rt.pin_memory)
+                for split, records in self.spec.splits.items()
+            }
         return {
             split: data_mod.eval_loader(records, self.eval_tf, batch_size=cfg.data.eval_batch_size,
                                         workers=cfg.data.workers, pin_memory=self.rt.pin_memory)
@@ -302,16 +384,7 @@ class _Trial:
         return self.last_metrics
 
     def _step(self, batch: Batch, meter: _LossMeter) -> None:
-        from dps_tune.evaluate import autocast
-
-        with autocast(self.rt.device, self.rt.bf16):
-            out = self.objective.loss(self.model, batch)
-        loss = out["loss"]
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
+        loss = train_step(self.model, self.objective, self.optimizer, batch, self.rt, self.cfg.optim.grad_clip)
         meter.add(loss, self.loop.step)
         self.loop.step += 1
         self.loop.batch_in_epoch += 1

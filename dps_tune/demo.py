@@ -1,0 +1,115 @@
+"""``make demo``: a complete robust fine-tuning study on the synthetic world, on a laptop.
+
+1. build (once, cached) the tiny CLIP pretrained on the synthetic world, and evaluate it zero-shot;
+2. a CE sweep (Optuna + ASHA) on the daylight (ID) domain;
+3. a DPS sweep over masking × lr × wd whose reference is the CE sweep's best checkpoint,
+   with a random-suppression control arm at the same ratios;
+4. a FLYP sweep;
+5. a comparison table (the trial best on ``id_val`` for each method, with its ``id_test``
+   and ``ood_test`` figures, beside zero-shot) and ``report.html``.
+
+All sweeps share one embedded Ray instance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from dps_tune import results
+from dps_tune.errors import UserError
+from dps_tune.search_space import Sweep, load_sweep
+
+logger = logging.getLogger(__name__)
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+STAGES = (("ce", "demo.yaml"), ("dps", "demo_dps.yaml"), ("flyp", "demo_flyp.yaml"))
+COLUMNS = ("id_val_acc", "id_test_acc", "id_test_f1", "ood_test_acc", "ood_test_f1")
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _load_stage(space: str, out: Path, overrides: list[str]) -> Sweep:
+    extra = [f"dps.reference_experiment={out / 'ce'}"] if space == "demo_dps.yaml" else []
+    return load_sweep(SPACES / space, extra + overrides)
+
+
+def comparison_rows(zero_shot: dict[str, float], exp_dirs: list[Path], metric: str) -> list[dict]:
+    rows = [{"method": "zero-shot", "trial": "-", **zero_shot}]
+    rows += results.best_per_method(exp_dirs, metric, results.default_mode(metric))
+    return rows
+
+
+def format_comparison(rows: list[dict]) -> str:
+    head = f"{'method':<14} {'selected trial':<16} " + " ".join(f"{c:>12}" for c in COLUMNS)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        trial = str(r.get("trial", "-"))
+        vals = " ".join(f"{r[c]:>12.3f}" if c in r else f"{'':>12}" for c in COLUMNS)
+        lines.append(f"{r['method']:<14} {trial:<16} {vals}")
+    return "\n".join(lines)
+
+
+def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool = True) -> int:
+    """Run the whole study into ``out``; returns a process exit status."""
+    from dps_tune import pretrain, tuning
+    from dps_tune.report import render_report
+    from dps_tune.train import evaluate_start
+
+    overrides = list(overrides or [])
+    start = time.time()
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    # Validate every stage before any work: the DPS reference is checked for real once CE is done.
+    sweeps = {name: _load_stage(space, out, overrides) for name, space in STAGES}
+    base = sweeps["ce"].config
+    metric = sweeps["ce"].tune.metric
+
+    _say(f"[1/5] pretrained tiny CLIP ({base.model}, pretrained={base.pretrained!r})")
+    pretrain.ensure_pretrained(base.model)
+    zero_shot = evaluate_start(base)
+    (out / "zero_shot.json").write_text(json.dumps(zero_shot, indent=2))
+    _say("      zero-shot: " + "  ".join(f"{k}={zero_shot[k]:.3f}" for k in COLUMNS))
+
+    exp_dirs = []
+    try:
+        for i, (name, space) in enumerate(STAGES, start=2):
+            sweep = _load_stage(space, out, overrides)
+            t = sweep.tune
+            _say(f"\n[{i}/5] {name.upper()} sweep: {t.num_samples} trials, Optuna TPE + ASHA on {t.metric}, "
+                 f"{t.max_concurrent_trials} at a time, up to {sweep.max_t} epochs each")
+            exp = tuning.run_sweep(sweep, storage=str(out), name=name, dashboard=dashboard)
+            exp_dirs.append(exp)
+            table = results.results_table(exp)
+            _say(f"      {name}: {(table['status'] == 'completed').sum()} completed, "
+                 f"{(table['status'] == 'early-stopped').sum()} stopped early by ASHA, "
+                 f"{(table['status'] == 'error').sum()} failed")
+    finally:
+        tuning.shutdown()
+
+    _say("\n[5/5] comparison: for each method, the checkpoint best on id_val "
+         f"({metric}), with its test figures")
+    rows = comparison_rows(zero_shot, exp_dirs, metric)
+    text = format_comparison(rows)
+    _say(text)
+    (out / "comparison.txt").write_text(text + "\n")
+    report = render_report(exp_dirs, out / "report.html", zero_shot=zero_shot)
+    minutes = (time.time() - start) / 60
+    _say(f"\nreport:   {report}   (open it in a browser)")
+    _say(f"inspect:  dps-tune results {exp_dirs[1]}")
+    _say(f"          dps-tune best {exp_dirs[0]} --export {out / 'best_ce'}")
+    _say(f"          tensorboard --logdir {out}")
+    _say(f"finished in {minutes:.1f} min")
+    return 0
+
+
+def main(out: str | None = None, overrides: list[str] | None = None, dashboard: bool = True) -> int:
+    target = Path(out) if out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (target / "ce").exists():
+        raise UserError(f"--out {target}: holds a demo already; pass another --out")
+    logging.getLogger("dps_tune").setLevel(logging.INFO)
+    return run_demo(target, overrides=overrides, dashboard=dashboard)

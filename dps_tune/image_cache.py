@@ -1,0 +1,582 @@
+"""A decoded image cache: decode every image once, then let every trial read it by memory map.
+
+``dps-tune prepare`` decodes each distinct image a config uses (training and evaluation
+splits), resizes it so the shorter side is ``size``, centre-crops a square and stores
+it as uint8 in ``.npy`` shards. Layout of a cache directory::
+
+    manifest.json       sources (path, bytes, mtime, label per image), shard status, hashes
+    shard-00000.npy     uint8 [rows, size, size, 3]; image i is row i of the manifest
+    shard-00001.npy     ...
+
+Guarantees:
+
+* **Atomic.** A shard is written under a temporary name and renamed into place when
+  full; the manifest, rewritten atomically after each shard, is what marks it done.
+  A half-written shard is never read.
+* **Resumable.** A prepare run that stops keeps its finished shards; the next run
+  with the same sources continues with the rest.
+* **Checked.** A trial compares the manifest with the files on disk (bytes, mtime,
+  label) before training and refuses a stale or incomplete cache.
+* **Shared.** Trials read shards through ``np.load(mmap_mode="r")``: all trials on a
+  node share one copy in the page cache, and every node that mounts the directory
+  reads the same files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dps_tune.data import DatasetSpec, EpochSampler, Records
+from dps_tune.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "dps_tune.image_cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+DEFAULT_SIZE = 256
+# About half a GiB per shard: few files, and an interrupted run loses little work.
+SHARD_BYTES = 512 * 2**20
+_TMP = ".tmp"
+_MISSING = -1  # bytes and mtime recorded for a source file that did not exist
+
+
+# ------------------------------------------------------------------------ sources
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The distinct images a dataset uses, in cache row order, with what identifies their files."""
+
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+    rows: tuple[str, ...]  # where each image was named, for error messages
+    sizes: tuple[int, ...]
+    mtimes_ns: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _record_lists(spec: DatasetSpec) -> list[Records]:
+    return [spec.train_images, spec.train_pairs, *spec.splits.values()]
+
+
+def distinct_images(spec: DatasetSpec) -> tuple[tuple[str, int, str], ...]:
+    """Every image ``spec`` uses, once, as ``(path, label, row)``: training first, then evaluation."""
+    seen: dict[str, tuple[str, int, str]] = {}
+    for records in _record_lists(spec):
+        for path, label, row in zip(records.paths, records.labels, records.rows):
+            seen.setdefault(path, (path, label, row))
+    return tuple(seen.values())
+
+
+def stat_files(paths: Sequence[str], threads: int = 16) -> list[tuple[int, int]]:
+    """``(bytes, mtime_ns)`` of every path, ``(-1, -1)`` for a missing one.
+
+    Stats run in threads: on a network mount each one is a round trip, and a dataset
+    has ~10^5 files.
+    """
+
+    def chunk(part: Sequence[str]) -> list[tuple[int, int]]:
+        out = []
+        for p in part:
+            try:
+                st = os.stat(p)
+                out.append((st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append((_MISSING, _MISSING))
+        return out
+
+    if len(paths) < 1000:
+        return chunk(paths)
+    step = math.ceil(len(paths) / threads)
+    with ThreadPoolExecutor(threads) as pool:
+        parts = pool.map(chunk, [paths[i:i + step] for i in range(0, len(paths), step)])
+    return [st for part in parts for st in part]
+
+
+def collect_sources(spec: DatasetSpec) -> Sources:
+    images = distinct_images(spec)
+    stats = stat_files([p for p, _, _ in images])
+    return Sources(
+        paths=tuple(p for p, _, _ in images),
+        labels=tuple(y for _, y, _ in images),
+        rows=tuple(r for _, _, r in images),
+        sizes=tuple(s for s, _ in stats),
+        mtimes_ns=tuple(m for _, m in stats),
+    )
+
+
+def _sources_hash(sources: Sources, size: int, shard_rows: int) -> str:
+    blob = json.dumps([FORMAT, VERSION, size, shard_rows, sources.paths, sources.sizes, sources.mtimes_ns,
+                       sources.labels], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------- decoding
+
+
+def decode_square(path: str, size: int) -> np.ndarray:
+    """The image at ``path``, shorter side resized to ``size``, centre square: uint8 [size, size, 3].
+
+    JPEGs are decoded in draft mode: libjpeg scales by 1/2, 1/4 or 1/8 while decoding,
+    never below the target size, which makes a 2048×1536 photo about twice as fast.
+    """
+    with Image.open(path) as im:
+        scale = size / min(im.size)
+        im.draft("RGB", (math.ceil(im.width * scale), math.ceil(im.height * scale)))
+        rgb = im.convert("RGB")
+    w, h = rgb.size
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    out = rgb.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def _decode_job(job: tuple[int, str, int]) -> tuple[int, np.ndarray | None, str | None]:
+    """Pool task: ``(row, image or None, error or None)``; errors travel back as text."""
+    row, path, size = job
+    try:
+        return row, decode_square(path, size), None
+    except FileNotFoundError:
+        return row, None, "no such file"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return row, None, f"unreadable ({' '.join(str(exc).split()) or type(exc).__name__})"
+
+
+# ----------------------------------------------------------------------- manifest
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}.npy"
+
+
+def _shard_bytes(rows: int, size: int) -> int:
+    return rows * size * size * 3
+
+
+def read_manifest(root: Path) -> dict[str, Any] | None:
+    path = root / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"image cache manifest {str(path)!r}: unreadable ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataError(f"image cache manifest {str(path)!r}: not a dps_tune image cache")
+    if manifest.get("version") != VERSION:
+        raise DataError(f"image cache {str(root)!r}: format version {manifest.get('version')}, this dps_tune "
+                        f"reads version {VERSION}; rebuild it with `dps-tune prepare`")
+    return manifest
+
+
+def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    tmp = root / (MANIFEST + _TMP)
+    tmp.write_text(json.dumps(manifest, separators=(",", ":")) + "\n")
+    os.replace(tmp, root / MANIFEST)
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(16 * 2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _content_hash(manifest: dict[str, Any]) -> str:
+    parts = [manifest["sources_hash"]] + [s["sha256"] for s in manifest["shards"]]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------ prepare
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """What a :func:`prepare` run left on disk."""
+
+    path: Path
+    images: int
+    decoded: int  # images decoded by this run
+    reused: int  # images kept from shards an earlier run finished
+    skipped: tuple[tuple[str, str], ...]  # (path, reason) of every image left out, this run or earlier
+    shards: int
+    nbytes: int
+    content_hash: str
+
+
+@contextlib.contextmanager
+def _exclusive(root: Path) -> Iterator[None]:
+    """One prepare per cache directory at a time."""
+    with (root / ".lock").open("w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DataError(f"image cache {str(root)!r}: another `dps-tune prepare` is writing it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def prepare(spec: DatasetSpec, out: str | os.PathLike, *, size: int = DEFAULT_SIZE, workers: int | None = None,
+            skip_bad: bool = False, verify: bool = False, progress: bool = True,
+            shard_rows: int | None = None) -> PrepareResult:
+    """Build (or finish, or check) the image cache of ``spec`` in the directory ``out``.
+
+    Shards that an earlier run with the same sources finished are kept; ``verify``
+    re-hashes them first and rebuilds any that no longer match. A cache built from
+    other sources is replaced. An unreadable image raises :class:`DataError` naming
+    it, unless ``skip_bad``: then its row stays zero, it is listed in the manifest and
+    trials leave it out. ``workers`` decoding processes (default: all usable CPUs;
+    0 decodes in this process).
+    """
+    if size < 1:
+        raise DataError(f"--size {size}: must be >= 1")
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    rows_per_shard = shard_rows or max(1, SHARD_BYTES // _shard_bytes(1, size))
+    with _exclusive(root):
+        sources = collect_sources(spec)
+        manifest = _start_manifest(root, sources, size, rows_per_shard, verify)
+        todo = [i for i, s in enumerate(manifest["shards"]) if s is None]
+        _write_manifest(root, manifest)
+        decoded = _fill_shards(root, manifest, sources, todo, workers, skip_bad, progress)
+        manifest["content_hash"] = _content_hash(manifest)
+        manifest["complete"] = True
+        _write_manifest(root, manifest)
+    skipped = tuple((sources.paths[row], why) for s in manifest["shards"] for row, why in s["skipped"])
+    return PrepareResult(root, len(sources), decoded, len(sources) - decoded, skipped, len(manifest["shards"]),
+                         sum((root / s["file"]).stat().st_size for s in manifest["shards"]),
+                         manifest["content_hash"])
+
+
+def _shard_range(index: int, rows_per_shard: int, total: int) -> range:
+    return range(index * rows_per_shard, min(total, (index + 1) * rows_per_shard))
+
+
+def _start_manifest(root: Path, sources: Sources, size: int, rows_per_shard: int, verify: bool) -> dict[str, Any]:
+    """The manifest this run works from: the existing one if it matches ``sources``, else a fresh one."""
+    sources_hash = _sources_hash(sources, size, rows_per_shard)
+    for stray in root.glob(f"*{_TMP}"):  # left by a run that stopped mid-shard
+        stray.unlink()
+    old = read_manifest(root)
+    num_shards = math.ceil(len(sources) / rows_per_shard)
+    shards: list[dict[str, Any] | None] = [None] * num_shards
+    if old is not None and old.get("sources_hash") == sources_hash:
+        for i, entry in enumerate(old["shards"]):
+            rows = len(_shard_range(i, rows_per_shard, len(sources)))
+            if entry is not None and _shard_ok(root / entry["file"], rows, size):
+                if verify and _hash_file(root / entry["file"]) != entry["sha256"]:
+                    logger.warning("%s: content hash does not match the manifest; rebuilding it", entry["file"])
+                    continue
+                shards[i] = entry
+        kept = sum(s is not None for s in shards)
+        if kept:
+            logger.info("image cache %s: %d of %d shards already done, continuing", root, kept, num_shards)
+    else:
+        if old is not None:
+            logger.warning("image cache %s was prepared from other sources or settings; rebuilding it", root)
+        for old_shard in root.glob("shard-*.npy"):
+            old_shard.unlink()
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "size": size,
+        "shard_rows": rows_per_shard,
+        "count": len(sources),
+        "sources_hash": sources_hash,
+        "paths": list(sources.paths),
+        "bytes": list(sources.sizes),
+        "mtimes_ns": list(sources.mtimes_ns),
+        "labels": list(sources.labels),
+        "shards": shards,
+        "skipped": sum(len(s["skipped"]) for s in shards if s is not None),
+        "complete": False,
+        "content_hash": None,
+    }
+
+
+def _shard_ok(path: Path, rows: int, size: int) -> bool:
+    """A finished shard file of the expected shape (read from its .npy header only)."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return arr.shape == (rows, size, size, 3) and arr.dtype == np.uint8
+
+
+def _pool(workers: int):
+    # fork: the children only run PIL and numpy, and start in milliseconds instead of
+    # re-importing torch as spawned children would.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+    return ctx.Pool(workers)
+
+
+def _fill_shards(root: Path, manifest: dict[str, Any], sources: Sources, todo: list[int], workers: int | None,
+                 skip_bad: bool, progress: bool) -> int:
+    """Decode and write the shards ``todo``, recording each in the manifest as it lands; returns images decoded."""
+    size, rows_per_shard = manifest["size"], manifest["shard_rows"]
+    jobs = [(row, sources.paths[row], size) for i in todo for row in _shard_range(i, rows_per_shard, len(sources))]
+    if not jobs:
+        return 0
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(workers, len(jobs))
+    from tqdm.auto import tqdm
+
+    done_before = len(sources) - len(jobs)
+    with contextlib.ExitStack() as stack:
+        if workers > 0:
+            pool = stack.enter_context(_pool(workers))
+            results: Iterator = pool.imap(_decode_job, jobs, chunksize=4)
+        else:
+            results = map(_decode_job, jobs)
+        bar = stack.enter_context(tqdm(total=len(sources), initial=done_before, unit="img", disable=not progress,
+                                       desc=f"prepare {root.name}", dynamic_ncols=True))
+        for index in todo:
+            span = _shard_range(index, rows_per_shard, len(sources))
+            final = root / _shard_name(index)
+            tmp = root / (final.name + _TMP)
+            shard = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(span), size, size, 3))
+            skipped: list[list[Any]] = []
+            for local, (row, image, error) in zip(range(len(span)), results):
+                if error is not None:
+                    if not skip_bad:
+                        raise DataError(f"image {sources.paths[row]!r} ({sources.rows[row]}): {error}; fix or "
+                                        "remove it, or rerun with --skip-bad to leave it out")
+                    logger.warning("skipping image %s (%s): %s", sources.paths[row], sources.rows[row], error)
+                    skipped.append([row, error])
+                    shard[local] = 0
+                else:
+                    shard[local] = image
+                bar.update(1)
+            shard.flush()
+            del shard  # close the map before the rename
+            with tmp.open("rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+            manifest["shards"][index] = {"file": final.name, "rows": len(span), "sha256": _hash_file(final),
+                                         "skipped": skipped}
+            manifest["skipped"] += len(skipped)
+            _write_manifest(root, manifest)
+    return len(jobs)
+
+
+# ------------------------------------------------------------------------- reader
+
+
+class ImageCache:
+    """A finished cache, opened read-only. Rows are uint8 [size, size, 3] images.
+
+    Shards are memory-mapped, so opening is cheap and all processes on a node share
+    one copy in the page cache.
+    """
+
+    def __init__(self, root: Path, manifest: dict[str, Any], shards: list[np.ndarray]):
+        self.root, self.manifest, self._shards = root, manifest, shards
+        self.size: int = manifest["size"]
+        self.shard_rows: int = manifest["shard_rows"]
+        self.content_hash: str = manifest["content_hash"]
+        self._row_of = {p: i for i, p in enumerate(manifest["paths"])}
+        self.skipped: frozenset[int] = frozenset(row for s in manifest["shards"] for row, _ in s["skipped"])
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "ImageCache":
+        """Open the cache at ``path``; :class:`DataError` if it is missing, incomplete or damaged."""
+        root = Path(path)
+        manifest = read_manifest(root)
+        if manifest is None:
+            raise DataError(f"data.image_cache = {str(root)!r}: no {MANIFEST} (build it with `dps-tune prepare`)")
+        if not manifest.get("complete"):
+            done = sum(s is not None for s in manifest["shards"])
+            raise DataError(f"data.image_cache = {str(root)!r}: incomplete, {done} of {len(manifest['shards'])} "
+                            "shards written; finish it with `dps-tune prepare`")
+        shards = []
+        for entry in manifest["shards"]:
+            file = root / entry["file"]
+            if not _shard_ok(file, entry["rows"], manifest["size"]):
+                raise DataError(f"data.image_cache = {str(root)!r}: shard {entry['file']} is missing or damaged; "
+                                "rerun `dps-tune prepare --verify`")
+            shards.append(np.load(file, mmap_mode="r"))
+        return cls(root, manifest, shards)
+
+    def __len__(self) -> int:
+        return len(self.manifest["paths"])
+
+    def rows(self, paths: Sequence[str]) -> np.ndarray:
+        """Cache rows of ``paths``: [N] int64."""
+        try:
+            return np.fromiter((self._row_of[p] for p in paths), dtype=np.int64, count=len(paths))
+        except KeyError as exc:
+            raise DataError(f"data.image_cache = {str(self.root)!r}: has no image {exc.args[0]!r}; "
+                            "rerun `dps-tune prepare` for this config") from None
+
+    def read(self, rows: Sequence[int] | np.ndarray, *, pin_memory: bool = False) -> torch.Tensor:
+        """Images at ``rows``: uint8 [B, size, size, 3] on the CPU, in pinned memory if asked.
+
+        One memory copy per image, straight from the mapped shard into the batch.
+        """
+        out = torch.empty((len(rows), self.size, self.size, 3), dtype=torch.uint8, pin_memory=pin_memory)
+        dst = out.numpy()
+        for i, row in enumerate(np.asarray(rows).tolist()):
+            shard, local = divmod(row, self.shard_rows)
+            dst[i] = self._shards[shard][local]
+        return out
+
+    def check(self, spec: DatasetSpec) -> DatasetSpec:
+        """``spec`` without the images prepare skipped; :class:`DataError` if the cache is stale for it.
+
+        Stale means: an image ``spec`` uses is not in the cache, or its file's size or
+        mtime, or its label, differs from what the cache was prepared from.
+        """
+        images = distinct_images(spec)
+        stats = stat_files([p for p, _, _ in images])
+        m = self.manifest
+        missing, changed = [], []
+        for (path, label, row), (nbytes, mtime) in zip(images, stats):
+            i = self._row_of.get(path)
+            if i is None:
+                missing.append(path)
+            elif (nbytes, mtime) != (m["bytes"][i], m["mtimes_ns"][i]):
+                was = "missing" if m["bytes"][i] == _MISSING else f"{m['bytes'][i]} bytes"
+                now = "missing" if nbytes == _MISSING else f"{nbytes} bytes"
+                changed.append(f"{path!r} changed since prepare ({was}, now {now}"
+                               f"{', new mtime' if was == now else ''})")
+            elif label != m["labels"][i]:
+                changed.append(f"{path!r} ({row}) has label {label}, the cache has {m['labels'][i]}")
+        where = f"data.image_cache = {str(self.root)!r}"
+        if missing:
+            raise DataError(f"{where}: stale, {len(missing)} image(s) of this config are not in it, e.g. "
+                            f"{missing[0]!r}; rerun `dps-tune prepare` for this config")
+        if changed:
+            raise DataError(f"{where}: stale, {len(changed)} image(s) differ from the cache, e.g. {changed[0]}; "
+                            "rerun `dps-tune prepare`")
+        if not self.skipped:
+            return spec
+        bad = {m["paths"][i] for i in self.skipped}
+        dropped = sum(p in bad for p, _, _ in images)
+        if dropped:
+            logger.warning("%s: leaving out %d image(s) that prepare skipped as unreadable", where, dropped)
+        splits = {name: _without(records, bad) for name, records in spec.splits.items()}
+        for name, records in splits.items():
+            if len(records) == 0:
+                raise DataError(f"{where}: every image of split {name!r} was skipped as unreadable")
+        return DatasetSpec(spec.classnames, spec.templates, _without(spec.train_images, bad),
+                           _without(spec.train_pairs, bad), splits)
+
+
+def _without(records: Records, bad: set[str]) -> Records:
+    keep = [i for i, p in enumerate(records.paths) if p not in bad]
+    if len(keep) == len(records):
+        return records
+    if not keep:
+        raise DataError("every training image was skipped as unreadable by `dps-tune prepare`")
+
+    def pick(values: Sequence) -> tuple:
+        return tuple(values[i] for i in keep)
+
+    return Records(pick(records.paths), pick(records.labels), pick(records.rows),
+                   pick(records.captions) if records.captions is not None else None)
+
+
+def open_for(path: str | os.PathLike, spec: DatasetSpec, *, model_size: int | None = None
+             ) -> tuple[ImageCache, DatasetSpec]:
+    """Open the cache at ``path`` for ``spec``: refuse it if stale, drop skipped images.
+
+    Returns the cache and the spec to train on. Warns when the cached squares are
+    smaller than the model's input, which would upsample every image.
+    """
+    cache = ImageCache.open(path)
+    spec = cache.check(spec)
+    if model_size is not None and cache.size < model_size:
+        logger.warning("data.image_cache holds %d px squares but the model takes %d px: images are upsampled; "
+                       "prepare with --size %d or more", cache.size, model_size, model_size)
+    logger.info("image cache %s: %d images, %d px, content %s", cache.root, len(cache), cache.size,
+                cache.content_hash[:12])
+    return cache, spec
+
+
+# ------------------------------------------------------------------------ loaders
+
+
+class CachedTrainLoader:
+    """One epoch of training batches from the cache, in the JPEG loader's order.
+
+    Yields ``(images [B, 3, H, W] float32 on device, labels [B] on device, record index [B])``.
+    Order and crops come from :class:`dps_tune.data.EpochSampler`, so batch ``k`` of
+    epoch ``e`` is the same batch the JPEG path yields and resuming at ``start_batch``
+    continues exactly. The CPU only copies rows into a (pinned) buffer; cropping,
+    resizing and normalising run on ``device``.
+    """
+
+    def __init__(self, cache: ImageCache, records: Records,
+                 augment: Callable[[torch.Tensor, Sequence[int]], torch.Tensor], *, batch_size: int, seed: int,
+                 epoch: int, start_batch: int = 0, device: torch.device | str = "cpu", pin_memory: bool = False):
+        self.cache, self.augment = cache, augment
+        self.rows = cache.rows(records.paths)  # [N]
+        self.labels = torch.tensor(records.labels, dtype=torch.long)  # [N]
+        self.batch_size = min(batch_size, len(records))
+        self.sampler = EpochSampler(len(records), self.batch_size, seed, epoch, start_batch)
+        self.device, self.pin_memory = torch.device(device), pin_memory
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        pending: list[tuple[int, int]] = []
+        for item in self.sampler:
+            pending.append(item)
+            if len(pending) == self.batch_size:
+                yield self._batch(pending)
+                pending = []
+
+    def _batch(self, items: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index = torch.tensor([i for i, _ in items], dtype=torch.long)  # [B]
+        pixels = self.cache.read(self.rows[index.numpy()], pin_memory=self.pin_memory)  # [B, S, S, 3] uint8
+        pixels = pixels.to(self.device, non_blocking=True)
+        images = self.augment(pixels, [s for _, s in items])  # [B, 3, H, W]
+        return images, self.labels[index].to(self.device, non_blocking=True), index
+
+
+class CachedEvalLoader:
+    """Batches of one evaluation split from the cache, in record order; iterable many times.
+
+    Yields ``(images [B, 3, H, W] float32 on device, labels [B], record index [B])``.
+    """
+
+    def __init__(self, cache: ImageCache, records: Records, transform: Callable[[torch.Tensor], torch.Tensor], *,
+                 batch_size: int, device: torch.device | str = "cpu", pin_memory: bool = False):
+        self.cache, self.transform = cache, transform
+        self.rows = cache.rows(records.paths)  # [N]
+        self.labels = torch.tensor(records.labels, dtype=torch.long)  # [N]
+        self.batch_size, self.device, self.pin_memory = batch_size, torch.device(device), pin_memory
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.rows), self.batch_size):
+            index = torch.arange(start, min(start + self.batch_size, len(self.rows)))  # [B]
+            pixels = self.cache.read(self.rows[start:start + len(index)], pin_memory=self.pin_memory)
+            images = self.transform(pixels.to(self.device, non_blocking=True))  # [B, 3, H, W]
+            yield images, self.labels[index], index

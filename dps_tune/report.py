@@ -1,0 +1,616 @@
+"""One self-contained HTML page that summarises one or more finished (or running) sweeps.
+
+Ray-free, like :mod:`dps_tune.results`, whose readers it builds on. The page holds:
+
+* ID against OOD (accuracy and macro-F1) for every trial, coloured by method, with the
+  zero-shot model marked: the effective-robustness plot of robust fine-tuning papers;
+* the OOD metric against ``dps.masking`` for DPS trials, one panel per suppression arm;
+* the sweep metric against epoch for every trial, so ASHA's early stops are visible;
+* the best trial per method and the full results table.
+
+Images are PNGs embedded as base64 ``data:`` URIs and the CSS is inline, so the file
+opens offline and can be mailed or attached as it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from dps_tune.errors import UserError
+from dps_tune.results import (Trial, default_mode, load_trials, method_name, results_table, sweep_meta,
+                              trial_status)
+
+logger = logging.getLogger(__name__)
+
+ZERO_SHOT_FILE = "zero_shot.json"
+DPI = 110
+SUMMARY_METRICS = ("id_test_acc", "id_test_f1", "ood_test_acc", "ood_test_f1")
+SUPPRESS_ORDER = ("top", "bottom", "random")
+ARM_TITLES = {"top": "most-moved rows suppressed", "bottom": "least-moved rows suppressed",
+              "random": "random rows suppressed (control)"}
+# Fixed colours and markers, so a method looks the same in every plot and every report.
+METHOD_STYLE = {
+    "ce": ("#1f77b4", "o"),
+    "flyp": ("#ff7f0e", "s"),
+    "dps (top)": ("#2ca02c", "^"),
+    "dps (bottom)": ("#9467bd", "v"),
+    "dps (random)": ("#d62728", "D"),
+}
+SPARE_STYLES = [("#8c564b", "P"), ("#e377c2", "X"), ("#17becf", "*"), ("#bcbd22", "h"), ("#7f7f7f", "p")]
+STATUS_STYLE = {  # line style and end marker of a learning curve
+    "completed": ("-", "o"),
+    "early-stopped": ("--", "x"),
+    "running": (":", ">"),
+    "error": (":", "X"),
+}
+SPLIT_NAMES = {"id_val": "ID val", "id_test": "ID test", "ood_val": "OOD val", "ood_test": "OOD test"}
+KIND_NAMES = {"acc": "accuracy", "f1": "macro-F1"}
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1400px; padding: 0 1em; color: #222; line-height: 1.4; }
+h1 { margin-bottom: 0.2em; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; padding-bottom: 0.2em; }
+.caption, .note { color: #555; max-width: 70em; } .note { font-style: italic; }
+.row { display: flex; flex-wrap: wrap; gap: 1.5em; } .row figure { margin: 0; flex: 1 1 560px; }
+figcaption { color: #555; font-size: 0.9em; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; white-space: nowrap; }
+th { background: #f3f3f3; position: sticky; top: 0; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.zero-shot td { background: #fff6d5; font-weight: 600; }
+tr.early-stopped td, tr.running td { color: #777; } tr.error td { color: #a00; }
+"""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One sweep directory as the report sees it."""
+
+    name: str
+    path: Path
+    meta: dict[str, Any]
+    trials: list[Trial]
+    table: pd.DataFrame
+    metric: str
+    mode: str
+
+    @property
+    def finished(self) -> bool:
+        return self.meta.get("status") == "finished"
+
+    def status(self, trial: Trial) -> str:
+        return trial_status(trial, self.meta.get("max_t"), self.finished)
+
+
+def _method_order(methods: Iterable[str]) -> list[str]:
+    known = list(METHOD_STYLE)
+    return sorted(set(methods), key=lambda m: (known.index(m) if m in known else len(known), m))
+
+
+def _styles(methods: Iterable[str]) -> dict[str, tuple[str, str]]:
+    styles, spare = {}, iter(SPARE_STYLES)
+    for m in _method_order(methods):
+        styles[m] = METHOD_STYLE.get(m) or next(spare, ("#000000", "o"))
+    return styles
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
+    """Read one sweep directory; a missing directory or one without trials is a :class:`UserError`."""
+    path = Path(exp_dir)
+    if not path.is_dir():
+        raise UserError(f"experiment {str(path)!r}: no such directory")
+    meta = sweep_meta(path)
+    tune = meta.get("tune") or {}
+    metric = tune.get("metric", "id_val_f1")
+    mode = tune.get("mode") or default_mode(metric)
+    trials = load_trials(path)
+    return Experiment(meta.get("name") or path.resolve().name, path, meta, trials,
+                      results_table(path, metric, mode), metric, mode)
+
+
+def load_zero_shot(path: str | os.PathLike) -> dict[str, float]:
+    """The ``*_acc`` and ``*_f1`` metrics of a zero-shot JSON file or of a checkpoint directory.
+
+    A directory is read through its ``metrics.json``. The file holds one JSON object
+    of metrics (``{"id_val_acc": 0.7, ...}``), optionally nested under ``"metrics"``.
+    """
+    src = Path(path)
+    file = src / "metrics.json" if src.is_dir() else src
+    if not file.is_file():
+        what = "no metrics.json in this directory" if src.is_dir() else "no such file or directory"
+        raise UserError(f"zero-shot metrics {str(src)!r}: {what}")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"zero-shot metrics {str(file)!r}: not readable JSON ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
+        data = data["metrics"]
+    if not isinstance(data, dict):
+        raise UserError(f"zero-shot metrics {str(file)!r}: expected a JSON object of metrics")
+    metrics = {str(k): float(v) for k, v in data.items() if str(k).endswith(("_acc", "_f1")) and _finite(v)}
+    if not metrics:
+        raise UserError(f"zero-shot metrics {str(file)!r}: no *_acc or *_f1 metric in it")
+    return metrics
+
+
+def find_zero_shot(exp_dirs: Sequence[str | os.PathLike]) -> Path | None:
+    """The first ``zero_shot.json`` next to one of ``exp_dirs`` (in their parent), if any."""
+    for exp in exp_dirs:
+        candidate = Path(exp).resolve().parent / ZERO_SHOT_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _check_output(out: Path) -> None:
+    """Fail before any plotting when the report cannot be written where asked."""
+    if out.is_dir():
+        raise UserError(f"report {str(out)!r}: is a directory; give a file name such as report.html")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"report {str(out)!r}: cannot create its directory ({exc.strerror})") from None
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise UserError(f"report {str(out)!r}: not writable")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def metric_label(name: str) -> str:
+    """``ood_test_f1`` -> ``OOD test macro-F1``; unknown names are returned as they are."""
+    split, _, kind = name.rpartition("_")
+    if split in SPLIT_NAMES and kind in KIND_NAMES:
+        return f"{SPLIT_NAMES[split]} {KIND_NAMES[kind]}"
+    return name
+
+
+def _twin(metric: str) -> str:
+    """The same split in the other metric kind: accuracy <-> macro-F1."""
+    if metric.endswith("_acc"):
+        return metric[:-4] + "_f1"
+    if metric.endswith("_f1"):
+        return metric[:-3] + "_acc"
+    return metric
+
+
+def _png(fig: Figure) -> str:
+    buf = io.BytesIO()
+    # Figure renders through the Agg canvas without pyplot's global state; no "Software"
+    # tag keeps matplotlib's web address out of the file.
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _padded(values: Sequence[float], pad: float = 0.06) -> tuple[float, float]:
+    lo, hi = min(values), max(values)
+    span = max(hi - lo, 0.02)
+    return lo - pad * span, hi + pad * span
+
+
+@dataclass(frozen=True)
+class _Point:
+    trial: Trial
+    method: str
+    status: str
+
+    def value(self, metric: str) -> float | None:
+        v = self.trial.last.get(metric)
+        return float(v) if _finite(v) else None
+
+
+def _points(experiments: Sequence[Experiment]) -> list[_Point]:
+    return [_Point(t, method_name(t.config), e.status(t)) for e in experiments for t in e.trials]
+
+
+# ------------------------------------------------------------------------------ plots
+
+
+def plot_id_ood(points: Sequence[_Point], x_metric: str, y_metric: str,
+                zero_shot: Mapping[str, float] | None) -> Figure | None:
+    """Every trial's last ``y_metric`` against its last ``x_metric``; None when no trial has both."""
+    data = [(p, p.value(x_metric), p.value(y_metric)) for p in points]
+    data = [(p, x, y) for p, x, y in data if x is not None and y is not None]
+    if not data:
+        return None
+    styles = _styles(p.method for p, _, _ in data)
+    fig = Figure(figsize=(6.4, 5.4))
+    ax = fig.subplots()
+    for method, (color, marker) in styles.items():
+        for done in (True, False):
+            sel = [(x, y) for p, x, y in data if p.method == method and (p.status == "completed") == done]
+            if sel:
+                xs, ys = zip(*sel)
+                ax.scatter(xs, ys, s=46, marker=marker, linewidths=1.4, edgecolors=color,
+                           facecolors=color if done else "none", alpha=0.9 if done else 0.7, zorder=3)
+    xs_all = [x for _, x, _ in data]
+    ys_all = [y for _, _, y in data]
+    zs = zero_shot or {}
+    has_zs = _finite(zs.get(x_metric)) and _finite(zs.get(y_metric))
+    if has_zs:
+        ax.scatter([zs[x_metric]], [zs[y_metric]], s=260, marker="*", color="gold", edgecolors="black",
+                   linewidths=1.0, zorder=4)
+        xs_all.append(zs[x_metric])
+        ys_all.append(zs[y_metric])
+    xlim, ylim = _padded(xs_all), _padded(ys_all)
+    line_x = np.linspace(min(xlim[0], ylim[0]), max(xlim[1], ylim[1]), 50)
+    ax.plot(line_x, line_x, color="0.55", ls="--", lw=1.0, zorder=1)
+    # The trend of plain CE fine-tunes is the baseline effective robustness is measured
+    # against; without enough CE trials, the trend of all fine-tuned trials stands in.
+    ce = [(x, y) for p, x, y in data if p.method == "ce"]
+    base, base_name = (ce, "CE trials") if len({x for x, _ in ce}) >= 3 else (
+        [(x, y) for _, x, y in data], "all trials")
+    fitted = len({x for x, _ in base}) >= 3
+    if fitted:
+        slope, intercept = np.polyfit([x for x, _ in base], [y for _, y in base], 1)
+        ax.plot(line_x, slope * line_x + intercept, color="0.3", ls=":", lw=1.3, zorder=2)
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
+    ax.set_xlabel(f"{metric_label(x_metric)} (last report)")
+    ax.set_ylabel(f"{metric_label(y_metric)} (last report)")
+    ax.set_title(f"{metric_label(y_metric)} vs {metric_label(x_metric)}")
+    ax.grid(True, alpha=0.3)
+    handles = [Line2D([], [], ls="", marker=m, color=c, markersize=7, label=name) for name, (c, m) in styles.items()]
+    handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", markeredgecolor="0.3",
+                          markersize=7, label="hollow: early-stopped"))
+    if has_zs:
+        handles.append(Line2D([], [], ls="", marker="*", markersize=13, markerfacecolor="gold",
+                              markeredgecolor="black", label="zero-shot"))
+    handles.append(Line2D([], [], color="0.55", ls="--", label="y = x"))
+    if fitted:
+        handles.append(Line2D([], [], color="0.3", ls=":", label=f"linear fit ({base_name})"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8.5, frameon=False)
+    return fig
+
+
+def plot_masking(points: Sequence[_Point], zero_shot: Mapping[str, float] | None) -> Figure | None:
+    """OOD test and OOD val metrics against ``dps.masking``, a column per suppression arm; None without DPS."""
+    dps = [p for p in points if p.trial.param("algorithm") == "dps" and _finite(p.trial.param("dps.masking"))]
+    kinds = [k for k in ("acc", "f1") if any(p.value(f"ood_test_{k}") is not None
+                                             or p.value(f"ood_val_{k}") is not None for p in dps)]
+    if not dps or not kinds:
+        return None
+    arms = sorted({str(p.trial.param("dps.suppress")) for p in dps},
+                  key=lambda a: (SUPPRESS_ORDER.index(a) if a in SUPPRESS_ORDER else len(SUPPRESS_ORDER), a))
+    styles = _styles(f"dps ({a})" for a in arms)
+    fig = Figure(figsize=(4.0 * len(arms) + 1.8, 3.3 * len(kinds)))
+    axes = fig.subplots(len(kinds), len(arms), sharex=True, sharey="row", squeeze=False)
+    split_markers = {"ood_test": "o", "ood_val": "^"}
+    zs = zero_shot or {}
+    for r, kind in enumerate(kinds):
+        for c, arm in enumerate(arms):
+            ax = axes[r][c]
+            color, _ = styles[f"dps ({arm})"]
+            for p in (p for p in dps if str(p.trial.param("dps.suppress")) == arm):
+                done = p.status == "completed"
+                for split, marker in split_markers.items():
+                    y = p.value(f"{split}_{kind}")
+                    if y is not None:
+                        ax.scatter([p.trial.param("dps.masking")], [y], marker=marker, s=42, linewidths=1.3,
+                                   edgecolors=color, facecolors=color if done else "none", zorder=3)
+            for split, ls in (("ood_test", "--"), ("ood_val", ":")):
+                if _finite(zs.get(f"{split}_{kind}")):
+                    ax.axhline(zs[f"{split}_{kind}"], color="black", ls=ls, lw=1.0, zorder=1)
+            ax.grid(True, alpha=0.3)
+            if r == 0:
+                ax.set_title(f"dps ({arm}): {ARM_TITLES.get(arm, arm + ' rows suppressed')}")
+            if r == len(kinds) - 1:
+                ax.set_xlabel("dps.masking (fraction of rows suppressed)")
+            if c == 0:
+                ax.set_ylabel(f"OOD {KIND_NAMES[kind]}")
+    handles = [Line2D([], [], ls="", marker=m, color="0.25", markersize=7, label=SPLIT_NAMES[s])
+               for s, m in split_markers.items()]
+    handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", markeredgecolor="0.25",
+                          markersize=7, label="hollow: early-stopped"))
+    for split, ls in (("ood_test", "--"), ("ood_val", ":")):
+        if any(_finite(zs.get(f"{split}_{k}")) for k in kinds):
+            handles.append(Line2D([], [], color="black", ls=ls, label=f"zero-shot, {SPLIT_NAMES[split]}"))
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8.5, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def asha_rungs(meta: Mapping[str, Any]) -> list[float]:
+    """The epochs at which ASHA (Ray's ``ASHAScheduler``, one bracket) compares trials."""
+    tune = meta.get("tune") or {}
+    max_t, grace, rf = meta.get("max_t"), tune.get("grace_period"), tune.get("reduction_factor")
+    if not (_finite(max_t) and _finite(grace) and _finite(rf)) or grace <= 0 or rf <= 1 or max_t <= grace:
+        return []
+    count = int(math.log(max_t / grace) / math.log(rf) + 1)
+    return [grace * rf ** k for k in range(count) if grace * rf ** k < max_t]
+
+
+def plot_learning_curves(experiments: Sequence[Experiment], zero_shot: Mapping[str, float] | None) -> Figure:
+    """The sweep metric against epoch for every trial; one panel per experiment."""
+    methods = [method_name(t.config) for e in experiments for t in e.trials]
+    styles = _styles(methods)
+    fig = Figure(figsize=(11.0, 3.9 * len(experiments)))
+    axes = fig.subplots(len(experiments), 1, squeeze=False)[:, 0]
+    zs = zero_shot or {}
+    for ax, exp in zip(axes, experiments):
+        curves = {}
+        for t in exp.trials:
+            curve = [(h["epoch"], h[exp.metric]) for h in t.history
+                     if _finite(h.get("epoch")) and _finite(h.get(exp.metric))]
+            if curve:
+                curves[t.trial_id] = (t, curve)
+        pick = max if exp.mode == "max" else min
+        # The trial holding the best single evaluation: the one `dps-tune best` exports.
+        best = pick(curves, key=lambda k: pick(y for _, y in curves[k][1])) if curves else None
+        statuses = {exp.status(t) for t, _ in curves.values()}
+        for trial_id, (t, curve) in curves.items():
+            ls, end = STATUS_STYLE.get(exp.status(t), ("-", "o"))
+            color, _ = styles[method_name(t.config)]
+            xs, ys = zip(*curve)
+            top = trial_id == best
+            ax.plot(xs, ys, ls=ls, color=color, lw=2.8 if top else 1.4, alpha=1.0 if top else 0.8,
+                    zorder=4 if top else 2)
+            ax.plot(xs[-1:], ys[-1:], ls="", marker=end, color=color, markersize=6, mew=1.6, zorder=5 if top else 3)
+        rungs = asha_rungs(exp.meta)
+        for rung in rungs:
+            ax.axvline(rung, color="0.6", ls="-.", lw=0.9, zorder=1)
+        if _finite(zs.get(exp.metric)):
+            ax.axhline(zs[exp.metric], color="black", ls="--", lw=1.0, zorder=1)
+        stopped = sum(exp.status(t) == "early-stopped" for t in exp.trials)
+        ax.set_title(f"{exp.name}: {len(exp.trials)} trials, {stopped} early-stopped", fontsize=10.5)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{metric_label(exp.metric)} ({exp.mode})")
+        ax.grid(True, alpha=0.3)
+        if _finite(exp.meta.get("max_t")):
+            ax.set_xlim(0, exp.meta["max_t"] * 1.04)
+        exp_methods = _method_order(method_name(t.config) for t in exp.trials)
+        handles = [Line2D([], [], color=styles[m][0], lw=2.2, label=m) for m in exp_methods]
+        handles += [Line2D([], [], color="0.25", ls=STATUS_STYLE[s][0], marker=STATUS_STYLE[s][1], label=s)
+                    for s in STATUS_STYLE if s in statuses]
+        if best is not None:
+            handles.append(Line2D([], [], color="0.25", lw=2.8, label=f"best: {best}"))
+        if rungs:
+            handles.append(Line2D([], [], color="0.6", ls="-.", label="ASHA rung"))
+        if _finite(zs.get(exp.metric)):
+            handles.append(Line2D([], [], color="black", ls="--", label="zero-shot"))
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8.5, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def all_trials_table(experiments: Sequence[Experiment], zero_shot: Mapping[str, float] | None) -> pd.DataFrame:
+    """Every experiment's ``results_table`` with an ``experiment`` column; the zero-shot row first."""
+    frames = [e.table.assign(experiment=e.name) for e in experiments]
+    table = pd.concat(frames, ignore_index=True)
+    table = table[["experiment"] + [c for c in table.columns if c != "experiment"]]
+    if zero_shot:
+        row = {"experiment": "zero-shot", "trial_id": "zero-shot", "algorithm": "zero-shot", "status": ""}
+        row.update({k: v for k, v in zero_shot.items() if k in table.columns})
+        table = pd.concat([pd.DataFrame([row]), table], ignore_index=True)
+    return table
+
+
+def summary_table(experiments: Sequence[Experiment], zero_shot: Mapping[str, float] | None) -> pd.DataFrame:
+    """Per method: the evaluation best by its sweep's metric, over every report of every trial.
+
+    Ray keeps each trial's best checkpoint by the sweep metric, so this is the checkpoint
+    :func:`dps_tune.results.best_per_method` (and the demo) selects, found from the
+    reports alone. Trials of one method are ranked together only when their sweeps select
+    by the same metric and mode; otherwise each selection gets its own row.
+    """
+    groups: dict[tuple[str, str, str], list[tuple[float, Experiment, Trial, dict[str, Any]]]] = {}
+    for e in experiments:
+        for t in e.trials:
+            for h in t.history:
+                if _finite(h.get(e.metric)):
+                    groups.setdefault((method_name(t.config), e.metric, e.mode), []).append((h[e.metric], e, t, h))
+    order = _method_order(m for m, _, _ in groups)
+    rows = []
+    if zero_shot:
+        rows.append({"method": "zero-shot", "experiment": "", "trial_id": "", "epoch": None, "selected by": "",
+                     "selection value": None, **{m: zero_shot.get(m) for m in SUMMARY_METRICS}})
+    for (method, metric, mode), members in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1:])):
+        pick = max if mode == "max" else min
+        value, e, t, h = pick(members, key=lambda m: m[0])
+        rows.append({"method": method, "experiment": e.name, "trial_id": t.trial_id, "epoch": h.get("epoch"),
+                     "selected by": f"{metric} ({mode})", "selection value": value,
+                     **{m: h.get(m) for m in SUMMARY_METRICS}, "trial status": e.status(t)})
+    columns = ["method", "experiment", "trial_id", "epoch", "selected by", "selection value", *SUMMARY_METRICS,
+               "trial status"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _cell(value: Any) -> tuple[str, bool]:
+    """HTML text of a table cell and whether it is a number."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "", False
+    if isinstance(value, (bool, np.bool_)):
+        return ("yes" if value else "no"), False
+    if isinstance(value, (int, np.integer)):
+        return str(value), True
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}", True
+    return html.escape(str(value)), False
+
+
+def html_table(df: pd.DataFrame, table_id: str, row_class: Sequence[str] | None = None) -> str:
+    """``df`` as an HTML table, numbers to 4 significant digits; ``row_class`` styles rows."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = []
+    for i, row in enumerate(df.itertuples(index=False)):
+        cells = []
+        for value in row:
+            text, numeric = _cell(value)
+            cells.append(f'<td class="num">{text}</td>' if numeric else f"<td>{text}</td>")
+        cls = f' class="{html.escape(row_class[i])}"' if row_class and row_class[i] else ""
+        body.append(f"<tr{cls}>{''.join(cells)}</tr>")
+    return (f'<div class="scroll"><table id="{table_id}"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>")
+
+
+# ------------------------------------------------------------------------------- page
+
+
+def _figure_html(img_id: str, fig: Figure | None, alt: str, caption: str, missing: str) -> str:
+    if fig is None:
+        return f'<p class="note" id="{img_id}-missing">{html.escape(missing)}</p>'
+    return (f'<figure><img id="{img_id}" alt="{html.escape(alt)}" src="data:image/png;base64,{_png(fig)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def render_report(exp_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
+                  zero_shot: Mapping[str, float] | str | os.PathLike | None = None,
+                  x_metric: str = "id_test_acc", y_metric: str = "ood_test_acc") -> Path:
+    """Write the HTML report of ``exp_dirs`` to ``out`` and return its path.
+
+    ``zero_shot`` is a mapping of metrics, or a JSON file or checkpoint directory to read
+    them from (:func:`load_zero_shot`). The ID-vs-OOD plot uses ``x_metric`` and
+    ``y_metric`` and is repeated for their accuracy/macro-F1 twins. Raises
+    :class:`UserError` for a missing directory, one without trials, or an unwritable ``out``.
+    """
+    if not exp_dirs:
+        raise UserError("no experiment directory given")
+    out = Path(out)
+    seen: set[Path] = set()
+    experiments = []
+    for d in exp_dirs:
+        if Path(d).resolve() not in seen:
+            seen.add(Path(d).resolve())
+            experiments.append(load_experiment(d))
+    names = [e.name for e in experiments]
+    # Two sweeps of the same name (from different storage roots) are told apart by path.
+    experiments = [e if names.count(e.name) == 1 else replace(e, name=str(e.path)) for e in experiments]
+    zero_shot_source = None
+    if zero_shot is not None and not isinstance(zero_shot, Mapping):
+        zero_shot_source = str(zero_shot)
+        zero_shot = load_zero_shot(zero_shot)
+    zs = dict(zero_shot) if zero_shot else None
+    _check_output(out)  # after the cheap reads, so a bad input leaves no empty output directory behind
+
+    points = _points(experiments)
+    pairs = [(x_metric, y_metric)]
+    if (_twin(x_metric), _twin(y_metric)) != (x_metric, y_metric):
+        pairs.append((_twin(x_metric), _twin(y_metric)))
+    scatter_html = []
+    for x, y in pairs:
+        kind = "f1" if y.endswith("_f1") else "acc"
+        scatter_html.append(_figure_html(
+            f"plot-id-ood-{kind}", plot_id_ood(points, x, y, zs),
+            alt=f"Scatter plot of {metric_label(y)} against {metric_label(x)} for every trial, coloured by method"
+                + (", zero-shot model marked with a star" if zs else ""),
+            caption=f"{metric_label(y)} against {metric_label(x)}, each trial at its last report. Hollow markers: "
+                    "trials ASHA stopped early (their metrics are from an early epoch)."
+                    + (" Star: the zero-shot model." if zs else ""),
+            missing=f"No trial reports both {x} and {y}."))
+    masking_html = _figure_html(
+        "plot-masking", plot_masking(points, zs),
+        alt="OOD test and OOD val metrics against the DPS masking ratio, one panel per suppression arm",
+        caption="DPS trials only, each at its last report: circles OOD test, triangles OOD val; "
+                "hollow markers were stopped early by ASHA.",
+        missing="No DPS trials in these experiments: there is nothing to plot against dps.masking.")
+    curves_html = _figure_html(
+        "plot-learning-curves", plot_learning_curves(experiments, zs),
+        alt="Learning curves: each sweep's selection metric against epoch for every trial; "
+            "dashed curves ending in a cross were stopped early by ASHA",
+        caption="Solid curves ending in a dot ran to the end; dashed curves ending in a cross were stopped "
+                "early by ASHA at a rung (dash-dotted vertical lines).",
+        missing="")
+
+    trials = all_trials_table(experiments, zs)
+    row_class = ["zero-shot" if r == "zero-shot" else str(s) for r, s in zip(trials["trial_id"], trials["status"])]
+    summary = summary_table(experiments, zs)
+    summary_class = ["zero-shot" if m == "zero-shot" else "" for m in summary["method"]]
+
+    exp_rows = pd.DataFrame([{
+        "experiment": e.name, "path": str(e.path.resolve()), "status": e.meta.get("status", "unknown"),
+        "trials": len(e.trials), "selected by": f"{e.metric} ({e.mode})", "max_t": e.meta.get("max_t"),
+    } for e in experiments])
+    generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    title = "dps-tune report: " + ", ".join(e.name for e in experiments)
+    zs_line = (f"<p>Zero-shot metrics from <code>{html.escape(zero_shot_source)}</code>.</p>" if zero_shot_source
+               else "<p>Zero-shot metrics given by the caller.</p>" if zs else "<p>No zero-shot metrics given.</p>")
+    page = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
+<style>{CSS}</style>
+</head>
+<body>
+<header>
+<h1>{html.escape(title)}</h1>
+<p>Generated {html.escape(generated)} from {len(experiments)} experiment(s), {len(points)} trials.</p>
+{html_table(exp_rows, "experiments")}
+{zs_line}
+<ul>
+<li><a href="#effective-robustness">ID vs OOD</a>: every trial's last ID against OOD test metric, by method
+(the effective-robustness plot), in accuracy and macro-F1.</li>
+<li><a href="#masking">OOD vs masking</a>: DPS trials' OOD metrics against the fraction of rows suppressed,
+per suppression arm.</li>
+<li><a href="#learning-curves">Learning curves</a>: each sweep's selection metric against epoch for every
+trial; ASHA's early stops end early.</li>
+<li><a href="#summary">Best per method</a> and <a href="#results">all trials</a>: the numbers behind the plots.</li>
+</ul>
+</header>
+<section id="effective-robustness">
+<h2>ID vs OOD (effective robustness)</h2>
+<p class="caption">Points above the dotted linear trend are more robust out of distribution than their
+in-distribution performance predicts; the dashed line is y = x.</p>
+<div class="row">{''.join(scatter_html)}</div>
+</section>
+<section id="masking">
+<h2>OOD metric vs DPS masking</h2>
+{masking_html}
+</section>
+<section id="learning-curves">
+<h2>Learning curves</h2>
+{curves_html}
+</section>
+<section id="summary">
+<h2>Best trial per method</h2>
+<p class="caption">For each method, the evaluation (any epoch of any trial) best by its sweep's selection
+metric on validation data, and its ID and OOD test metrics: the checkpoint that <code>dps-tune best</code>
+and the demo select.</p>
+{html_table(summary, "summary-table", summary_class)}
+</section>
+<section id="results">
+<h2>All trials</h2>
+<p class="caption">Each trial's last report, sorted within each experiment by its selection metric.
+Grey rows were stopped early by ASHA.</p>
+{html_table(trials, "results-table", row_class)}
+</section>
+</body>
+</html>
+"""
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"report {str(out)!r}: cannot write ({exc.strerror})") from None
+    logger.info("report of %d experiment(s) written to %s (%.0f KiB)", len(experiments), out,
+                out.stat().st_size / 1024)
+    return out

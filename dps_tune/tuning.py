@@ -1,0 +1,347 @@
+"""The one module that talks to Ray: trainable, Optuna + ASHA, launch, resume.
+
+Ray's reporting API has changed several times; everything Ray-specific stays behind
+this door. The training core (:func:`dps_tune.train.run_trial`) knows nothing of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+# Set before Ray reads them. The legacy progress reporter is the one that takes our ID/OOD
+# columns; frequent experiment-state saves mean a killed driver loses (almost) nothing.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Snapshots are forced whenever a trial checkpoints; with few kept checkpoints that is by design.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+import optuna  # noqa: E402
+import ray  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler  # noqa: E402
+from ray.tune.search import ConcurrencyLimiter  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+
+from dps_tune import models, suppression  # noqa: E402
+from dps_tune.config import (Config, config_from_dict, save_json, to_dict, tune_config_from_dict,  # noqa: E402
+                             with_overrides)
+from dps_tune.errors import LaunchError, UserError  # noqa: E402
+from dps_tune.results import SWEEP_FILE, TRIAL_CONFIG_FILE  # noqa: E402
+from dps_tune.search_space import Sweep, to_optuna  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+OPTUNA_FILE = "optuna.db"
+# Testing hook for retries: crash each trial once, right after it reports this epoch.
+CRASH_AT_EPOCH_ENV = "DPS_TUNE_INJECT_CRASH_AT_EPOCH"
+CRASH_MARKER_ENV = "DPS_TUNE_INJECT_CRASH_MARKER_DIR"
+PROGRESS_METRICS = {
+    "epoch": "epoch",
+    "train_loss": "loss",
+    "id_val_acc": "id_val acc",
+    "id_val_f1": "id_val F1",
+    "ood_val_acc": "ood_val acc",
+    "ood_val_f1": "ood_val F1",
+}
+
+
+# --------------------------------------------------------------------------- trainable
+
+
+def _worker_logging() -> None:
+    log = logging.getLogger("dps_tune")
+    log.setLevel(logging.INFO)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    for name in ("ray.train", "ray.tune"):  # one "checkpoint created" line per report is noise
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _maybe_inject_crash(trial_id: str, epoch: float) -> None:
+    at = os.environ.get(CRASH_AT_EPOCH_ENV)
+    marker_dir = os.environ.get(CRASH_MARKER_ENV)
+    if not at or not marker_dir or epoch != float(at):
+        return
+    marker = Path(marker_dir) / f"{trial_id}.crashed"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(epoch))
+    raise RuntimeError(f"injected crash after epoch {at} ({CRASH_AT_EPOCH_ENV})")
+
+
+def trainable(params: dict[str, Any], *, base: dict[str, Any], ranking: suppression.Scores | None,
+              gpu_share: float | None) -> None:
+    """Ray Tune function trainable: one trial of the base config with ``params`` applied.
+
+    ``params`` holds the searched values under dotted config keys. The trial resumes
+    from ``tune.get_checkpoint()`` when Ray retries or restores it.
+    """
+    from dps_tune.train import run_trial
+
+    _worker_logging()
+    cfg = with_overrides(config_from_dict(base, check_paths=False), params, check_paths=False)
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    save_json(cfg, Path(ctx.get_trial_dir()) / TRIAL_CONFIG_FILE)
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        metrics = {**metrics, "max_epoch": cfg.optim.epochs}
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=checkpoint)
+        _maybe_inject_crash(trial_id, metrics["epoch"])
+
+    resume = tune.get_checkpoint()
+    if resume is None:
+        run_trial(cfg, report, ranking=ranking, memory_fraction=gpu_share)
+        return
+    with resume.as_directory() as path:
+        logger.info("trial %s resumes from %s", trial_id, path)
+        run_trial(cfg, report, resume_from=path, ranking=ranking, memory_fraction=gpu_share)
+
+
+# ------------------------------------------------------------------------- searcher
+
+
+class PrunedOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna about ASHA's early stops as *pruned* trials.
+
+    Ray's OptunaSearch records a trial the scheduler stopped as COMPLETE, with the value
+    of its last (low-fidelity) epoch, which misleads TPE. Here a trial that ended without
+    error before its last epoch is told as PRUNED and keeps its intermediate values.
+    """
+
+    def __init__(self, *args: Any, max_t: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._max_t = max_t
+        self._last_step: dict[str, int] = {}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        super().on_trial_result(trial_id, result)
+        self._last_step[trial_id] = result.get("training_iteration", 0)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        known = trial_id in self._ot_trials and trial_id not in self._completed_trials
+        if known and result and self.metric in result:
+            # The result that made ASHA stop the trial (or its last one) never reached
+            # on_trial_result: record it, so the study holds the whole learning curve.
+            step = result.get("training_iteration", 0)
+            if step > self._last_step.get(trial_id, 0):
+                self._ot_trials[trial_id].report(result[self.metric], step)
+                self._last_step[trial_id] = step
+        if known and not error and result and "epoch" in result:
+            finish = min(self._max_t, result.get("max_epoch", self._max_t))
+            if result["epoch"] < finish:
+                self._ot_study.tell(self._ot_trials[trial_id], None, state=TrialState.PRUNED)
+                self._completed_trials.add(trial_id)
+                return
+        super().on_trial_complete(trial_id, result, error)
+
+
+# ---------------------------------------------------------------------------- launch
+
+
+def _connect(address: str | None, dashboard: bool, num_cpus: int | None) -> None:
+    if ray.is_initialized():
+        return
+    if address is None:
+        ctx = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                       logging_level=logging.WARNING, log_to_driver=True)
+        url = getattr(ctx, "dashboard_url", None)
+        if dashboard and url:
+            print(f"Ray dashboard: http://{url} (token auth: `ray get-auth-token`)", file=sys.stderr)
+        return
+    package_dir = str(Path(__file__).resolve().parent)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
+                 runtime_env={"py_modules": [package_dir]})
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise LaunchError(f"--address {address}: cannot connect to the Ray cluster ({str(exc).splitlines()[0]})") \
+            from None
+
+
+def _check_resources(sweep_tune, storage: str, shared_storage: bool) -> None:
+    total = ray.cluster_resources()
+    gpus, cpus = total.get("GPU", 0.0), total.get("CPU", 0.0)
+    if sweep_tune.gpus_per_trial > gpus:
+        raise LaunchError(f"tune.gpus_per_trial = {sweep_tune.gpus_per_trial:g}: the cluster has {gpus:g} GPU(s); "
+                          "no trial could ever start")
+    if sweep_tune.cpus_per_trial > cpus:
+        raise LaunchError(f"tune.cpus_per_trial = {sweep_tune.cpus_per_trial:g}: the cluster has {cpus:g} CPU(s); "
+                          "no trial could ever start")
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and "://" not in storage and not shared_storage:
+        raise LaunchError(f"--storage {storage}: a local path, but the cluster has {len(nodes)} nodes; Ray Tune needs "
+                          "storage every node can reach (s3://, gs://, or an NFS mount passed with --shared-storage)")
+
+
+def _resolve_reference(cfg: Config) -> str:
+    from dps_tune.results import best_checkpoint
+
+    if cfg.dps.reference is not None:
+        return cfg.dps.reference
+    metric = cfg.dps.reference_metric
+    mode = "min" if metric.endswith("loss") else "max"
+    path = best_checkpoint(cfg.dps.reference_experiment, metric, mode)
+    print(f"DPS reference: best checkpoint of {cfg.dps.reference_experiment} by {metric}: {path}", file=sys.stderr)
+    return str(path)
+
+
+def _needs_ranking(sweep_base: Config, searched: Mapping[str, Any]) -> bool:
+    algo = searched.get("algorithm")
+    if algo is not None:
+        return "dps" in algo.args
+    return sweep_base.algorithm == "dps"
+
+
+def _prepare_dps(base: dict[str, Any], cfg: Config, searched: Mapping[str, Any]) -> suppression.Scores | None:
+    """Resolve the DPS reference and compute the ranking once, before any trial starts."""
+    if not _needs_ranking(cfg, searched):
+        return None
+    if cfg.dps.reference is None and cfg.dps.reference_experiment is None:
+        raise UserError("algorithm dps needs dps.reference or dps.reference_experiment")
+    reference = _resolve_reference(cfg)
+    base["dps"] = {**base["dps"], "reference": reference, "reference_experiment": None}
+    theta0 = models.pretrained_state_dict(cfg.model, cfg.pretrained, seed=cfg.seed)
+    theta1 = models.load_weights_file(reference)
+    start = time.perf_counter()
+    scores, hit = suppression.cached_ranking(theta0, theta1, cfg.dps.ranking_cache)
+    print(f"DPS ranking: {'cache hit' if hit else 'computed'} "
+          f"({sum(s.numel() for s in scores.values())} rows, {time.perf_counter() - start:.2f} s); "
+          "shared with every trial through the object store", file=sys.stderr)
+    return scores
+
+
+def _build_trainable(base: dict[str, Any], ranking: suppression.Scores | None, tune_cfg) -> Any:
+    share = tune_cfg.gpus_per_trial if 0 < tune_cfg.gpus_per_trial < 1 else None
+    fn = tune.with_parameters(trainable, base=base, ranking=ranking, gpu_share=share)
+    return tune.with_resources(fn, {"cpu": tune_cfg.cpus_per_trial, "gpu": tune_cfg.gpus_per_trial})
+
+
+def run_sweep(sweep: Sweep, *, address: str | None = None, storage: str | None = None, name: str | None = None,
+              dashboard: bool = True, shared_storage: bool = False, num_cpus: int | None = None) -> Path:
+    """Launch a sweep and wait for it; returns the experiment directory."""
+    storage = storage or str(Path("runs").resolve())
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    name = name or f"{sweep.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    exp_dir = Path(storage) / name if "://" not in storage else None
+    if exp_dir is not None and (exp_dir / SWEEP_FILE).exists():
+        raise LaunchError(f"experiment {exp_dir} exists already: continue it with `dps-tune resume {exp_dir}` "
+                          "or pass another --name")
+
+    _connect(address, dashboard, num_cpus)
+    _check_resources(sweep.tune, storage, shared_storage)
+    searched = dict(sweep.space.params)
+    base = to_dict(sweep.config)
+    ranking = _prepare_dps(base, sweep.config, searched)
+
+    t = sweep.tune
+    searcher = None
+    if sweep.space:
+        study_storage = None
+        if exp_dir is not None:
+            exp_dir.mkdir(parents=True, exist_ok=True)
+            study_storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / OPTUNA_FILE}")
+        searcher = ConcurrencyLimiter(
+            PrunedOptunaSearch(space=to_optuna(sweep.space), metric=t.metric, mode=t.mode, seed=t.seed,
+                         study_name=name, storage=study_storage, max_t=sweep.max_t),
+            max_concurrent=t.max_concurrent_trials)
+    scheduler = ASHAScheduler(time_attr="epoch", metric=t.metric, mode=t.mode, max_t=sweep.max_t,
+                              grace_period=min(t.grace_period, sweep.max_t), reduction_factor=t.reduction_factor)
+    if exp_dir is not None:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        (exp_dir / SWEEP_FILE).write_text(json.dumps({
+            "name": name, "base": base, "tune": to_dict(t), "search": sweep.raw_search,
+            "space_file": str(sweep.path), "max_t": sweep.max_t, "status": "running",
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }, indent=2))
+    tuner = tune.Tuner(
+        _build_trainable(base, ranking, t),
+        param_space={},
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=t.num_samples,
+                                    max_concurrent_trials=t.max_concurrent_trials),
+        run_config=_run_config(name, storage, sweep.space.keys, t),
+    )
+    result = tuner.fit()
+    return _finish(exp_dir, result)
+
+
+def _run_config(name: str, storage: str, searched_keys: list[str], t) -> Any:
+    reporter = tune.CLIReporter(
+        metric_columns=PROGRESS_METRICS,
+        parameter_columns={k: k.rsplit(".", 1)[-1] for k in searched_keys},
+        max_report_frequency=10, metric=t.metric, mode=t.mode, sort_by_metric=True, max_progress_rows=30)
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=t.metric,
+                                                checkpoint_score_order=t.mode),
+        failure_config=tune.FailureConfig(max_failures=t.max_failures),
+        progress_reporter=reporter,
+        verbose=1,
+    )
+
+
+def _finish(exp_dir: Path | None, result) -> Path | None:
+    """Record the end of a sweep; mark Optuna trials a killed driver left RUNNING as FAIL."""
+    if exp_dir is None:
+        return None
+    meta_path = exp_dir / SWEEP_FILE
+    meta = json.loads(meta_path.read_text())
+    meta["status"] = "finished"
+    meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    meta["errors"] = len(result.errors)
+    meta_path.write_text(json.dumps(meta, indent=2))
+    db = exp_dir / OPTUNA_FILE
+    if db.exists():
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+        study_id = storage.get_study_id_from_name(meta["name"])
+        for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    return exp_dir
+
+
+def resume_sweep(exp_dir: str | os.PathLike, *, address: str | None = None, dashboard: bool = True,
+                 num_cpus: int | None = None) -> Path:
+    """Continue an interrupted sweep: unfinished and errored trials go on from their last checkpoints."""
+    exp_dir = Path(exp_dir).resolve()
+    meta_path = exp_dir / SWEEP_FILE
+    if not meta_path.is_file():
+        raise UserError(f"experiment {str(exp_dir)!r}: not a dps_tune sweep (no {SWEEP_FILE})")
+    if not tune.Tuner.can_restore(str(exp_dir)):
+        raise UserError(f"experiment {str(exp_dir)!r}: Ray has no experiment state to restore")
+    meta = json.loads(meta_path.read_text())
+    base = meta["base"]
+    cfg = config_from_dict(base, check_paths=False)
+    tune_cfg = tune_config_from_dict(meta["tune"])
+    _connect(address, dashboard, num_cpus)
+    _check_resources(tune_cfg, str(exp_dir.parent), shared_storage=address is None)
+    ranking = None
+    if base["dps"].get("reference"):
+        searched_algo = (meta.get("search") or {}).get("algorithm")
+        if cfg.algorithm == "dps" or searched_algo is not None:
+            theta0 = models.pretrained_state_dict(cfg.model, cfg.pretrained, seed=cfg.seed)
+            ranking, _ = suppression.cached_ranking(theta0, models.load_weights_file(cfg.dps.reference),
+                                                    cfg.dps.ranking_cache)
+    meta["status"] = "running"
+    meta_path.write_text(json.dumps(meta, indent=2))
+    tuner = tune.Tuner.restore(str(exp_dir), trainable=_build_trainable(base, ranking, tune_cfg),
+                               resume_unfinished=True, resume_errored=True, restart_errored=False)
+    return _finish(exp_dir, tuner.fit())
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()

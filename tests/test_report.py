@@ -1,0 +1,194 @@
+"""The HTML report, from small finished experiments written by hand in a sweep's on-disk format."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import tiny_raw
+from dps_tune import cli, report, results
+from dps_tune.config import config_from_dict, to_dict
+from dps_tune.errors import UserError
+from dps_tune.results import SWEEP_FILE, TRIAL_CONFIG_FILE
+
+MAX_T = 4
+ZERO_SHOT = {"id_val_acc": 0.41, "id_val_f1": 0.38, "id_test_acc": 0.40, "id_test_f1": 0.37,
+             "ood_val_acc": 0.33, "ood_val_f1": 0.30, "ood_test_acc": 0.31, "ood_test_f1": 0.28}
+SPLITS = ("id_val", "id_test", "ood_val", "ood_test")
+
+
+def write_experiment(root: Path, name: str, trials: list[tuple[str, dict, int, float]], *,
+                     metric: str = "id_val_f1", status: str = "finished") -> Path:
+    """A finished sweep as tuning.run_sweep leaves it: ``(trial_id, overrides, epochs run, quality)``."""
+    exp = root / name
+    exp.mkdir(parents=True)
+    (exp / SWEEP_FILE).write_text(json.dumps({
+        "name": name, "base": to_dict(config_from_dict(tiny_raw(), check_paths=False)),
+        "tune": {"metric": metric, "mode": "max", "grace_period": 1, "reduction_factor": 2, "max_t": 0},
+        "search": {}, "space_file": f"{name}.yaml", "max_t": MAX_T, "status": status, "errors": 0,
+    }))
+    for i, (trial_id, overrides, epochs, quality) in enumerate(trials):
+        cfg = to_dict(config_from_dict(tiny_raw(**{"optim.epochs": MAX_T, **overrides}), check_paths=False))
+        tdir = exp / f"trainable_{trial_id}_{i:05d}"
+        tdir.mkdir()
+        (tdir / TRIAL_CONFIG_FILE).write_text(json.dumps(cfg))
+        lines = []
+        for epoch in range(1, epochs + 1):
+            row = {"epoch": float(epoch), "step": 4 * epoch, "train_loss": 1.5 / epoch, "lr": 1e-3,
+                   "samples_per_s": 100.0, "max_epoch": MAX_T, "trial_id": trial_id, "training_iteration": epoch,
+                   "done": False, "config": {k: v for k, v in overrides.items() if k != "algorithm"}}
+            for j, split in enumerate(SPLITS):
+                ood = split.startswith("ood")
+                acc = 0.35 + quality * epoch / MAX_T * (0.35 if ood else 0.55) - 0.01 * j
+                row[f"{split}_acc"] = round(acc, 4)
+                row[f"{split}_f1"] = round(acc - 0.04, 4)
+            lines.append(json.dumps(row))
+        (tdir / "result.json").write_text("\n".join(lines) + "\n")
+        # Metrics only improve here, so the kept checkpoint is the last report's.
+        ckpt = tdir / "checkpoint_000000"
+        ckpt.mkdir()
+        (ckpt / "model.safetensors").write_bytes(b"")
+        (ckpt / "config.json").write_text(json.dumps(cfg))
+        (ckpt / "metrics.json").write_text(json.dumps({k: v for k, v in row.items() if k != "config"}))
+    return exp
+
+
+@pytest.fixture
+def experiments(tmp_path) -> list[Path]:
+    runs = tmp_path / "runs"
+    dps = {"algorithm": "dps", "dps.reference": "ce_best"}
+    baselines = write_experiment(runs, "baselines", [
+        ("ce000001", {"algorithm": "ce", "optim.lr": 1e-3}, 4, 0.9),
+        ("ce000002", {"algorithm": "ce", "optim.lr": 3e-4}, 1, 0.5),
+        ("ce000003", {"algorithm": "ce", "optim.lr": 2e-3}, 4, 0.7),
+        ("ce000004", {"algorithm": "ce", "optim.lr": 1e-4}, 2, 0.6),
+        ("fl000001", {"algorithm": "flyp", "optim.lr": 1e-3}, 4, 0.85),
+        ("fl000002", {"algorithm": "flyp", "optim.lr": 5e-3}, 1, 0.3),
+    ])
+    masking = write_experiment(runs, "dps", [
+        ("dt000001", {**dps, "dps.masking": 0.3, "dps.suppress": "top"}, 4, 0.8),
+        ("dt000002", {**dps, "dps.masking": 0.6, "dps.suppress": "top"}, 4, 0.95),
+        ("dt000003", {**dps, "dps.masking": 0.9, "dps.suppress": "top"}, 2, 0.6),
+        ("dr000001", {**dps, "dps.masking": 0.3, "dps.suppress": "random"}, 4, 0.75),
+        ("dr000002", {**dps, "dps.masking": 0.6, "dps.suppress": "random"}, 1, 0.4),
+        ("dr000003", {**dps, "dps.masking": 0.9, "dps.suppress": "random"}, 4, 0.65),
+    ], metric="id_val_acc")
+    return [baselines, masking]
+
+
+def images(page: str) -> dict[str, Image.Image]:
+    """Every embedded PNG of the page, decoded, by its ``<img>`` id."""
+    found = {}
+    for tag in re.findall(r"<img [^>]*>", page):
+        img_id = re.search(r'id="([^"]+)"', tag).group(1)
+        assert re.search(r'alt="[^"]{20,}"', tag), tag[:200]
+        data = re.search(r'src="data:image/png;base64,([^"]+)"', tag).group(1)
+        found[img_id] = Image.open(io.BytesIO(base64.b64decode(data)))
+        found[img_id].load()
+    return found
+
+
+def table(page: str, table_id: str) -> str:
+    return re.search(rf'<table id="{table_id}">.*?</table>', page, re.S).group(0)
+
+
+def test_report_shows_every_plot_and_the_tables(experiments, tmp_path):
+    out = report.render_report(experiments, tmp_path / "out" / "report.html", zero_shot=ZERO_SHOT)
+    page = out.read_text()
+
+    imgs = images(page)
+    assert set(imgs) == {"plot-id-ood-acc", "plot-id-ood-f1", "plot-masking", "plot-learning-curves"}
+    for img_id, img in imgs.items():
+        assert img.format == "PNG" and img.width >= 500 and img.height >= 300, (img_id, img.size)
+    assert imgs["plot-learning-curves"].height > imgs["plot-id-ood-acc"].height  # a panel per experiment
+
+    all_trials = table(page, "results-table")
+    for trial_id in ("ce000001", "ce000002", "fl000002", "dt000003", "dr000003"):
+        assert f"<td>{trial_id}</td>" in all_trials
+    for column in ("experiment", "algorithm", "masking", "suppress", "status", "id_test_acc", "ood_test_f1"):
+        assert f"<th>{column}</th>" in all_trials
+    assert all_trials.count('class="early-stopped"') == 5
+    assert '<tr class="zero-shot"><td>zero-shot</td><td>zero-shot</td>' in all_trials  # first row
+    assert all_trials.index("zero-shot") < all_trials.index("ce000001")
+    assert '<td class="num">0.31</td>' in all_trials  # zero-shot ood_test_acc
+
+    # the best trial per method, by each sweep's own metric; zero-shot on top
+    summary = table(page, "summary-table")
+    order = [summary.index(f"<td>{m}</td>") for m in ("zero-shot", "ce", "flyp", "dps (top)", "dps (random)")]
+    assert order == sorted(order)
+    for best in ("ce000001", "fl000001", "dt000002", "dr000001"):
+        assert f"<td>{best}</td>" in summary
+    assert "id_val_acc (max)" in summary and "id_val_f1 (max)" in summary
+    # the numbers the demo prints for the same selection
+    shown = report.summary_table([report.load_experiment(e) for e in experiments], None).set_index("method")
+    for exp, metric in zip(experiments, ("id_val_f1", "id_val_acc")):
+        for row in results.best_per_method([exp], metric):
+            for m in report.SUMMARY_METRICS:
+                assert shown.loc[row["method"], m] == row[m], (row["method"], m)
+
+    assert "baselines" in page and str(experiments[1].resolve()) in page
+    assert not re.search(r"https?://", page)
+    assert not re.search(r'(src|href)="(?!data:image/png;base64,|#)', page)
+
+
+def test_report_without_dps_trials_says_so(experiments, tmp_path):
+    page = report.render_report(experiments[:1], tmp_path / "r.html").read_text()
+    assert set(images(page)) == {"plot-id-ood-acc", "plot-id-ood-f1", "plot-learning-curves"}
+    assert 'id="plot-masking-missing"' in page and "No DPS trials" in page
+    assert "zero-shot" not in table(page, "results-table")
+
+
+def test_report_of_a_running_sweep(tmp_path):
+    """A sweep still running, with a trial that has not reported yet."""
+    exp = write_experiment(tmp_path, "live", [("ce000001", {"algorithm": "ce"}, 2, 0.8),
+                                              ("ce000002", {"algorithm": "ce"}, 0, 0.5)], status="running")
+    page = report.render_report([exp], tmp_path / "r.html").read_text()
+    assert set(images(page)) == {"plot-id-ood-acc", "plot-id-ood-f1", "plot-learning-curves"}
+    assert table(page, "results-table").count('<tr class="running">') == 2
+    assert "<td>ce000001</td>" in table(page, "summary-table")
+
+
+def test_zero_shot_sources(experiments, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "metrics.json").write_text(json.dumps({"epoch": 0, "step": 0, **ZERO_SHOT}))
+    assert report.load_zero_shot(ckpt) == ZERO_SHOT
+    assert report.find_zero_shot(experiments) is None
+    (experiments[0].parent / report.ZERO_SHOT_FILE).write_text(json.dumps(ZERO_SHOT))
+    assert report.find_zero_shot(experiments) == experiments[0].parent / report.ZERO_SHOT_FILE
+    with pytest.raises(UserError, match="no \\*_acc or \\*_f1"):
+        (tmp_path / "bad.json").write_text('{"loss": 1.0}')
+        report.load_zero_shot(tmp_path / "bad.json")
+
+
+def test_cli_report(experiments, tmp_path, capsys):
+    (experiments[0].parent / report.ZERO_SHOT_FILE).write_text(json.dumps(ZERO_SHOT))
+    out = tmp_path / "report.html"
+    assert cli.main(["report", *map(str, experiments), "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    page = out.read_text()
+    assert report.ZERO_SHOT_FILE in page and '<tr class="zero-shot">' in page  # found next to the sweeps
+
+    missing = tmp_path / "nope"
+    assert cli.main(["report", str(missing), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no such directory" in err and str(missing) in err
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["report", str(empty), "--out", str(out)]) == 2
+    assert "no dps_tune trials" in capsys.readouterr().err
+
+    assert cli.main(["report", str(experiments[0]), "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    assert cli.main(["report", str(experiments[0]), "--out", str(not_a_dir / "report.html")]) == 2
+    assert "cannot create its directory" in capsys.readouterr().err

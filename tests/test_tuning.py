@@ -1,0 +1,175 @@
+"""Ray Tune end to end, on the CPU: real local Ray, real Optuna study, real files on disk."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from conftest import tiny_raw
+from dps_tune import data as data_mod
+from dps_tune import models, results
+from dps_tune.checkpoint import load_checkpoint
+from dps_tune.evaluate import evaluate_splits, tokenize_prompts
+
+pytestmark = pytest.mark.slow
+
+WORLD = {"classes": 4, "train_per_class": 12, "eval_per_class": 6, "image_size": 32}
+
+
+def space(tmp: Path, name: str, *, algorithm="ce", search=None, tune=None, **overrides) -> Path:
+    raw = tiny_raw(algorithm=algorithm, **{"data.synthetic": WORLD, "data.batch_size": 16, "optim.epochs": 3,
+                                           "optim.lr": 1e-3, **overrides})
+    raw["search"] = search if search is not None else {"lr": {"loguniform": [3e-4, 3e-3]},
+                                                       "wd": {"uniform": [0.0, 0.3]}}
+    raw["tune"] = {"metric": "id_val_acc", "num_samples": 6, "max_concurrent_trials": 2, "grace_period": 1,
+                   "reduction_factor": 2, "keep_checkpoints": 1, "max_failures": 1, **(tune or {})}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def dps_tune(*args, env=None, timeout=600, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "dps_tune.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ce_sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ce")
+    proc = dps_tune("sweep", space(tmp, "ce"), "--storage", tmp / "runs", "--name", "ce", "--no-dashboard")
+    return tmp / "runs" / "ce", proc
+
+
+def test_sweep_end_to_end(ce_sweep, tmp_path):
+    exp, proc = ce_sweep
+    assert "id_val acc" in proc.stdout and "ood_val acc" in proc.stdout  # Tune's progress table
+    table = results.results_table(exp)
+    assert len(table) == 6
+    for col in ("id_val_acc", "id_val_f1", "id_test_acc", "ood_val_acc", "ood_test_acc", "ood_test_f1"):
+        assert table[col].notna().all(), col
+    assert (table["status"] == "early-stopped").sum() >= 1, table
+    assert set(table["status"]) <= {"completed", "early-stopped"}
+
+    # the study saw ASHA's stops as pruned trials, with their learning curves
+    study = optuna.load_study(study_name="ce", storage=f"sqlite:///{exp / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert len(study.trials) == 6
+    assert states.count(TrialState.PRUNED) == (table["status"] == "early-stopped").sum()
+    assert states.count(TrialState.COMPLETE) == (table["status"] == "completed").sum()
+    for t in study.trials:
+        assert t.intermediate_values, t.number
+        if t.state == TrialState.PRUNED:
+            assert t.value is not None and len(t.intermediate_values) < 3
+
+    # `results` on the command line, and its CSV
+    out = dps_tune("results", exp, "--csv", tmp_path / "r.csv").stdout
+    assert "ood_test_acc" in out and "early-stopped" in out
+    assert len((tmp_path / "r.csv").read_text().strip().splitlines()) == 7
+
+    # TensorBoard event files for every trial
+    assert len(list(exp.glob("*/events.out.tfevents.*"))) == 6
+
+    # `best --export` reloads through plain open_clip and reproduces its metrics
+    dps_tune("best", exp, "--export", tmp_path / "best")
+    recorded = json.loads((tmp_path / "best" / "metrics.json").read_text())
+    assert recorded["id_val_acc"] == table["id_val_acc"].max() or recorded["id_val_acc"] >= table["id_val_acc"].max()
+    cfg = load_checkpoint(tmp_path / "best", with_state=False).config
+    model = open_clip.create_model("tiny-vit", pretrained=str(tmp_path / "best" / "model.safetensors"))
+    spec = data_mod.load_dataset(cfg.data)
+    prompts = tokenize_prompts(models.get_tokenizer("tiny-vit"), spec.classnames, spec.templates)
+    loaders = {s: data_mod.eval_loader(r, models.eval_transform(model), batch_size=64, workers=0)
+               for s, r in spec.splits.items()}
+    again = evaluate_splits(model, prompts, loaders)
+    for key, value in again.items():
+        assert value == recorded[key], key
+
+
+def test_dps_stage_ranks_once(ce_sweep, tmp_path):
+    exp, _ = ce_sweep
+    search = {"masking": {"uniform": [0.1, 0.9]}, "suppress": {"choice": ["top", "random"]}}
+    path = space(tmp_path, "dps", algorithm="dps", search=search, tune={"num_samples": 3},
+                 **{"dps.reference_experiment": str(exp), "dps.reference_metric": "id_val_acc",
+                    "dps.ranking_cache": str(tmp_path / "rankings")})
+    first = dps_tune("sweep", path, "--storage", tmp_path / "runs", "--name", "dps1", "--no-dashboard")
+    text = first.stdout + first.stderr
+    assert text.count("DPS ranking: computed") == 1
+    assert text.count("ranking cache miss") == 1  # the driver's, before any trial started
+    trial_lines = [x for x in text.splitlines() if "(trainable" in x]
+    assert sum("DPS: suppressing" in x for x in trial_lines) == 3  # every trial used the shared ranking...
+    assert not [x for x in trial_lines if "ranking cache" in x or "tensors in" in x]  # ...and none looked it up
+    assert len(list((tmp_path / "rankings").glob("*.pt"))) == 1
+    table = results.results_table(tmp_path / "runs" / "dps1")
+    assert len(table) == 3 and set(table["algorithm"]) == {"dps"} and table["masking"].notna().all()
+    # a later sweep on the same pair reuses the ranking
+    second = dps_tune("sweep", path, "--storage", tmp_path / "runs", "--name", "dps2", "--no-dashboard",
+                      "--num-samples", "1")
+    assert "DPS ranking: cache hit" in second.stderr
+    assert len(list((tmp_path / "rankings").glob("*.pt"))) == 1
+
+
+def test_crashed_trial_is_retried_from_its_checkpoint(tmp_path):
+    path = space(tmp_path, "crash", search={"lr": {"uniform": [1e-3, 2e-3]}},
+                 tune={"num_samples": 2, "grace_period": 3, "max_failures": 1})
+    env = {"DPS_TUNE_INJECT_CRASH_AT_EPOCH": "2", "DPS_TUNE_INJECT_CRASH_MARKER_DIR": str(tmp_path / "markers")}
+    dps_tune("sweep", path, "--storage", tmp_path / "runs", "--name", "crash", "--no-dashboard", env=env)
+    assert len(list((tmp_path / "markers").glob("*.crashed"))) == 2  # both trials crashed once
+    for trial in results.load_trials(tmp_path / "runs" / "crash"):
+        lines = [json.loads(x) for x in (trial.path / "result.json").read_text().splitlines()]
+        epochs = [x["epoch"] for x in lines]
+        assert epochs == [1.0, 2.0, 3.0], epochs  # epoch 3 came after the retry, not a restart at 1
+        assert (trial.path / "error.txt").exists()
+    table = results.results_table(tmp_path / "runs" / "crash")
+    assert set(table["status"]) == {"completed"}
+
+
+def test_killed_driver_resumes(tmp_path):
+    path = space(tmp_path, "resume", tune={"num_samples": 4, "grace_period": 4}, **{"optim.epochs": 4})
+    exp = tmp_path / "runs" / "resume"
+    proc = subprocess.Popen([sys.executable, "-m", "dps_tune.cli", "sweep", str(path), "--storage",
+                             str(tmp_path / "runs"), "--name", "resume", "--no-dashboard"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until some trial has a checkpoint but the sweep is far from done
+        if len(list(exp.glob("*/checkpoint_*"))) >= 2:
+            break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("no checkpoint appeared")
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    time.sleep(2)
+    assert json.loads((exp / "dps_tune_sweep.json").read_text())["status"] == "running"
+    dps_tune("resume", exp, "--no-dashboard")
+    table = results.results_table(exp)
+    assert len(table) == 4 and table["trial_id"].is_unique
+    assert set(table["status"]) == {"completed"}, table
+    for trial in results.load_trials(exp):
+        steps = [h["step"] for h in trial.history]
+        assert steps == sorted(set(steps)) and len(steps) == 4
+
+
+@pytest.mark.parametrize("problem,message", [
+    ({"search": {"nonsense": {"uniform": [0, 1]}}}, "search: unknown key 'nonsense'"),
+    ({"search": {"lr": {"loguniform": [0, 1]}}}, "loguniform needs low > 0"),
+    ({"tune": {"gpus_per_trial": 1}}, "tune.gpus_per_trial = 1: the cluster has 0 GPU(s)"),
+])
+def test_bad_launch_is_a_one_line_error(problem, message, tmp_path):
+    path = space(tmp_path, "bad", search=problem.get("search"), tune=problem.get("tune"))
+    proc = dps_tune("sweep", path, "--storage", tmp_path / "runs", "--no-dashboard", check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.strip().splitlines() if x.startswith("dps-tune: error:")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
