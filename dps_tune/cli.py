@@ -192,6 +192,8 @@ def _format_table(df) -> str:
     for col in show.columns:
         if show[col].dtype.kind == "f":
             show[col] = show[col].map(lambda v: "" if v != v else f"{v:.4g}")
+        else:
+            show[col] = show[col].map(lambda v: "" if v is None else v)
     return show.to_string(index=False)
 
 

@@ -314,6 +314,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     return resolve_key(key.strip()), value
 
 
+def merge_dotted(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` (a config dict) with ``overrides`` (dotted or leaf keys) applied; no validation."""
+    return _merge(dict(raw), _nested({resolve_key(k): v for k, v in overrides.items()}))
+
+
 def with_overrides(cfg: Config, overrides: Mapping[str, Any], *, check_paths: bool = True) -> Config:
     """A new validated config with ``overrides`` (dotted or leaf keys) applied."""
     dotted = {resolve_key(k): v for k, v in overrides.items()}

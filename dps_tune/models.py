@@ -7,10 +7,11 @@ pretrained tag, a local weights file, or random initialisation (``none``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import open_clip
 import torch
@@ -27,6 +28,8 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 open_clip.add_model_config(_CONFIG_DIR)
+# Tags whose weights file is built on first use: (arch, tag) -> builder returning the file.
+_TAG_BUILDERS: dict[tuple[str, str], Callable[[], Path]] = {}
 
 
 def list_architectures() -> list[str]:
@@ -37,9 +40,17 @@ def list_pretrained_tags(arch: str) -> list[str]:
     return open_clip.list_pretrained_tags_by_model(arch)
 
 
-def register_pretrained_tag(arch: str, tag: str, path: str | os.PathLike, **preprocess: object) -> None:
-    """Make ``pretrained=tag`` resolve to a local file through open_clip's tag lookup."""
+def register_pretrained_tag(arch: str, tag: str, path: str | os.PathLike, *,
+                            build: Callable[[], Path] | None = None, **preprocess: object) -> None:
+    """Make ``pretrained=tag`` resolve to a local file through open_clip's tag lookup.
+
+    With ``build``, :func:`create_model` calls it before loading the tag and uses the
+    file it returns (building it first if needed) instead of ``path``.
+    """
     from open_clip import pretrained as oc_pretrained
+
+    if build is not None:
+        _TAG_BUILDERS[(arch, tag)] = build
 
     cfg = {
         "file": str(path),
@@ -93,6 +104,10 @@ def create_model(arch: str, pretrained: str, *, device: str | torch.device = "cp
     """
     kwargs: dict[str, object] = {"device": device, "cache_dir": cache_dir}
     if pretrained != "none":
+        build = _TAG_BUILDERS.get((arch, pretrained))
+        if build is not None:
+            # Resolved now, not at import: the cache directory may have changed since.
+            register_pretrained_tag(arch, pretrained, build(), build=build)
         tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
         if tag_cfg:
             # OpenAI weights were trained with QuickGELU; building ViT-B-16 without it
@@ -186,3 +201,19 @@ def pretrained_state_dict(arch: str, pretrained: str, *, seed: int = 0,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return plain_state_dict(create_model(arch, pretrained, cache_dir=cache_dir))
+
+
+def _register_synthetic_tags() -> None:
+    """``pretrained: synthetic``: the demo's tiny CLIPs, pretrained on the synthetic world.
+
+    The tag is known from import on (config validation lists it); the weights are built
+    and cached by :func:`dps_tune.pretrain.ensure_pretrained` the first time they load.
+    """
+    from dps_tune import pretrain
+
+    for arch in pretrain.supported_architectures():
+        register_pretrained_tag(arch, pretrain.TAG, pretrain.weights_path(arch),
+                                build=functools.partial(pretrain.ensure_pretrained, arch))
+
+
+_register_synthetic_tags()

@@ -5,7 +5,8 @@ over a copy of a cluster's results. A sweep directory looks like::
 
     EXP/dps_tune_sweep.json            base config, search space, tune settings, status
     EXP/optuna.db                      the Optuna study (pruned trials included)
-    EXP/<trial>/dps_tune_config.json   the trial's resolved config
+    EXP/<trial>/params.json            the trial's searched values (dotted config keys)
+    EXP/<trial>/dps_tune_config.json   the trial's resolved config (base + params), for people
     EXP/<trial>/result.json            one JSON line per evaluation
     EXP/<trial>/events.out.tfevents.*  TensorBoard curves
     EXP/<trial>/checkpoint_NNNNNN/     model.safetensors, config.json, metrics.json, train_state.pt
@@ -22,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 
+from dps_tune.config import merge_dotted
 from dps_tune.errors import UserError
 
 SWEEP_FILE = "dps_tune_sweep.json"
@@ -119,13 +121,16 @@ def load_trials(exp_dir: str | os.PathLike) -> list[Trial]:
     exp = Path(exp_dir)
     if not exp.is_dir():
         raise UserError(f"experiment {str(exp)!r}: no such directory")
+    base = sweep_meta(exp).get("base")
+    if base is None:
+        raise UserError(f"experiment {str(exp)!r}: not a dps_tune sweep (no {SWEEP_FILE})")
     trials = []
-    for cfg_path in sorted(exp.glob(f"*/{TRIAL_CONFIG_FILE}")):
-        tdir = cfg_path.parent
+    for params_path in sorted(exp.glob("*/params.json")):
+        tdir = params_path.parent
         history = _read_history(tdir / "result.json")
         trial_id = history[-1].get("trial_id") if history else None
-        trials.append(Trial(trial_id or tdir.name, tdir, json.loads(cfg_path.read_text()), history,
-                            errored=(tdir / "error.txt").exists()))
+        config = merge_dotted(base, json.loads(params_path.read_text()))
+        trials.append(Trial(trial_id or tdir.name, tdir, config, history, errored=(tdir / "error.txt").exists()))
     if not trials:
         raise UserError(f"experiment {str(exp)!r}: no dps_tune trials in it")
     return sorted(trials, key=lambda t: t.trial_id)

@@ -31,8 +31,8 @@ from ray.tune.search import ConcurrencyLimiter  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from dps_tune import models, suppression  # noqa: E402
-from dps_tune.config import (Config, config_from_dict, save_json, to_dict, tune_config_from_dict,  # noqa: E402
-                             with_overrides)
+from dps_tune.config import (Config, config_from_dict, merge_dotted, save_json, to_dict,  # noqa: E402
+                             tune_config_from_dict, with_overrides)
 from dps_tune.errors import LaunchError, UserError  # noqa: E402
 from dps_tune.results import SWEEP_FILE, TRIAL_CONFIG_FILE  # noqa: E402
 from dps_tune.search_space import Sweep, to_optuna  # noqa: E402
@@ -92,9 +92,7 @@ def trainable(params: dict[str, Any], *, base: dict[str, Any], ranking: suppress
 
     _worker_logging()
     cfg = with_overrides(config_from_dict(base, check_paths=False), params, check_paths=False)
-    ctx = tune.get_context()
-    trial_id = ctx.get_trial_id()
-    save_json(cfg, Path(ctx.get_trial_dir()) / TRIAL_CONFIG_FILE)
+    trial_id = tune.get_context().get_trial_id()
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         metrics = {**metrics, "max_epoch": cfg.optim.epochs}
@@ -109,6 +107,20 @@ def trainable(params: dict[str, Any], *, base: dict[str, Any], ranking: suppress
     with resume.as_directory() as path:
         logger.info("trial %s resumes from %s", trial_id, path)
         run_trial(cfg, report, resume_from=path, ranking=ranking, memory_fraction=gpu_share)
+
+
+class _ResolvedConfigWriter(tune.Callback):
+    """Writes each trial's resolved config (base + searched values) into its directory."""
+
+    def __init__(self, base: dict[str, Any]):
+        self.base = base
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        path = Path(trial.path) if trial.path and "://" not in str(trial.path) else None
+        if path is None:
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        save_json(merge_dotted(self.base, trial.config), path / TRIAL_CONFIG_FILE)
 
 
 # ------------------------------------------------------------------------- searcher
@@ -270,15 +282,17 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage: str | None =
     tuner = tune.Tuner(
         _build_trainable(base, ranking, t),
         param_space={},
+        # reuse_actors: a finished trial's worker process takes the next trial, so torch and
+        # open_clip are imported once per worker, not once per trial.
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=t.num_samples,
-                                    max_concurrent_trials=t.max_concurrent_trials),
-        run_config=_run_config(name, storage, sweep.space.keys, t),
+                                    max_concurrent_trials=t.max_concurrent_trials, reuse_actors=True),
+        run_config=_run_config(name, storage, sweep.space.keys, t, base),
     )
     result = tuner.fit()
     return _finish(exp_dir, result)
 
 
-def _run_config(name: str, storage: str, searched_keys: list[str], t) -> Any:
+def _run_config(name: str, storage: str, searched_keys: list[str], t, base: dict[str, Any]) -> Any:
     reporter = tune.CLIReporter(
         metric_columns=PROGRESS_METRICS,
         parameter_columns={k: k.rsplit(".", 1)[-1] for k in searched_keys},
@@ -290,6 +304,7 @@ def _run_config(name: str, storage: str, searched_keys: list[str], t) -> Any:
                                                 checkpoint_score_order=t.mode),
         failure_config=tune.FailureConfig(max_failures=t.max_failures),
         progress_reporter=reporter,
+        callbacks=[_ResolvedConfigWriter(base)],
         verbose=1,
     )
 

@@ -15,7 +15,7 @@ from conftest import tiny_raw
 from dps_tune import cli, report, results
 from dps_tune.config import config_from_dict, to_dict
 from dps_tune.errors import UserError
-from dps_tune.results import SWEEP_FILE, TRIAL_CONFIG_FILE
+from dps_tune.results import SWEEP_FILE
 
 MAX_T = 4
 ZERO_SHOT = {"id_val_acc": 0.41, "id_val_f1": 0.38, "id_test_acc": 0.40, "id_test_f1": 0.37,
@@ -37,7 +37,7 @@ def write_experiment(root: Path, name: str, trials: list[tuple[str, dict, int, f
         cfg = to_dict(config_from_dict(tiny_raw(**{"optim.epochs": MAX_T, **overrides}), check_paths=False))
         tdir = exp / f"trainable_{trial_id}_{i:05d}"
         tdir.mkdir()
-        (tdir / TRIAL_CONFIG_FILE).write_text(json.dumps(cfg))
+        (tdir / "params.json").write_text(json.dumps({"optim.epochs": MAX_T, **overrides}))
         lines = []
         for epoch in range(1, epochs + 1):
             row = {"epoch": float(epoch), "step": 4 * epoch, "train_loss": 1.5 / epoch, "lr": 1e-3,
@@ -183,7 +183,7 @@ def test_cli_report(experiments, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert cli.main(["report", str(empty), "--out", str(out)]) == 2
-    assert "no dps_tune trials" in capsys.readouterr().err
+    assert "not a dps_tune sweep" in capsys.readouterr().err
 
     assert cli.main(["report", str(experiments[0]), "--out", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
