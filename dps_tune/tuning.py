@@ -179,8 +179,12 @@ def _connect(address: str | None, dashboard: bool, num_cpus: int | None) -> None
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
                  runtime_env={"py_modules": [package_dir]})
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise LaunchError(f"--address {address}: cannot connect to the Ray cluster ({str(exc).splitlines()[0]})") \
-            from None
+        hint = ""
+        if address != "auto" and os.environ.get("RAY_AUTH_MODE") != "token":
+            hint = ("; if the cluster uses token authentication (Ray's default), set RAY_AUTH_MODE=token and "
+                    "RAY_AUTH_TOKEN (or ~/.ray/auth_token): Ray sends its token to an explicit address only then")
+        raise LaunchError(f"--address {address}: cannot connect to the Ray cluster "
+                          f"({str(exc).splitlines()[0]}){hint}") from None
 
 
 def _check_resources(sweep_tune, storage: str, shared_storage: bool) -> None:

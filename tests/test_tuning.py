@@ -173,3 +173,26 @@ def test_bad_launch_is_a_one_line_error(problem, message, tmp_path):
     lines = [x for x in proc.stderr.strip().splitlines() if x.startswith("dps-tune: error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_sweep_on_a_running_cluster(tmp_path):
+    """--address: code reaches the cluster's workers through runtime_env, not through the driver's process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                            "--num-cpus", "2", "--include-dashboard=false", "--disable-usage-stats"],
+                           capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        path = space(tmp_path, "cluster", tune={"num_samples": 2})
+        # Ray sends its token to an explicit address only when told to (RAY_AUTH_MODE=token).
+        dps_tune("sweep", path, "--address", f"127.0.0.1:{port}", "--storage", tmp_path / "runs", "--name", "c",
+                 env={"RAY_AUTH_MODE": "token"})
+        table = results.results_table(tmp_path / "runs" / "c")
+        assert len(table) == 2 and table["id_val_acc"].notna().all()
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
