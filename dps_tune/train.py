@@ -23,7 +23,7 @@ from torch import nn
 from dps_tune import checkpoint as ckpt
 from dps_tune import data as data_mod
 from dps_tune import models, suppression
-from dps_tune import augment, image_cache
+from dps_tune import augment, cached_data
 from dps_tune.config import Config
 from dps_tune.errors import CheckpointError, TrainingError
 from dps_tune.evaluate import autocast, evaluate_splits, tokenize_prompts
@@ -233,9 +233,9 @@ class _Trial:
         self.spec = data_mod.load_dataset(cfg.data)
         # A prepared image cache replaces JPEG decoding. A stale one is refused here, before
         # any training; images that `dps-tune prepare --skip-bad` left out are dropped.
-        self.cache: image_cache.ImageCache | None = None
+        self.cache: cached_data.ImageCache | None = None
         if cfg.data.image_cache is not None:
-            self.cache, self.spec = image_cache.open_for(cfg.data.image_cache, self.spec,
+            self.cache, self.spec = cached_data.open_for(cfg.data.image_cache, self.spec,
                                                          model_size=models.image_size(self.model))
         tokenizer = models.get_tokenizer(cfg.model)
         self.prompts = tokenize_prompts(tokenizer, self.spec.classnames, self.spec.templates)  # [T, C, L]
@@ -298,7 +298,7 @@ class _Trial:
     def _batches(self) -> Iterator[Batch]:
         cfg, dev = self.cfg, self.rt.device
         if self.cache is not None:
-            loader = image_cache.CachedTrainLoader(
+            loader = cached_data.CachedTrainLoader(
                 self.cache, self.records, self.device_train_tf, batch_size=cfg.data.batch_size, seed=cfg.seed,
                 epoch=self.loop.epoch, start_batch=self.loop.batch_in_epoch, device=dev,
                 pin_memory=self.rt.pin_memory)
@@ -320,7 +320,7 @@ class _Trial:
         cfg = self.cfg
         if self.cache is not None:
             return {
-                split: image_cache.CachedEvalLoader(self.cache, records, self.device_eval_tf,
+                split: cached_data.CachedEvalLoader(self.cache, records, self.device_eval_tf,
                                                    batch_size=cfg.data.eval_batch_size, device=self.rt.device,
                                                    pin_memory=self.rt.pin_memory)
                 for split, records in self.spec.splits.items()

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_raw
-from dps_tune import augment, cli, image_cache, models
+from dps_tune import augment, cached_data, cli, image_cache, models
 from dps_tune import data as data_mod
 from dps_tune.bench import data as bench_data
 from dps_tune.config import DataConfig, config_from_dict
@@ -26,7 +26,7 @@ def _iwildcam_spec(root):
 
 
 def _all_rows(path):
-    cache = image_cache.ImageCache.open(path)
+    cache = cached_data.ImageCache.open(path)
     return cache.read(np.arange(len(cache))).numpy()
 
 
@@ -92,7 +92,7 @@ def test_prepare_resumes_after_an_interrupted_run(tmp_path, monkeypatch):
     assert not manifest["complete"] and [s is not None for s in manifest["shards"]] == [True, False, False, False]
     assert (out / "shard-00001.npy.tmp").exists() and not (out / "shard-00001.npy").exists()
     with pytest.raises(DataError, match="incomplete, 1 of 4 shards"):
-        image_cache.ImageCache.open(out)
+        cached_data.ImageCache.open(out)
 
     calls.clear()
     monkeypatch.setattr(image_cache, "decode_square", lambda p, s: calls.append(p) or real_decode(p, s))
@@ -143,7 +143,7 @@ def test_stale_cache_is_refused_before_training(tmp_path):
     fields[2] = str((int(fields[2]) + 1) % 3)
     meta.write_text("\n".join([lines[0], ",".join(fields), *lines[2:]]) + "\n")
     with pytest.raises(DataError, match=f"stale.*{fields[1]}.*has label {fields[2]}, the cache has"):
-        image_cache.open_for(out, _iwildcam_spec(tmp_path))
+        cached_data.open_for(out, _iwildcam_spec(tmp_path))
 
 
 def test_corrupt_jpeg_stops_prepare_unless_skip_bad(tmp_path, write_yaml, capsys):
@@ -168,7 +168,7 @@ def test_corrupt_jpeg_stops_prepare_unless_skip_bad(tmp_path, write_yaml, capsys
     assert len(listed) == 1 and listed[0][0] == str(victim) and "unreadable" in listed[0][1]
 
     full = _iwildcam_spec(tmp_path)
-    _, spec = image_cache.open_for(out, full)
+    _, spec = cached_data.open_for(out, full)
     assert str(victim) not in spec.splits["id_val"].paths
     assert len(spec.splits["id_val"]) == len(full.splits["id_val"]) - 1
     assert spec.splits["ood_test"] == full.splits["ood_test"]
@@ -200,11 +200,11 @@ def test_trial_from_cache_matches_trial_from_image_files(tmp_path, monkeypatch):
 def test_cached_loader_follows_the_epoch_order_and_resumes_exactly(tmp_path):
     spec = data_mod.load_dataset(config_from_dict(tiny_raw()).data)
     image_cache.prepare(spec, tmp_path / "cache", size=32, workers=0, progress=False)
-    cache = image_cache.ImageCache.open(tmp_path / "cache")
+    cache = cached_data.ImageCache.open(tmp_path / "cache")
     aug = augment.TrainAugment(32, MEAN, STD)
 
     def batches(start):
-        return list(image_cache.CachedTrainLoader(cache, spec.train_images, aug, batch_size=8, seed=3, epoch=1,
+        return list(cached_data.CachedTrainLoader(cache, spec.train_images, aug, batch_size=8, seed=3, epoch=1,
                                                   start_batch=start))
 
     full, resumed = batches(0), batches(2)

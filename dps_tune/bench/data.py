@@ -32,7 +32,7 @@ from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
 from dps_tune import data as data_mod
-from dps_tune import image_cache
+from dps_tune import cached_data, image_cache
 from dps_tune.augment import TrainAugment
 from dps_tune.data import Records
 
@@ -70,14 +70,14 @@ def jpeg_rate(records: Records, *, model_size: int, batch_size: int, workers: in
     return seen / (time.perf_counter() - start)
 
 
-def cache_rate(cache: image_cache.ImageCache, records: Records, *, model_size: int, batch_size: int,
+def cache_rate(cache: cached_data.ImageCache, records: Records, *, model_size: int, batch_size: int,
                min_seconds: float) -> float:
     """Images/s of whole epochs read from the cache and augmented, for at least ``min_seconds``."""
     augment = TrainAugment(model_size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
     seen, epoch = 0, 0
     start = time.perf_counter()
     while epoch == 0 or time.perf_counter() - start < min_seconds:
-        loader = image_cache.CachedTrainLoader(cache, records, augment, batch_size=batch_size, seed=0, epoch=epoch)
+        loader = cached_data.CachedTrainLoader(cache, records, augment, batch_size=batch_size, seed=0, epoch=epoch)
         seen += sum(images.shape[0] for images, _, _ in loader)
         epoch += 1
     return seen / (time.perf_counter() - start)
@@ -108,7 +108,7 @@ def main(argv: list[str]) -> int:
         start = time.perf_counter()
         image_cache.prepare(spec, Path(tmp) / "cache", size=args.size, workers=args.workers, progress=False)
         logger.info("prepare: %.1f img/s with %d workers", args.images / (time.perf_counter() - start), args.workers)
-        cache = image_cache.ImageCache.open(Path(tmp) / "cache")
+        cache = cached_data.ImageCache.open(Path(tmp) / "cache")
         torch.set_num_threads(1)  # one core, so the figure is per core
         try:
             cached = cache_rate(cache, records, model_size=args.model_size, batch_size=batch_size,
