@@ -1,0 +1,117 @@
+"""The demo's pretrained tiny CLIP: a reduced build that works zero-shot, and the ``synthetic`` tag."""
+
+import logging
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dps_tune import cli, models, pretrain
+from dps_tune.config import SyntheticConfig, config_from_dict
+from dps_tune.errors import ConfigError
+
+ARCH = pretrain.DEMO_ARCH
+# The full build learns 10 classes in about 1.5 minutes; this one learns 4 in about half a minute.
+REDUCED = pretrain.PretrainSettings(classes=4, images=1500, steps=900, batch_size=64, warmup_steps=30)
+# Enough images per split that chance (0.25) and a working model are far apart.
+EVAL_WORLD = SyntheticConfig(classes=4, train_per_class=1, eval_per_class=40)
+# Just enough to exercise building, caching and loading.
+SMOKE = pretrain.PretrainSettings(classes=2, images=64, steps=3, batch_size=32, warmup_steps=1)
+
+
+@pytest.fixture(scope="module")
+def reduced_build():
+    start = time.perf_counter()
+    path = pretrain.ensure_pretrained(ARCH, REDUCED)
+    return path, time.perf_counter() - start
+
+
+def test_reduced_build_classifies_id_and_ood_zero_shot(reduced_build):
+    path, seconds = reduced_build
+    assert path.is_file() and path.parent == pretrain.weights_path(ARCH, REDUCED).parent
+    metrics = pretrain.zero_shot_report(ARCH, str(path), EVAL_WORLD)
+    # 320 images per domain: chance is 0.25 with a standard error of 0.024.
+    id_acc = (metrics["id_val_acc"] + metrics["id_test_acc"]) / 2
+    ood_acc = (metrics["ood_val_acc"] + metrics["ood_test_acc"]) / 2
+    assert id_acc > 0.45, (metrics, seconds)
+    assert ood_acc > 0.38, (metrics, seconds)
+
+
+def test_pretraining_locations_exclude_evaluation_locations():
+    from dps_tune import synthetic
+
+    scenes, captions = pretrain.pretrain_scenes(pretrain.DEFAULT_SETTINGS[ARCH])
+    evaluation = set(synthetic.ID_LOCATIONS) | {loc for locs in synthetic.OOD_LOCATIONS.values() for loc in locs}
+    assert not {s.location for s in scenes} & evaluation
+    assert {s.domain for s in scenes} == set(synthetic.DOMAINS)
+    assert {s.label for s in scenes} == set(range(len(synthetic.CLASSNAMES)))
+    assert "a night photo of a star." in captions
+    assert all(synthetic.CLASSNAMES[s.label] in c for s, c in zip(scenes, captions))
+
+
+def test_synthetic_tag_builds_on_first_use_then_reuses_the_file(monkeypatch, caplog):
+    monkeypatch.setitem(pretrain.DEFAULT_SETTINGS, ARCH, SMOKE)
+    path = pretrain.weights_path(ARCH)
+    assert not path.exists()
+    # Config validation accepts the tag through open_clip's tag list.
+    assert pretrain.TAG in models.list_pretrained_tags(ARCH)
+    config_from_dict({"model": ARCH, "pretrained": "synthetic", "data": {"dataset": "synthetic"}})
+
+    torch.manual_seed(123)
+    with caplog.at_level(logging.INFO, logger="dps_tune.pretrain"):
+        first = models.create_model(ARCH, "synthetic")
+    rng_after_build = torch.random.get_rng_state()
+    assert any("building the pretrained" in r.getMessage() for r in caplog.records)
+    assert any("built the pretrained" in r.getMessage() for r in caplog.records)
+    assert path.is_file()
+    stored = load_file(str(path))
+    assert all(torch.equal(stored[k], v) for k, v in models.plain_state_dict(first).items())
+
+    stamp = path.stat().st_mtime_ns
+    caplog.clear()
+    torch.manual_seed(123)
+    with caplog.at_level(logging.INFO, logger="dps_tune.pretrain"):
+        second = models.create_model(ARCH, "synthetic")
+    assert not any("building" in r.getMessage() for r in caplog.records)
+    # A seeded trial sees the same random stream whether or not the weights had to be built.
+    assert torch.equal(torch.random.get_rng_state(), rng_after_build)
+    assert path.stat().st_mtime_ns == stamp
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+def test_build_is_deterministic_and_concurrent_builders_share_one_file():
+    settings = pretrain.PretrainSettings(**{**SMOKE.__dict__, "seed": 7})
+    paths, errors = [], []
+
+    def build():
+        try:
+            paths.append(pretrain.ensure_pretrained(ARCH, settings))
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(paths) == 2 and paths[0] == paths[1]
+    first = load_file(str(paths[0]))
+    assert not list(paths[0].parent.glob(paths[0].name + ".tmp-*"))
+
+    rebuilt = load_file(str(pretrain.ensure_pretrained(ARCH, settings, force=True)))
+    assert first.keys() == rebuilt.keys() and all(torch.equal(first[k], rebuilt[k]) for k in first)
+
+
+def test_settings_are_checked_and_other_architectures_refused():
+    with pytest.raises(ConfigError, match="classes"):
+        pretrain.ensure_pretrained(ARCH, pretrain.PretrainSettings(classes=11))
+    with pytest.raises(ConfigError, match="only available for"):
+        pretrain.ensure_pretrained("ViT-B-16")
+
+
+def test_cli_pretrain_refuses_an_unsupported_model(capsys):
+    assert cli.main(["pretrain", "--model", "ViT-B-16"]) == 2
+    err = capsys.readouterr().err
+    assert "only available for" in err and "\n" == err[-1] and err.count("\n") == 1
