@@ -33,8 +33,8 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _load_stage(space: str, out: Path, overrides: list[str]) -> Sweep:
-    extra = [f"dps.reference_experiment={out / 'ce'}"] if space == "demo_dps.yaml" else []
+def _load_stage(space: str, reference: Path, overrides: list[str]) -> Sweep:
+    extra = [f"dps.reference_experiment={reference}"] if space == "demo_dps.yaml" else []
     return load_sweep(SPACES / space, extra + overrides)
 
 
@@ -64,7 +64,8 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
     start = time.time()
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    # Validate every stage before any work: the DPS reference is checked for real once CE is done.
+    # Validate every stage before any work; the DPS reference (the CE sweep) exists only
+    # once CE is done, so it is checked for real then.
     sweeps = {name: _load_stage(space, out, overrides) for name, space in STAGES}
     base = sweeps["ce"].config
     metric = sweeps["ce"].tune.metric
@@ -78,7 +79,7 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
     exp_dirs = []
     try:
         for i, (name, space) in enumerate(STAGES, start=2):
-            sweep = _load_stage(space, out, overrides)
+            sweep = _load_stage(space, out / "ce", overrides)
             t = sweep.tune
             _say(f"\n[{i}/5] {name.upper()} sweep: {t.num_samples} trials, Optuna TPE + ASHA on {t.metric}, "
                  f"{t.max_concurrent_trials} at a time, up to {sweep.max_t} epochs each")

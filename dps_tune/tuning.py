@@ -288,8 +288,10 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage: str | None =
         param_space={},
         # reuse_actors: a finished trial's worker process takes the next trial, so torch and
         # open_clip are imported once per worker, not once per trial.
+        # The ConcurrencyLimiter bounds concurrency when there is a searcher; Tune otherwise.
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=t.num_samples,
-                                    max_concurrent_trials=t.max_concurrent_trials, reuse_actors=True),
+                                    max_concurrent_trials=None if searcher else t.max_concurrent_trials,
+                                    reuse_actors=True),
         run_config=_run_config(name, storage, sweep.space.keys, t, base),
     )
     result = tuner.fit()
