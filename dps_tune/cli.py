@@ -259,7 +259,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dps-tune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dps-tune", description="Robust fine-tuning of CLIP (CE, FLYP, DPS), swept with Ray Tune.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log INFO messages from all libraries")
     sub = parser.add_subparsers(dest="command", required=True)
 
