@@ -159,6 +159,15 @@ def _resolve(base: Path | None, csv_path: Path, p: str) -> str:
     return str((base if base is not None else csv_path.parent) / path)
 
 
+def _one_per_image(paths: list[str], labels: list[int], rows: list[str]) -> Records:
+    """The first record of every distinct image path, in file order (captions dropped)."""
+    first: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        first.setdefault(p, i)
+    keep = sorted(first.values())
+    return Records(tuple(paths[i] for i in keep), tuple(labels[i] for i in keep), tuple(rows[i] for i in keep))
+
+
 def _load_csv_dataset(cfg: DataConfig, *, train_csv: Path, eval_csvs: dict[str, Path],
                       classnames: Path, base: Path | None) -> DatasetSpec:
     names = read_classnames(classnames)
@@ -170,11 +179,7 @@ def _load_csv_dataset(cfg: DataConfig, *, train_csv: Path, eval_csvs: dict[str, 
     rows = [f"row {i + 2} of {train_csv}" for i in range(len(df))]
     pairs = Records(tuple(paths), tuple(labels), tuple(rows), tuple(df[cap]))
     # CE sees each image once per epoch, however many captions the FLYP file gives it.
-    first: dict[str, int] = {}
-    for i, p in enumerate(paths):
-        first.setdefault(p, i)
-    keep = sorted(first.values())
-    images = Records(tuple(paths[i] for i in keep), tuple(labels[i] for i in keep), tuple(rows[i] for i in keep))
+    images = _one_per_image(paths, labels, rows)
 
     splits = {}
     for split in cfg.eval_splits:
@@ -187,12 +192,7 @@ def _load_csv_dataset(cfg: DataConfig, *, train_csv: Path, eval_csvs: dict[str, 
         elabels = _labels(edf, lab, path, len(names))
         erows = [f"row {i + 2} of {path}" for i in range(len(edf))]
         # An evaluation CSV in FLYP format may list an image once per caption.
-        seen: dict[str, int] = {}
-        for i, p in enumerate(epaths):
-            seen.setdefault(p, i)
-        idx = sorted(seen.values())
-        splits[split] = Records(tuple(epaths[i] for i in idx), tuple(elabels[i] for i in idx),
-                                tuple(erows[i] for i in idx))
+        splits[split] = _one_per_image(epaths, elabels, erows)
     return DatasetSpec(names, template_set(cfg.templates, cfg.dataset), images, pairs, splits)
 
 

@@ -126,23 +126,25 @@ def train_step(model: nn.Module, objective: Objective, optimizer: torch.optim.Op
     return loss.detach()
 
 
-def _reference_state(cfg: Config) -> dict[str, torch.Tensor]:
-    from dps_tune.results import best_checkpoint
+def resolve_reference(cfg: Config) -> str:
+    """The DPS reference checkpoint: ``dps.reference``, or the best of ``dps.reference_experiment``."""
+    from dps_tune.results import best_checkpoint, default_mode
 
-    ref = cfg.dps.reference
-    if ref is None:
-        ref = str(best_checkpoint(cfg.dps.reference_experiment, cfg.dps.reference_metric, "max"))
-        logger.info("DPS reference: best checkpoint of %s by %s: %s", cfg.dps.reference_experiment,
-                    cfg.dps.reference_metric, ref)
-    return models.load_weights_file(ref)
+    if cfg.dps.reference is not None:
+        return cfg.dps.reference
+    metric = cfg.dps.reference_metric
+    path = str(best_checkpoint(cfg.dps.reference_experiment, metric, default_mode(metric)))
+    logger.info("DPS reference: best checkpoint of %s by %s: %s", cfg.dps.reference_experiment, metric, path)
+    return path
 
 
-def dps_ranking(cfg: Config, theta0: Mapping[str, torch.Tensor] | None = None) -> suppression.Scores:
-    """The DPS ranking for ``cfg`` (pretrained vs reference), through the on-disk cache."""
+def dps_ranking(cfg: Config, theta0: Mapping[str, torch.Tensor] | None = None,
+                reference: str | None = None) -> tuple[suppression.Scores, bool]:
+    """The DPS ranking for ``cfg`` (pretrained vs reference) through the on-disk cache; ``(scores, hit)``."""
     if theta0 is None:
         theta0 = models.pretrained_state_dict(cfg.model, cfg.pretrained, seed=cfg.seed)
-    scores, _ = suppression.cached_ranking(theta0, _reference_state(cfg), cfg.dps.ranking_cache)
-    return scores
+    theta1 = models.load_weights_file(reference or resolve_reference(cfg))
+    return suppression.cached_ranking(theta0, theta1, cfg.dps.ranking_cache)
 
 
 class _LossMeter:
@@ -241,7 +243,7 @@ class _Trial:
         self.prompts = tokenize_prompts(tokenizer, self.spec.classnames, self.spec.templates)  # [T, C, L]
 
         def make_suppressor():
-            scores = ranking if ranking is not None else dps_ranking(cfg, models.plain_state_dict(self.model))
+            scores = ranking if ranking is not None else dps_ranking(cfg, models.plain_state_dict(self.model))[0]
             masks = suppression.select_rows(scores, cfg.dps.masking, cfg.dps.suppress, seed=cfg.seed)
             sup = suppression.RowSuppressor(self.model, masks)
             logger.info("DPS: suppressing %d of %d ranked rows (masking %.3f, %s)", sup.num_suppressed,

@@ -30,12 +30,13 @@ from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from ray.tune.search import ConcurrencyLimiter  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
-from dps_tune import models, suppression  # noqa: E402
+from dps_tune import suppression  # noqa: E402
 from dps_tune.config import (Config, config_from_dict, merge_dotted, save_json, to_dict,  # noqa: E402
                              tune_config_from_dict, with_overrides)
 from dps_tune.errors import LaunchError, UserError  # noqa: E402
 from dps_tune.results import SWEEP_FILE, TRIAL_CONFIG_FILE  # noqa: E402
 from dps_tune.search_space import Sweep, to_optuna  # noqa: E402
+from dps_tune.train import dps_ranking, resolve_reference, run_trial  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +89,6 @@ def trainable(params: dict[str, Any], *, base: dict[str, Any], ranking: suppress
     ``params`` holds the searched values under dotted config keys. The trial resumes
     from ``tune.get_checkpoint()`` when Ray retries or restores it.
     """
-    from dps_tune.train import run_trial
-
     _worker_logging()
     cfg = with_overrides(config_from_dict(base, check_paths=False), params, check_paths=False)
     trial_id = tune.get_context().get_trial_id()
@@ -202,18 +201,6 @@ def _check_resources(sweep_tune, storage: str, shared_storage: bool) -> None:
                           "storage every node can reach (s3://, gs://, or an NFS mount passed with --shared-storage)")
 
 
-def _resolve_reference(cfg: Config) -> str:
-    from dps_tune.results import best_checkpoint
-
-    if cfg.dps.reference is not None:
-        return cfg.dps.reference
-    metric = cfg.dps.reference_metric
-    mode = "min" if metric.endswith("loss") else "max"
-    path = best_checkpoint(cfg.dps.reference_experiment, metric, mode)
-    print(f"DPS reference: best checkpoint of {cfg.dps.reference_experiment} by {metric}: {path}", file=sys.stderr)
-    return str(path)
-
-
 def _needs_ranking(sweep_base: Config, searched: Mapping[str, Any]) -> bool:
     algo = searched.get("algorithm")
     if algo is not None:
@@ -225,14 +212,13 @@ def _prepare_dps(base: dict[str, Any], cfg: Config, searched: Mapping[str, Any])
     """Resolve the DPS reference and compute the ranking once, before any trial starts."""
     if not _needs_ranking(cfg, searched):
         return None
-    if cfg.dps.reference is None and cfg.dps.reference_experiment is None:
-        raise UserError("algorithm dps needs dps.reference or dps.reference_experiment")
-    reference = _resolve_reference(cfg)
+    reference = resolve_reference(cfg)
+    if cfg.dps.reference is None:
+        print(f"DPS reference: best checkpoint of {cfg.dps.reference_experiment} by {cfg.dps.reference_metric}: "
+              f"{reference}", file=sys.stderr)
     base["dps"] = {**base["dps"], "reference": reference, "reference_experiment": None}
-    theta0 = models.pretrained_state_dict(cfg.model, cfg.pretrained, seed=cfg.seed)
-    theta1 = models.load_weights_file(reference)
     start = time.perf_counter()
-    scores, hit = suppression.cached_ranking(theta0, theta1, cfg.dps.ranking_cache)
+    scores, hit = dps_ranking(cfg, reference=reference)
     print(f"DPS ranking: {'cache hit' if hit else 'computed'} "
           f"({sum(s.numel() for s in scores.values())} rows, {time.perf_counter() - start:.2f} s); "
           "shared with every trial through the object store", file=sys.stderr)
@@ -353,9 +339,7 @@ def resume_sweep(exp_dir: str | os.PathLike, *, address: str | None = None, dash
     if base["dps"].get("reference"):
         searched_algo = (meta.get("search") or {}).get("algorithm")
         if cfg.algorithm == "dps" or searched_algo is not None:
-            theta0 = models.pretrained_state_dict(cfg.model, cfg.pretrained, seed=cfg.seed)
-            ranking, _ = suppression.cached_ranking(theta0, models.load_weights_file(cfg.dps.reference),
-                                                    cfg.dps.ranking_cache)
+            ranking, _ = dps_ranking(cfg)
     meta["status"] = "running"
     meta_path.write_text(json.dumps(meta, indent=2))
     tuner = tune.Tuner.restore(str(exp_dir), trainable=_build_trainable(base, ranking, tune_cfg),
