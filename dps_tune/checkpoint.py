@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dps_tune.config import Config, config_from_dict, save_json
-from dps_tune.errors import CheckpointError
+from dps_tune.errors import CheckpointError, first_line
+from dps_tune.files import atomic_path
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -49,32 +50,27 @@ def save_checkpoint(path: str | os.PathLike, *, model_state: Mapping[str, torch.
                     optimizer_state: Mapping[str, Any] | None = None,
                     extra_state: Mapping[str, Any] | None = None) -> Path:
     """Write a checkpoint directory atomically; returns its path."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE),
-              metadata={"format": "open_clip state_dict", "model": config.model})
-    save_json(config, tmp / CONFIG_FILE)
-    save_json(dict(metrics), tmp / METRICS_FILE)
-    if loop is not None:
-        state = {
-            "format": FORMAT_VERSION,
-            "epoch": loop.epoch,
-            "step": loop.step,
-            "batch_in_epoch": loop.batch_in_epoch,
-            "optimizer": optimizer_state or {},
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
-            **(extra_state or {}),
-        }
-        torch.save(state, tmp / STATE_FILE)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE),
+                  metadata={"format": "open_clip state_dict", "model": config.model})
+        save_json(config, tmp / CONFIG_FILE)
+        save_json(dict(metrics), tmp / METRICS_FILE)
+        if loop is not None:
+            state = {
+                "format": FORMAT_VERSION,
+                "epoch": loop.epoch,
+                "step": loop.step,
+                "batch_in_epoch": loop.batch_in_epoch,
+                "optimizer": optimizer_state or {},
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                },
+                **(extra_state or {}),
+            }
+            torch.save(state, tmp / STATE_FILE)
+    return Path(path)
 
 
 @dataclass
@@ -91,14 +87,14 @@ class LoadedCheckpoint:
         return LoopState(int(s.get("epoch", 0)), int(s.get("step", 0)), int(s.get("batch_in_epoch", 0)))
 
 
-def read_config(path: str | os.PathLike, *, check_paths: bool = False) -> Config:
+def read_config(path: str | os.PathLike) -> Config:
     path = Path(path)
     cfg_path = path / CONFIG_FILE if path.is_dir() else path
     try:
         raw = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint config {str(cfg_path)!r}: cannot be read ({exc})") from None
-    return config_from_dict(raw, check_paths=check_paths)
+        raise CheckpointError(f"checkpoint config {str(cfg_path)!r}: cannot be read ({first_line(exc)})") from None
+    return config_from_dict(raw)
 
 
 def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True) -> LoadedCheckpoint:
@@ -108,7 +104,7 @@ def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True) -> Load
     try:
         model_state = load_file(str(path / MODEL_FILE))
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r}: {MODEL_FILE} cannot be read ({exc})") from None
+        raise CheckpointError(f"checkpoint {str(path)!r}: {MODEL_FILE} cannot be read ({first_line(exc)})") from None
     config = read_config(path)
     metrics_path = path / METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
@@ -117,7 +113,7 @@ def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True) -> Load
         try:
             state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"checkpoint {str(path)!r}: {STATE_FILE} cannot be read safely ({exc})") from None
+            raise CheckpointError(f"checkpoint {str(path)!r}: {STATE_FILE} cannot be read safely ({first_line(exc)})") from None
     return LoadedCheckpoint(path, model_state, config, metrics, state)
 
 

@@ -1,8 +1,10 @@
 """One frozen, typed config for a run, built and validated in one place.
 
 A config file is YAML with a base config (the keys below), an optional ``search:``
-block (see :mod:`dps_tune.search_space`) and an optional ``tune:`` block
-(:class:`TuneConfig`). Everything is checked before any work starts, and nothing
+block (see :mod:`dps_tune.sweep.search_space`) and an optional ``tune:`` block
+(:class:`TuneConfig`). This module checks values only: types, ranges, choices and
+combinations. Checks against the world (files, the open_clip registry) live in
+:mod:`dps_tune.preflight`, which every entry point runs before any work. Nothing
 mutates a :class:`Config` afterwards: overrides build a new one.
 
 Keys may be written in full (``optim.lr``) or by their leaf name when that name is
@@ -12,17 +14,18 @@ unique (``lr``, ``epochs``, ``masking``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
 from dps_tune.errors import ConfigError
+from dps_tune.files import write_json
+from dps_tune.paths import is_remote, looks_like_weights_file
 
 ALGORITHMS = ("ce", "flyp", "dps")
 DATASETS = ("synthetic", "csv", "iwildcam")
@@ -33,6 +36,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("auto", "on", "off")
 TEMPLATE_SETS = ("auto", "iwildcam", "synthetic", "simple")
 MODES = ("max", "min")
+# What sweeps select on unless told otherwise: WILDS's official metric on the ID validation split.
+DEFAULT_METRIC = "id_val_f1"
 
 # Fields holding filesystem paths: made absolute at load time, so a trial whose
 # working directory is elsewhere (Ray changes it) still finds them.
@@ -101,7 +106,7 @@ class DPSConfig:
     # pretrained weights, or a finished CE sweep whose best trial is used.
     reference: str | None = None
     reference_experiment: str | None = None
-    reference_metric: str = "id_val_f1"
+    reference_metric: str = DEFAULT_METRIC
     ranking_cache: str | None = None
 
 
@@ -131,7 +136,7 @@ class Config:
 class TuneConfig:
     """The ``tune:`` block: how a sweep is searched, scheduled and resourced."""
 
-    metric: str = "id_val_f1"
+    metric: str = DEFAULT_METRIC
     mode: str = "max"
     num_samples: int = 8
     max_concurrent_trials: int = 2
@@ -319,11 +324,11 @@ def merge_dotted(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[s
     return _merge(dict(raw), _nested({resolve_key(k): v for k, v in overrides.items()}))
 
 
-def with_overrides(cfg: Config, overrides: Mapping[str, Any], *, check_paths: bool = True) -> Config:
+def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
     """A new validated config with ``overrides`` (dotted or leaf keys) applied."""
     dotted = {resolve_key(k): v for k, v in overrides.items()}
     raw = _merge(to_dict(cfg), _nested(dotted))
-    return config_from_dict(raw, check_paths=check_paths)
+    return config_from_dict(raw)
 
 
 # ------------------------------------------------------------------------ validation
@@ -331,7 +336,7 @@ def with_overrides(cfg: Config, overrides: Mapping[str, Any], *, check_paths: bo
 
 def _absolute_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     def fix(p: Any) -> Any:
-        if isinstance(p, str) and p and "://" not in p:
+        if isinstance(p, str) and p and not is_remote(p):
             return str((base_dir / os.path.expanduser(p)).resolve())
         return p
 
@@ -344,138 +349,83 @@ def _absolute_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     if isinstance(data, Mapping) and isinstance(data.get("eval_csvs"), Mapping):
         out["data"] = {**data, "eval_csvs": {k: fix(v) for k, v in data["eval_csvs"].items()}}
     pre = out.get("pretrained")
-    if isinstance(pre, str) and _looks_like_path(pre):
+    if isinstance(pre, str) and looks_like_weights_file(pre):
         out["pretrained"] = fix(pre)
     return out
 
 
-def _looks_like_path(value: str) -> bool:
-    return "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
-
-
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+def check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise a one-line :class:`ConfigError` naming ``key``, ``value`` and what is allowed."""
     if not ok:
         raise ConfigError(f"{key} = {value!r}: {allowed}")
 
 
-def _check_choice(key: str, value: Any, choices: Iterable[str]) -> None:
+def check_choice(key: str, value: Any, choices: Iterable[str]) -> None:
     choices = tuple(choices)
-    _check(value in choices, key, value, f"must be one of {', '.join(choices)}")
+    check(value in choices, key, value, f"must be one of {', '.join(choices)}")
 
 
-def validate(cfg: Config, *, check_paths: bool = True) -> None:
+def validate(cfg: Config) -> None:
     """Raise :class:`ConfigError` naming the first bad key, its value and what is allowed."""
-    _check_choice("algorithm", cfg.algorithm, ALGORITHMS)
-    _check(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
+    check_choice("algorithm", cfg.algorithm, ALGORITHMS)
+    check(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
 
     d = cfg.data
-    _check_choice("data.dataset", d.dataset, DATASETS)
-    _check_choice("data.templates", d.templates, TEMPLATE_SETS)
-    _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
-    _check(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be >= 1")
-    _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
-    _check(len(d.csv_separator) == 1, "data.csv_separator", d.csv_separator, "must be one character")
+    check_choice("data.dataset", d.dataset, DATASETS)
+    check_choice("data.templates", d.templates, TEMPLATE_SETS)
+    check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
+    check(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be >= 1")
+    check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+    check(len(d.csv_separator) == 1, "data.csv_separator", d.csv_separator, "must be one character")
     for split in d.eval_splits:
-        _check_choice("data.eval_splits", split, SPLITS)
+        check_choice("data.eval_splits", split, SPLITS)
     for split, _ in d.eval_csvs:
-        _check_choice("data.eval_csvs", split, SPLITS)
+        check_choice("data.eval_csvs", split, SPLITS)
     s = d.synthetic
-    _check(2 <= s.classes <= 10, "data.synthetic.classes", s.classes, "must be between 2 and 10")
-    _check(s.train_per_class >= 1, "data.synthetic.train_per_class", s.train_per_class, "must be >= 1")
-    _check(s.eval_per_class >= 1, "data.synthetic.eval_per_class", s.eval_per_class, "must be >= 1")
-    _check(16 <= s.image_size <= 512, "data.synthetic.image_size", s.image_size, "must be between 16 and 512")
+    check(2 <= s.classes <= 10, "data.synthetic.classes", s.classes, "must be between 2 and 10")
+    check(s.train_per_class >= 1, "data.synthetic.train_per_class", s.train_per_class, "must be >= 1")
+    check(s.eval_per_class >= 1, "data.synthetic.eval_per_class", s.eval_per_class, "must be >= 1")
+    check(16 <= s.image_size <= 512, "data.synthetic.image_size", s.image_size, "must be between 16 and 512")
     if d.dataset == "csv":
-        _check(d.train_csv is not None, "data.train_csv", d.train_csv, "required when data.dataset is csv")
-        _check(d.classnames is not None, "data.classnames", d.classnames, "required when data.dataset is csv")
+        check(d.train_csv is not None, "data.train_csv", d.train_csv, "required when data.dataset is csv")
+        check(d.classnames is not None, "data.classnames", d.classnames, "required when data.dataset is csv")
     if d.dataset == "iwildcam":
-        _check(d.root is not None, "data.root", d.root, "required when data.dataset is iwildcam")
+        check(d.root is not None, "data.root", d.root, "required when data.dataset is iwildcam")
 
     o = cfg.optim
-    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
-    _check(o.wd >= 0, "optim.wd", o.wd, "must be >= 0")
-    _check(o.epochs >= 1, "optim.epochs", o.epochs, "must be >= 1")
-    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
-    _check(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "must be in [0, 1)")
-    _check(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "must be in [0, 1)")
-    _check(o.eps > 0, "optim.eps", o.eps, "must be > 0")
-    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+    check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    check(o.wd >= 0, "optim.wd", o.wd, "must be >= 0")
+    check(o.epochs >= 1, "optim.epochs", o.epochs, "must be >= 1")
+    check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    check(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "must be in [0, 1)")
+    check(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "must be in [0, 1)")
+    check(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+    check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
 
     p = cfg.dps
-    _check(0 <= p.masking < 1, "dps.masking", p.masking, "must be in [0, 1)")
-    _check_choice("dps.suppress", p.suppress, SUPPRESS_MODES)
+    check(0 <= p.masking < 1, "dps.masking", p.masking, "must be in [0, 1)")
+    check_choice("dps.suppress", p.suppress, SUPPRESS_MODES)
     if cfg.algorithm == "dps":
-        _check(
+        check(
             (p.reference is None) != (p.reference_experiment is None),
             "dps.reference",
             p.reference,
             "algorithm dps needs exactly one of dps.reference (a CE checkpoint) "
             "or dps.reference_experiment (a finished CE sweep)",
         )
-    _check(
+    check(
         _is_metric_name(p.reference_metric), "dps.reference_metric", p.reference_metric,
         f"must be one of {', '.join(metric_names())}",
     )
 
     t = cfg.train
-    _check(t.device in DEVICES or t.device.startswith("cuda:"), "train.device", t.device,
+    check(t.device in DEVICES or t.device.startswith("cuda:"), "train.device", t.device,
            "must be auto, cpu, cuda or cuda:N")
-    _check_choice("train.precision", t.precision, PRECISIONS)
-    _check_choice("train.compile", t.compile, COMPILE_MODES)
-    _check(t.eval_every_steps >= 0, "train.eval_every_steps", t.eval_every_steps, "must be >= 0 (0: once per epoch)")
-    _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, "must be >= 1")
+    check_choice("train.precision", t.precision, PRECISIONS)
+    check_choice("train.compile", t.compile, COMPILE_MODES)
+    check(t.eval_every_steps >= 0, "train.eval_every_steps", t.eval_every_steps, "must be >= 0 (0: once per epoch)")
+    check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, "must be >= 1")
 
-    _validate_model(cfg)
-    if check_paths:
-        validate_paths(cfg)
-
-
-def _validate_model(cfg: Config) -> None:
-    from dps_tune import models  # imports torch and open_clip; only needed here
-
-    known = models.list_architectures()
-    _check(cfg.model in known, "model", cfg.model,
-           "not an open_clip architecture (see `python -c 'import open_clip; print(open_clip.list_models())'`)")
-    if cfg.pretrained == "none" or _looks_like_path(cfg.pretrained):
-        return
-    tags = models.list_pretrained_tags(cfg.model)
-    _check(cfg.pretrained in tags, "pretrained", cfg.pretrained,
-           f"must be none, a weights file (.pt, .bin, .safetensors) or one of the tags for "
-           f"{cfg.model}: {', '.join(tags) or '(none known)'}")
-
-
-def _require_file(key: str, value: str | None, *, directory_ok: bool = False) -> None:
-    if value is None:
-        return
-    path = Path(value)
-    ok = path.is_file() or (directory_ok and path.is_dir())
-    _check(ok, key, value, "no such file" + (" or directory" if directory_ok else ""))
-
-
-def validate_paths(cfg: Config) -> None:
-    """Check that every input file the config names exists."""
-    d = cfg.data
-    if _looks_like_path(cfg.pretrained):
-        _require_file("pretrained", cfg.pretrained)
-    if d.dataset == "iwildcam":
-        from dps_tune.data import find_iwildcam_dir
-
-        find_iwildcam_dir(d.root)  # raises a one-line error naming what is missing
-    if d.dataset == "csv":
-        _require_file("data.train_csv", d.train_csv)
-        for split, path in d.eval_csvs:
-            _require_file(f"data.eval_csvs.{split}", path)
-        if d.root is not None:
-            _check(Path(d.root).is_dir(), "data.root", d.root, "no such directory")
-    if d.classnames is not None:
-        _require_file("data.classnames", d.classnames)
-    if d.image_cache is not None:
-        _check(Path(d.image_cache).is_dir(), "data.image_cache", d.image_cache,
-               "no such directory (build it with `dps-tune prepare`)")
-    if cfg.algorithm == "dps":
-        _require_file("dps.reference", cfg.dps.reference, directory_ok=True)
-        if cfg.dps.reference_experiment is not None:
-            _check(Path(cfg.dps.reference_experiment).is_dir(), "dps.reference_experiment",
-                   cfg.dps.reference_experiment, "no such directory")
 
 
 def metric_names(splits: Iterable[str] = SPLITS) -> list[str]:
@@ -486,9 +436,19 @@ def _is_metric_name(name: str) -> bool:
     return name in metric_names() or name in ("train_loss",)
 
 
-def config_from_dict(raw: Mapping[str, Any], *, check_paths: bool = True) -> Config:
+def default_mode(metric: str) -> str:
+    """``min`` for losses, ``max`` for accuracies and F1."""
+    return "min" if metric.endswith("loss") else "max"
+
+
+def best_of(items: Iterable[Any], key: Callable[[Any], float], mode: str) -> Any:
+    """The item with the largest ``key`` (``mode="max"``) or the smallest (``"min"``); first wins ties."""
+    return (max if mode == "max" else min)(items, key=key)
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> Config:
     cfg = _build(Config, raw)
-    validate(cfg, check_paths=check_paths)
+    validate(cfg)
     return cfg
 
 
@@ -522,12 +482,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return raw
 
 
-def load_file(
-    path: str | os.PathLike,
-    overrides: Iterable[str] | Mapping[str, Any] = (),
-    *,
-    check_paths: bool = True,
-) -> ConfigFile:
+def load_file(path: str | os.PathLike, overrides: Iterable[str] | Mapping[str, Any] = ()) -> ConfigFile:
     """Read a config file, apply ``--set`` overrides, validate, and freeze.
 
     Relative paths inside the file are taken relative to the current directory.
@@ -547,7 +502,7 @@ def load_file(
     base_over = {k: v for k, v in pairs if not k.startswith("tune.")}
     raw = _merge(raw, _nested(base_over))
     raw = _absolute_paths(raw, Path.cwd())
-    cfg = config_from_dict(raw, check_paths=check_paths)
+    cfg = config_from_dict(raw)
     tune = tune_config_from_dict(_merge(dict(tune_raw), tune_over))
     validate_tune(tune, cfg)
     return ConfigFile(config=cfg, tune=tune, search=dict(search), path=Path(path).resolve())
@@ -564,25 +519,21 @@ def tune_config_from_dict(raw: Mapping[str, Any]) -> TuneConfig:
 
 def validate_tune(t: TuneConfig, cfg: Config) -> None:
     allowed = metric_names(cfg.data.eval_splits) + ["train_loss"]
-    _check(t.metric in allowed, "tune.metric", t.metric, f"must be one of {', '.join(allowed)}")
-    _check_choice("tune.mode", t.mode, MODES)
-    _check(t.num_samples >= 1, "tune.num_samples", t.num_samples, "must be >= 1")
-    _check(t.max_concurrent_trials >= 1, "tune.max_concurrent_trials", t.max_concurrent_trials, "must be >= 1")
-    _check(t.grace_period >= 1, "tune.grace_period", t.grace_period, "must be >= 1")
-    _check(t.reduction_factor > 1, "tune.reduction_factor", t.reduction_factor, "must be > 1")
-    _check(t.max_t >= 0, "tune.max_t", t.max_t, "must be >= 0 (0: optim.epochs)")
-    _check(t.cpus_per_trial > 0, "tune.cpus_per_trial", t.cpus_per_trial, "must be > 0")
-    _check(t.gpus_per_trial >= 0, "tune.gpus_per_trial", t.gpus_per_trial, "must be >= 0")
-    _check(t.gpus_per_trial <= 1 or t.gpus_per_trial == int(t.gpus_per_trial), "tune.gpus_per_trial",
+    check(t.metric in allowed, "tune.metric", t.metric, f"must be one of {', '.join(allowed)}")
+    check_choice("tune.mode", t.mode, MODES)
+    check(t.num_samples >= 1, "tune.num_samples", t.num_samples, "must be >= 1")
+    check(t.max_concurrent_trials >= 1, "tune.max_concurrent_trials", t.max_concurrent_trials, "must be >= 1")
+    check(t.grace_period >= 1, "tune.grace_period", t.grace_period, "must be >= 1")
+    check(t.reduction_factor > 1, "tune.reduction_factor", t.reduction_factor, "must be > 1")
+    check(t.max_t >= 0, "tune.max_t", t.max_t, "must be >= 0 (0: optim.epochs)")
+    check(t.cpus_per_trial > 0, "tune.cpus_per_trial", t.cpus_per_trial, "must be > 0")
+    check(t.gpus_per_trial >= 0, "tune.gpus_per_trial", t.gpus_per_trial, "must be >= 0")
+    check(t.gpus_per_trial <= 1 or t.gpus_per_trial == int(t.gpus_per_trial), "tune.gpus_per_trial",
            t.gpus_per_trial, "must be a fraction of one GPU or a whole number of GPUs")
-    _check(t.keep_checkpoints >= 1, "tune.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
-    _check(t.max_failures >= 0, "tune.max_failures", t.max_failures, "must be >= 0")
+    check(t.keep_checkpoints >= 1, "tune.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+    check(t.max_failures >= 0, "tune.max_failures", t.max_failures, "must be >= 0")
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:
     """Write ``obj`` (a config dataclass or dict) as JSON, atomically."""
-    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_json(path, to_dict(obj) if dataclasses.is_dataclass(obj) else obj)

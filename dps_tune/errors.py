@@ -29,3 +29,17 @@ class TrainingError(UserError):
 
 class LaunchError(UserError):
     """A sweep cannot be launched as asked (resources, cluster, storage)."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of ``exc``'s message, at most ``limit`` characters, or its type name.
+
+    When a DataLoader worker re-raised the error, its message is the worker's whole
+    traceback; the cause is then the last line.
+    """
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    line = text.splitlines()[0].strip() if text else ""
+    return line[:limit] if line else type(exc).__name__

@@ -40,15 +40,14 @@ def build_head(model: nn.Module, prompt_tokens: torch.Tensor, *, bf16: bool = Fa
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, head: torch.Tensor, batches: Iterable, *, bf16: bool = False,
-            to_device: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, head: torch.Tensor, batches: Iterable, *, bf16: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels and predicted classes over ``batches`` of ``(images, labels, ...)``."""
     device = head.device
-    move = to_device or (lambda t: t.to(device, non_blocking=True))
     trues, preds = [], []
     for images, labels, *_ in batches:
         with autocast(device, bf16):
-            feats = model.encode_image(move(images), normalize=True)  # [B, D]
+            feats = model.encode_image(images.to(device, non_blocking=True), normalize=True)  # [B, D]
         logits = feats.float() @ head  # [B, C]
         preds.append(logits.argmax(dim=1).cpu())
         trues.append(labels.cpu())

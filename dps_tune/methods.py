@@ -151,17 +151,26 @@ def _make_dps(ctx: ObjectiveContext) -> Objective:
     return DPSObjective(ctx.class_tokens, ctx.seed, ctx.make_suppressor(), ctx.compile_fn)
 
 
-OBJECTIVES: dict[str, Callable[[ObjectiveContext], Objective]] = {
-    "ce": _make_ce,
-    "flyp": _make_flyp,
-    "dps": _make_dps,
+# name -> (objective class, factory). The class says what the objective reads (captions
+# or class prompts) before any of it is built.
+OBJECTIVES: dict[str, tuple[type[Objective], Callable[[ObjectiveContext], Objective]]] = {
+    "ce": (CEObjective, _make_ce),
+    "flyp": (FLYPObjective, _make_flyp),
+    "dps": (DPSObjective, _make_dps),
 }
 
 
-def make_objective(name: str, ctx: ObjectiveContext) -> Objective:
+def _lookup(name: str) -> tuple[type[Objective], Callable[[ObjectiveContext], Objective]]:
     try:
-        factory = OBJECTIVES[name]
+        return OBJECTIVES[name]
     except KeyError:
         raise ConfigError(f"algorithm = {name!r}: must be one of {', '.join(OBJECTIVES)}") from None
-    return factory(ctx)
 
+
+def uses_captions(name: str) -> bool:
+    """Whether objective ``name`` trains on captioned pairs (FLYP) rather than class prompts."""
+    return _lookup(name)[0].uses_captions
+
+
+def make_objective(name: str, ctx: ObjectiveContext) -> Objective:
+    return _lookup(name)[1](ctx)

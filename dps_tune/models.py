@@ -7,7 +7,7 @@ pretrained tag, a local weights file, or random initialisation (``none``).
 from __future__ import annotations
 
 import contextlib
-import functools
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -18,18 +18,33 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
-from dps_tune.errors import CheckpointError
+from dps_tune.errors import CheckpointError, first_line
 
 logger = logging.getLogger(__name__)
 
 _CONFIG_DIR = Path(__file__).with_name("model_configs")
 # Wrapper prefixes added by DataParallel/DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 open_clip.add_model_config(_CONFIG_DIR)
 # Tags whose weights file is built on first use: (arch, tag) -> builder returning the file.
 _TAG_BUILDERS: dict[tuple[str, str], Callable[[], Path]] = {}
+
+# Modules that register pretrained tags of their own, as "module:function". They are
+# imported the first time a tag is looked up, so this model layer never imports the
+# application code that builds those weights (the demo's ``synthetic`` tag).
+TAG_PROVIDERS: list[str] = ["dps_tune.demo.pretrain:register_tags"]
+_providers_loaded = False
+
+
+def _load_tag_providers() -> None:
+    global _providers_loaded
+    if _providers_loaded:
+        return
+    _providers_loaded = True
+    for spec in TAG_PROVIDERS:
+        module, func = spec.split(":")
+        getattr(importlib.import_module(module), func)()
 
 
 def list_architectures() -> list[str]:
@@ -37,6 +52,7 @@ def list_architectures() -> list[str]:
 
 
 def list_pretrained_tags(arch: str) -> list[str]:
+    _load_tag_providers()
     return open_clip.list_pretrained_tags_by_model(arch)
 
 
@@ -99,11 +115,15 @@ def create_model(arch: str, pretrained: str, *, device: str | torch.device = "cp
                  cache_dir: str | None = None) -> nn.Module:
     """Build ``arch`` with open_clip and load ``pretrained`` (tag, weights file or ``none``).
 
+    ``cache_dir`` is where open_clip looks for (and downloads) hub weights; default:
+    the Hugging Face cache.
+
     Raises :class:`CheckpointError` with a one-line message when the weights are missing
     or do not fit the architecture.
     """
     kwargs: dict[str, object] = {"device": device, "cache_dir": cache_dir}
     if pretrained != "none":
+        _load_tag_providers()
         build = _TAG_BUILDERS.get((arch, pretrained))
         if build is not None:
             # Resolved now, not at import: the cache directory may have changed since.
@@ -120,7 +140,7 @@ def create_model(arch: str, pretrained: str, *, device: str | torch.device = "cp
         with _quiet_random_init(pretrained == "none"):
             model = open_clip.create_model(arch, **kwargs)
     except (RuntimeError, FileNotFoundError, OSError, KeyError, ValueError, AssertionError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         if isinstance(exc, (AssertionError, KeyError)) or "size mismatch" in first or "Missing key" in first:
             first = f"the weights do not fit this architecture ({first[:300]})"
         raise CheckpointError(f"pretrained {pretrained!r} for model {arch}: {first[:400]}") from None
@@ -183,7 +203,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, pickle with code in it, ...
         raise CheckpointError(f"weights file {str(path)!r}: cannot be read safely ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+                              f"{first_line(exc, 200)})") from None
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -191,8 +211,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {strip_wrapper_prefix(k): v for k, v in state.items()}
 
 
-def pretrained_state_dict(arch: str, pretrained: str, *, seed: int = 0,
-                          cache_dir: str | None = None) -> dict[str, torch.Tensor]:
+def pretrained_state_dict(arch: str, pretrained: str, *, seed: int = 0) -> dict[str, torch.Tensor]:
     """The weights a trial with this ``seed`` starts from, as a plain CPU state dict.
 
     For ``pretrained="none"`` that is the random initialisation after
@@ -200,20 +219,4 @@ def pretrained_state_dict(arch: str, pretrained: str, *, seed: int = 0,
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return plain_state_dict(create_model(arch, pretrained, cache_dir=cache_dir))
-
-
-def _register_synthetic_tags() -> None:
-    """``pretrained: synthetic``: the demo's tiny CLIPs, pretrained on the synthetic world.
-
-    The tag is known from import on (config validation lists it); the weights are built
-    and cached by :func:`dps_tune.pretrain.ensure_pretrained` the first time they load.
-    """
-    from dps_tune import pretrain
-
-    for arch in pretrain.supported_architectures():
-        register_pretrained_tag(arch, pretrain.TAG, pretrain.weights_path(arch),
-                                build=functools.partial(pretrain.ensure_pretrained, arch))
-
-
-_register_synthetic_tags()
+        return plain_state_dict(create_model(arch, pretrained))

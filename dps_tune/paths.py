@@ -1,9 +1,12 @@
-"""Where dps_tune keeps things it builds once and reuses: worlds, rankings, pretrained models."""
+"""Where dps_tune keeps things it builds once and reuses, and how a weights path looks."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+# Files open_clip (and dps_tune) load weights from.
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
 def cache_dir() -> Path:
@@ -14,3 +17,13 @@ def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return (base / "dps_tune").resolve()
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    """True for a URI such as ``s3://bucket/x`` (not a path on this machine)."""
+    return "://" in str(location)
+
+
+def looks_like_weights_file(value: str) -> bool:
+    """True when a ``pretrained`` value names a file rather than an open_clip tag."""
+    return "/" in value or value.endswith(WEIGHT_SUFFIXES)

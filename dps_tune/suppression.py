@@ -1,6 +1,7 @@
 """DPS: rank rows by how far CE moved them, then hold the top rows at θ0 bit for bit.
 
-Ranking rule (kept exactly from the paper's code, see ALGORITHMS.md):
+Ranking rule (kept exactly from the published code of "Discrepancy-Guided Parameter
+Suppression for Robust Fine-tuning", Liu & Ma, 2024):
 
 * ranked tensors have 2 or more dims and a name containing none of ``bias``,
   ``positional_embedding``, ``ln``;
@@ -30,14 +31,16 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from dps_tune.config import SUPPRESS_MODES
 from dps_tune.errors import CheckpointError, ConfigError
+from dps_tune.files import atomic_path
 from dps_tune.models import strip_wrapper_prefix
+from dps_tune import paths
 
 logger = logging.getLogger(__name__)
 
 EXCLUDED_SUBSTRINGS = ("bias", "positional_embedding", "ln")
 RULE_VERSION = "dps-rowmax-over-fro-v1"
-SUPPRESS_MODES = ("top", "bottom", "random")
 
 Scores = dict[str, torch.Tensor]  # tensor name -> [rows] float32 scores
 
@@ -159,11 +162,6 @@ class RowSuppressor:
         for p, rows, saved in self._entries:
             p.index_copy_(0, rows, saved)
 
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
 
 def _zero_rows_hook(rows: torch.Tensor):
     def hook(param: torch.Tensor) -> None:
@@ -195,17 +193,14 @@ def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def default_cache_dir() -> Path:
-    from dps_tune.paths import cache_dir
-
-    return cache_dir() / "rankings"
+    return paths.cache_dir() / "rankings"
 
 
 def save_ranking(path: str | os.PathLike, scores: Scores, **meta: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save({"scores": {k: v.detach().cpu() for k, v in scores.items()}, "rule": RULE_VERSION, **meta}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"scores": {k: v.detach().cpu() for k, v in scores.items()}, "rule": RULE_VERSION, **meta}, tmp)
 
 
 def load_ranking(path: str | os.PathLike) -> Scores:

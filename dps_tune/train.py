@@ -1,9 +1,11 @@
-"""Run one trial of CE, FLYP or DPS: the training core. No Ray in here.
+"""Run one trial of CE, FLYP or DPS: the training core. It knows nothing of sweeps or Ray.
 
-:func:`run_trial` takes a frozen config and a ``report(metrics, checkpoint_dir)``
-callback, trains, evaluates after every epoch (and every ``eval_every_steps``),
-and can resume from a checkpoint directory exactly where it stopped: model,
-optimizer, schedule position, epoch, step and RNG.
+:func:`run_trial` takes a frozen config, a ``report(metrics, checkpoint_dir)``
+callback and, for DPS, the row ranking; it trains, evaluates after every epoch (and
+every ``train.eval_every_steps``), and can resume from a checkpoint directory exactly
+where it stopped: model, optimizer, schedule position, epoch, step and RNG.
+Resolving a DPS reference to a checkpoint and computing its ranking is the caller's
+job (the ``dps-tune`` commands do it once, before any trial starts).
 """
 
 from __future__ import annotations
@@ -15,19 +17,18 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from dps_tune import checkpoint as ckpt
-from dps_tune import data as data_mod
 from dps_tune import models, suppression
-from dps_tune import augment, cached_data
 from dps_tune.config import Config
-from dps_tune.errors import CheckpointError, TrainingError
+from dps_tune.data.inputs import Inputs, open_inputs
+from dps_tune.errors import CheckpointError, TrainingError, first_line
 from dps_tune.evaluate import autocast, evaluate_splits, tokenize_prompts
-from dps_tune.methods import Batch, Objective, ObjectiveContext, make_objective
+from dps_tune.methods import Batch, Objective, ObjectiveContext, make_objective, uses_captions
 from dps_tune.optim import build_optimizer, lr_at, set_lr
 
 logger = logging.getLogger(__name__)
@@ -83,8 +84,7 @@ def compile_with_fallback(fn: Callable) -> Callable:
     try:
         compiled = torch.compile(fn)
     except Exception as exc:  # e.g. a Python version torch.compile does not support yet
-        logger.warning("torch.compile failed (%s: %s); running eagerly", type(exc).__name__,
-                       str(exc).splitlines()[0][:200] if str(exc) else "")
+        logger.warning("torch.compile failed (%s: %s); running eagerly", type(exc).__name__, first_line(exc, 200))
         return fn
     state = {"fn": compiled, "first": True}
 
@@ -99,7 +99,7 @@ def compile_with_fallback(fn: Callable) -> Callable:
             state["fn"] = compiled
         except Exception as exc:  # compiler bugs, missing toolchains: training must go on
             logger.warning("torch.compile failed (%s: %s); running eagerly", type(exc).__name__,
-                           str(exc).splitlines()[0][:200] if str(exc) else "")
+                           first_line(exc, 200))
             state["fn"] = fn
             out = fn(*args, **kwargs)
         state["first"] = False
@@ -124,27 +124,6 @@ def train_step(model: nn.Module, objective: Objective, optimizer: torch.optim.Op
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return loss.detach()
-
-
-def resolve_reference(cfg: Config) -> str:
-    """The DPS reference checkpoint: ``dps.reference``, or the best of ``dps.reference_experiment``."""
-    from dps_tune.results import best_checkpoint, default_mode
-
-    if cfg.dps.reference is not None:
-        return cfg.dps.reference
-    metric = cfg.dps.reference_metric
-    path = str(best_checkpoint(cfg.dps.reference_experiment, metric, default_mode(metric)))
-    logger.info("DPS reference: best checkpoint of %s by %s: %s", cfg.dps.reference_experiment, metric, path)
-    return path
-
-
-def dps_ranking(cfg: Config, theta0: Mapping[str, torch.Tensor] | None = None,
-                reference: str | None = None) -> tuple[suppression.Scores, bool]:
-    """The DPS ranking for ``cfg`` (pretrained vs reference) through the on-disk cache; ``(scores, hit)``."""
-    if theta0 is None:
-        theta0 = models.pretrained_state_dict(cfg.model, cfg.pretrained, seed=cfg.seed)
-    theta1 = models.load_weights_file(reference or resolve_reference(cfg))
-    return suppression.cached_ranking(theta0, theta1, cfg.dps.ranking_cache)
 
 
 class _LossMeter:
@@ -180,8 +159,8 @@ def run_trial(
     cfg: Config,
     report: ReportFn | None = None,
     *,
-    resume_from: str | Path | None = None,
     ranking: suppression.Scores | None = None,
+    resume_from: str | Path | None = None,
     work_dir: str | Path | None = None,
     progress: bool = False,
     memory_fraction: float | None = None,
@@ -190,10 +169,13 @@ def run_trial(
 
     ``report(metrics, checkpoint_dir)`` is called after every evaluation. The
     checkpoint directory is only valid during the call: move or copy it to keep it.
-    ``ranking`` gives DPS precomputed scores (a sweep computes them once); without it
-    the ranking comes from the on-disk cache. ``memory_fraction`` caps this process's
-    share of the GPU memory (fractional-GPU trials).
+    ``ranking`` holds the DPS row scores (``suppression.rank_scores(θ0, θ1)``) and is
+    required when ``cfg.algorithm`` is ``dps``. ``memory_fraction`` caps this
+    process's share of the GPU memory (fractional-GPU trials).
     """
+    if cfg.algorithm == "dps" and ranking is None:
+        raise TrainingError("algorithm dps needs the DPS ranking of the pretrained and the reference weights; "
+                            "pass ranking= (dps_tune.suppression.cached_ranking computes it)")
     rt = resolve_runtime(cfg)
     if memory_fraction is not None and rt.device.type == "cuda" and 0 < memory_fraction < 1:
         # An index, not rt.device: torch rejects a bare torch.device("cuda") here.
@@ -203,80 +185,69 @@ def run_trial(
     work = Path(tempfile.mkdtemp(prefix="dps_tune_") if own_work_dir else work_dir)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        return _Trial(cfg, rt, report, ranking, work, progress, memory_fraction).run(resume_from)
+        trial = _Trial(cfg, rt, ranking, work, memory_fraction)
+        if resume_from is not None:
+            trial.resume(resume_from)
+        return trial.run(report, progress)
     finally:
         if own_work_dir:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def evaluate_start(cfg: Config) -> dict[str, float]:
-    """Metrics of the weights ``cfg`` starts from (zero-shot for a pretrained model), no training."""
-    from dps_tune.config import with_overrides
+def _model_and_inputs(cfg: Config, rt: Runtime, *, captions: bool) -> tuple[nn.Module, Inputs, torch.Tensor]:
+    """The model ``cfg`` starts from, its input pipeline and its prompt tokens [T, C, L]."""
+    model = models.create_model(cfg.model, cfg.pretrained, device=rt.device)
+    inputs = open_inputs(cfg.data, models.preprocess_cfg(model), captions=captions, seed=cfg.seed,
+                         device=rt.device, pin_memory=rt.pin_memory)
+    prompts = tokenize_prompts(models.get_tokenizer(cfg.model), inputs.spec.classnames, inputs.spec.templates)
+    return model, inputs, prompts
 
-    cfg = with_overrides(cfg, {"algorithm": "ce"}, check_paths=False)  # no DPS reference needed to evaluate
+
+def evaluate_start(cfg: Config) -> dict[str, float]:
+    """Metrics of the weights ``cfg`` starts from (zero-shot for a pretrained model), without training.
+
+    The same evaluation every trial runs after each epoch: the zero-shot head from the
+    prompt templates, then accuracy and macro-F1 on every evaluation split.
+    """
     rt = resolve_runtime(cfg)
     torch.manual_seed(cfg.seed)
-    with tempfile.TemporaryDirectory(prefix="dps_tune_") as work:
-        trial = _Trial(cfg, rt, None, None, Path(work), False, None)
-        return evaluate_splits(trial.model, trial.prompts, trial._eval_loaders(), bf16=rt.bf16)
+    model, inputs, prompts = _model_and_inputs(cfg, rt, captions=False)
+    return evaluate_splits(model, prompts, inputs.eval_loaders(), bf16=rt.bf16)
 
 
 class _Trial:
-    """The state of one running trial, so the loop below can stay short."""
+    """The state of one running trial: model, inputs, objective, optimizer and loop position."""
 
-    def __init__(self, cfg: Config, rt: Runtime, report: ReportFn | None, ranking, work: Path,
-                 progress: bool, memory_fraction: float | None):
-        self.cfg, self.rt, self.report_fn, self.work = cfg, rt, report, work
-        self.progress, self.memory_fraction = progress, memory_fraction
-        dev = rt.device
-
-        self.model = models.create_model(cfg.model, cfg.pretrained, device=dev)
-        self.model.train()
-        self.spec = data_mod.load_dataset(cfg.data)
-        # A prepared image cache replaces JPEG decoding. A stale one is refused here, before
-        # any training; images that `dps-tune prepare --skip-bad` left out are dropped.
-        self.cache: cached_data.ImageCache | None = None
-        if cfg.data.image_cache is not None:
-            self.cache, self.spec = cached_data.open_for(cfg.data.image_cache, self.spec,
-                                                         model_size=models.image_size(self.model))
+    def __init__(self, cfg: Config, rt: Runtime, ranking: suppression.Scores | None, work: Path,
+                 memory_fraction: float | None):
+        self.cfg, self.rt, self.work, self.memory_fraction = cfg, rt, work, memory_fraction
         tokenizer = models.get_tokenizer(cfg.model)
-        self.prompts = tokenize_prompts(tokenizer, self.spec.classnames, self.spec.templates)  # [T, C, L]
 
-        def make_suppressor():
-            scores = ranking if ranking is not None else dps_ranking(cfg, models.plain_state_dict(self.model))[0]
-            masks = suppression.select_rows(scores, cfg.dps.masking, cfg.dps.suppress, seed=cfg.seed)
+        def make_suppressor() -> suppression.RowSuppressor:
+            masks = suppression.select_rows(ranking, cfg.dps.masking, cfg.dps.suppress, seed=cfg.seed)
             sup = suppression.RowSuppressor(self.model, masks)
             logger.info("DPS: suppressing %d of %d ranked rows (masking %.3f, %s)", sup.num_suppressed,
                         sup.num_ranked, cfg.dps.masking, cfg.dps.suppress)
             return sup
 
-        ctx = ObjectiveContext(
-            class_tokens=self.prompts.to(dev),
+        captions = uses_captions(cfg.algorithm)
+        self.model, self.inputs, self.prompts = _model_and_inputs(cfg, rt, captions=captions)
+        self.model.train()
+        self.objective = make_objective(cfg.algorithm, ObjectiveContext(
+            class_tokens=self.prompts.to(rt.device),
             seed=cfg.seed,
             compile_fn=compile_with_fallback if rt.compile else None,
             make_suppressor=make_suppressor,
-        )
-        self.objective = make_objective(cfg.algorithm, ctx)
-        self.records = self.spec.train_pairs if self.objective.uses_captions else self.spec.train_images
-        self.captions = (tokenizer(list(self.records.captions)) if self.objective.uses_captions else None)  # [N, L]
-
-        pre = models.preprocess_cfg(self.model)
-        self.train_tf = data_mod.TrainTransform(models.image_size(self.model), pre.mean, pre.std)
-        self.eval_tf = models.eval_transform(self.model)
-        if self.cache is not None:
-            # The same preprocessing for cached uint8 batches, run on the trial's device.
-            self.device_train_tf, self.device_eval_tf = augment.for_model(self.model)
+        ))
+        self.captions = tokenizer(list(self.inputs.records.captions)) if captions else None  # [N, L]
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, lr=o.lr, wd=o.wd, betas=(o.beta1, o.beta2), eps=o.eps,
                                          fused=rt.fused_adamw)
         self.objective.attach(self.model, self.optimizer)
-        self.batch_size = min(cfg.data.batch_size, len(self.records))
-        self.steps_per_epoch = data_mod.steps_per_epoch(len(self.records), cfg.data.batch_size)
+        self.steps_per_epoch = self.inputs.steps_per_epoch
         self.total_steps = o.epochs * self.steps_per_epoch
         self.loop = ckpt.LoopState()
         self.last_metrics: dict[str, float] = {}
-
-    # ------------------------------------------------------------------ resume
 
     def resume(self, path: str | Path) -> None:
         loaded = ckpt.load_checkpoint(path)
@@ -295,87 +266,50 @@ class _Trial:
         self.last_metrics = {k: v for k, v in loaded.metrics.items() if isinstance(v, (int, float))}
         logger.info("resumed from %s at epoch %d, step %d", path, self.loop.epoch, self.loop.step)
 
-    # -------------------------------------------------------------------- loop
-
     def _batches(self) -> Iterator[Batch]:
-        cfg, dev = self.cfg, self.rt.device
-        if self.cache is not None:
-            loader = cached_data.CachedTrainLoader(
-                self.cache, self.records, self.device_train_tf, batch_size=cfg.data.batch_size, seed=cfg.seed,
-                epoch=self.loop.epoch, start_batch=self.loop.batch_in_epoch, device=dev,
-                pin_memory=self.rt.pin_memory)
-        else:
-            loader = data_mod.train_loader(
-                self.records, self.train_tf, batch_size=cfg.data.batch_size, workers=cfg.data.workers,
-                seed=cfg.seed, epoch=self.loop.epoch, start_batch=self.loop.batch_in_epoch,
-                pin_memory=self.rt.pin_memory)
-        for images, labels, index in loader:
+        """The rest of the current epoch, from the loop's position, with captions for FLYP."""
+        for images, labels, index in self.inputs.train_batches(self.loop.epoch, self.loop.batch_in_epoch):
             texts = None
             if self.captions is not None:
                 texts = self.captions[index]  # [B, L]
                 if self.rt.pin_memory:  # a pageable source may make the copy wait for the GPU
                     texts = texts.pin_memory()
-                texts = texts.to(dev, non_blocking=True)
-            yield Batch(images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True), texts)
+                texts = texts.to(self.rt.device, non_blocking=True)
+            yield Batch(images, labels, texts)
 
-    def _eval_loaders(self) -> dict[str, Any]:
-        cfg = self.cfg
-        if self.cache is not None:
-            return {
-                split: cached_data.CachedEvalLoader(self.cache, records, self.device_eval_tf,
-                                                   batch_size=cfg.data.eval_batch_size, device=self.rt.device,
-                                                   pin_memory=self.rt.pin_memory)
-                for split, records in self.spec.splits.items()
-            }
-        return {
-            split: data_mod.eval_loader(records, self.eval_tf, batch_size=cfg.data.eval_batch_size,
-                                        workers=cfg.data.workers, pin_memory=self.rt.pin_memory)
-            for split, records in self.spec.splits.items()
-        }
-
-    def run(self, resume_from: str | Path | None) -> dict[str, float]:
-        if resume_from is not None:
-            self.resume(resume_from)
+    def run(self, report: ReportFn | None, progress: bool) -> dict[str, float]:
         cfg, o = self.cfg, self.cfg.optim
+        log_every, eval_every = cfg.train.log_every_steps, cfg.train.eval_every_steps
         meter = _LossMeter(self.rt.device)
+        clock = _Throughput(self.rt.device)
         bar = None
-        if self.progress:
+        if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.loop.step, desc=f"{cfg.algorithm} {cfg.model}",
                        unit="step", dynamic_ncols=True, leave=False)
-        train_time, samples = 0.0, 0
-        eval_every = cfg.train.eval_every_steps
         try:
             while self.loop.epoch < o.epochs:
-                tick = time.perf_counter()
                 for batch in self._batches():
                     set_lr(self.optimizer, lr_at(self.loop.step, o.lr, o.warmup_steps, self.total_steps))
-                    self._step(batch, meter)
-                    samples += batch.labels.shape[0]
+                    loss = train_step(self.model, self.objective, self.optimizer, batch, self.rt, o.grad_clip)
+                    meter.add(loss, self.loop.step)
+                    clock.add(batch.labels.shape[0])
+                    self.loop.step += 1
+                    self.loop.batch_in_epoch += 1
                     if bar is not None:
                         bar.update(1)
-                    if self.loop.step % cfg.train.log_every_steps == 0:
-                        loss = meter.mean()  # host sync: once per log interval
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{loss:.4f}", epoch=self.loop.epoch + 1)
-                    end_of_epoch = self.loop.batch_in_epoch == self.steps_per_epoch
-                    if end_of_epoch:
-                        self.loop.epoch += 1
-                        self.loop.batch_in_epoch = 0
-                    if end_of_epoch or (eval_every and self.loop.step % eval_every == 0):
-                        if self.rt.device.type == "cuda":
-                            torch.cuda.synchronize(self.rt.device)
-                        train_time += time.perf_counter() - tick
-                        self._evaluate_and_report(meter, samples / max(train_time, 1e-9))
-                        train_time, samples = 0.0, 0
-                        meter.reset()
-                        tick = time.perf_counter()
-                    if end_of_epoch:
-                        break
-                else:
+                    if self.loop.step % log_every == 0:
+                        self._log(meter.mean(), bar)  # host sync: once per log interval
+                    mid_epoch = self.loop.batch_in_epoch < self.steps_per_epoch
+                    if mid_epoch and eval_every and self.loop.step % eval_every == 0:
+                        self._evaluate_and_report(report, meter, clock)
+                if self.loop.batch_in_epoch != self.steps_per_epoch:
                     raise RuntimeError(f"epoch {self.loop.epoch + 1} ended after {self.loop.batch_in_epoch} of "
                                        f"{self.steps_per_epoch} batches")
+                self.loop.epoch += 1
+                self.loop.batch_in_epoch = 0
+                self._evaluate_and_report(report, meter, clock)
         except torch.cuda.OutOfMemoryError:
             share = f"{self.memory_fraction:g} of the GPU" if self.memory_fraction else "the whole GPU"
             raise TrainingError(f"CUDA out of memory at data.batch_size={cfg.data.batch_size} with {share}; "
@@ -385,25 +319,31 @@ class _Trial:
                 bar.close()
         return self.last_metrics
 
-    def _step(self, batch: Batch, meter: _LossMeter) -> None:
-        loss = train_step(self.model, self.objective, self.optimizer, batch, self.rt, self.cfg.optim.grad_clip)
-        meter.add(loss, self.loop.step)
-        self.loop.step += 1
-        self.loop.batch_in_epoch += 1
+    def _log(self, loss: float, bar) -> None:
+        epoch = self.loop.epoch + self.loop.batch_in_epoch / self.steps_per_epoch
+        lr = self.optimizer.param_groups[0]["lr"]
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", epoch=self.loop.epoch + 1)
+        else:  # no bar (sweeps, --no-progress): the log is the only sign of life between evaluations
+            logger.info("step %d/%d (epoch %.2f): loss %.4f, lr %.3g", self.loop.step, self.total_steps, epoch,
+                        loss, lr)
 
-    def _evaluate_and_report(self, meter: _LossMeter, samples_per_s: float) -> None:
-        train_loss = meter.mean()
+    def _evaluate_and_report(self, report: ReportFn | None, meter: _LossMeter, clock: "_Throughput") -> None:
         metrics: dict[str, float] = {
             "epoch": round(self.loop.epoch + self.loop.batch_in_epoch / self.steps_per_epoch, 4),
             "step": self.loop.step,
-            "train_loss": train_loss,
+            "train_loss": meter.mean(),
             "lr": lr_at(max(0, self.loop.step - 1), self.cfg.optim.lr, self.cfg.optim.warmup_steps, self.total_steps),
-            "samples_per_s": samples_per_s,
+            "samples_per_s": clock.rate(),
         }
-        metrics.update(evaluate_splits(self.model, self.prompts, self._eval_loaders(), bf16=self.rt.bf16))
+        metrics.update(evaluate_splits(self.model, self.prompts, self.inputs.eval_loaders(), bf16=self.rt.bf16))
         self.last_metrics = metrics
-        if self.report_fn is None:
-            return
+        meter.reset()
+        if report is not None:
+            self._report(report, metrics)
+        clock.restart()
+
+    def _report(self, report: ReportFn, metrics: dict[str, float]) -> None:
         path = None
         final = self.loop.epoch >= self.cfg.optim.epochs
         if self.cfg.train.checkpoint_every_eval or final:
@@ -417,8 +357,26 @@ class _Trial:
                 extra_state={"objective": self.objective.state_dict()},
             )
         try:
-            self.report_fn(metrics, path)
+            report(metrics, path)
         finally:
             if path is not None and path.exists():
                 shutil.rmtree(path, ignore_errors=True)
 
+
+class _Throughput:
+    """Training samples per second between evaluations; waits for the GPU only when read."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.samples = time.perf_counter(), 0
+
+    def add(self, samples: int) -> None:
+        self.samples += samples
+
+    def rate(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return self.samples / max(time.perf_counter() - self.start, 1e-9)

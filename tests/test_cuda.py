@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import tiny_raw
-from dps_tune import data as data_mod
+from dps_tune.data import datasets as data_mod
 from dps_tune import models, suppression
 from dps_tune.bench.rank import fine_tune_stand_in
 from dps_tune.config import config_from_dict

@@ -10,6 +10,7 @@ from dps_tune import cli, models, suppression
 from dps_tune.checkpoint import load_checkpoint
 from dps_tune.errors import CheckpointError
 from dps_tune.methods import Batch, CEObjective
+from dps_tune.sweep import reference
 from dps_tune.train import run_trial
 
 
@@ -169,7 +170,8 @@ def test_masking_zero_is_ce(tiny_config, tmp_path):
     for algo in ("ce", "dps"):
         cfg = tiny_config(algorithm=algo, pretrained=str(pre), **{"dps.reference": str(ref), "dps.masking": 0.0,
                                                                      "dps.ranking_cache": str(tmp_path / "rc")})
-        out[algo] = run_trial(cfg)
+        resolved = reference.resolve(cfg)
+        out[algo] = run_trial(resolved.config, ranking=resolved.ranking)
     for key in out["ce"]:
         if key != "samples_per_s":
             assert out["ce"][key] == out["dps"][key], key

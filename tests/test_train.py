@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 import shutil
 
@@ -7,21 +8,26 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dps_tune import data as data_mod
+from dps_tune.data import datasets as data_mod
 from dps_tune import models
 from dps_tune.checkpoint import load_checkpoint
 from dps_tune.config import SPLITS, metric_names
 from dps_tune.errors import TrainingError
 from dps_tune.evaluate import evaluate_splits, tokenize_prompts
 from dps_tune.methods import Batch, CEObjective, FLYPObjective
+from dps_tune.sweep import reference
 from dps_tune.train import run_trial
 
 
 class Recorder:
-    """A report callback that keeps every metric dict and copies every checkpoint."""
+    """A report callback that keeps every metric dict and copies every checkpoint.
 
-    def __init__(self, keep_dir=None):
-        self.metrics, self.checkpoints, self.keep_dir = [], [], keep_dir
+    With ``stop_after=n`` it raises :class:`Stop` after keeping the n-th report, as a
+    trial killed right after a checkpoint would end.
+    """
+
+    def __init__(self, keep_dir=None, stop_after=None):
+        self.metrics, self.checkpoints, self.keep_dir, self.stop_after = [], [], keep_dir, stop_after
 
     def __call__(self, metrics, checkpoint_dir):
         self.metrics.append(dict(metrics))
@@ -29,6 +35,18 @@ class Recorder:
             dst = self.keep_dir / f"ckpt{len(self.metrics)}"
             shutil.copytree(checkpoint_dir, dst)
             self.checkpoints.append(dst)
+        if self.stop_after is not None and len(self.metrics) == self.stop_after:
+            raise Stop
+
+
+class Stop(Exception):
+    pass
+
+
+def ranked(cfg):
+    """``cfg`` with its DPS reference resolved, and the ranking (None unless DPS), as the CLI does."""
+    resolved = reference.resolve(cfg)
+    return resolved.config, resolved.ranking
 
 
 @pytest.fixture
@@ -47,9 +65,10 @@ def reference_file(tmp_path):
 
 @pytest.mark.parametrize("algorithm", ["ce", "flyp", "dps"])
 def test_each_algorithm_trains_one_epoch_and_reports_every_split(algorithm, tiny_config, reference_file):
-    cfg = tiny_config(algorithm=algorithm, **{"dps.reference": str(reference_file), "dps.masking": 0.5})
+    cfg, ranking = ranked(tiny_config(algorithm=algorithm, **{"dps.reference": str(reference_file),
+                                                              "dps.masking": 0.5}))
     rec = Recorder()
-    final = run_trial(cfg, rec)
+    final = run_trial(cfg, rec, ranking=ranking)
     assert len(rec.metrics) == 1
     m = rec.metrics[0]
     for name in metric_names(SPLITS) + ["epoch", "step", "train_loss", "lr", "samples_per_s"]:
@@ -120,16 +139,18 @@ def test_checkpoint_round_trip_gives_identical_metrics(tiny_config, tmp_path):
 
 @pytest.mark.parametrize("eval_every", [0, 3])
 def test_resume_continues_exactly(tiny_config, tmp_path, eval_every):
-    """Stopping after the first report and resuming ends with bit-identical weights."""
+    """A run stopped right after its first report, then resumed, ends bit-identical to an unbroken run."""
     cfg = tiny_config(**{"optim.epochs": 2, "train.eval_every_steps": eval_every})
     full = Recorder(tmp_path / "full")
     run_trial(cfg, full)
-    first = Recorder(tmp_path / "first")
-    run_trial(cfg, first)
+    stopped = Recorder(tmp_path / "stopped", stop_after=1)
+    with pytest.raises(Stop):
+        run_trial(cfg, stopped)
+    assert len(stopped.metrics) == 1 and len(full.metrics) >= 2
     resumed = Recorder(tmp_path / "resumed")
-    run_trial(cfg, resumed, resume_from=first.checkpoints[0])
+    run_trial(cfg, resumed, resume_from=stopped.checkpoints[0])
     assert [m["step"] for m in resumed.metrics] == [m["step"] for m in full.metrics][1:]
-    a = load_checkpoint(first.checkpoints[-1]).model_state
+    a = load_checkpoint(full.checkpoints[-1]).model_state
     b = load_checkpoint(resumed.checkpoints[-1]).model_state
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.metrics[-1]["id_val_acc"] == full.metrics[-1]["id_val_acc"]
@@ -149,3 +170,17 @@ def test_nan_loss_stops_with_the_step(tiny_config, monkeypatch):
     monkeypatch.setattr(CEObjective, "loss", poisoned)
     with pytest.raises(TrainingError, match="NaN or infinite at step 3"):
         run_trial(tiny_config(), Recorder())
+
+
+def test_loss_is_logged_every_log_every_steps_without_a_progress_bar(tiny_config, caplog):
+    """Sweeps run without a bar: the log is their only sign of life between evaluations."""
+    caplog.set_level(logging.INFO, logger="dps_tune.train")
+    run_trial(tiny_config(**{"train.log_every_steps": 2}), progress=False)  # 4 steps
+    lines = [r.getMessage() for r in caplog.records if "loss" in r.getMessage()]
+    assert [line.split()[1] for line in lines] == ["2/4", "4/4"], lines
+
+
+def test_dps_without_a_ranking_is_refused_before_any_work(tiny_config, reference_file):
+    cfg = tiny_config(algorithm="dps", **{"dps.reference": str(reference_file)})
+    with pytest.raises(TrainingError, match="needs the DPS ranking"):
+        run_trial(cfg)

@@ -9,7 +9,7 @@ photos) in a temporary directory, then measures both paths in the same run:
   every epoch of every trial pays without a cache.
 * **cache**: ``prepare`` once (not part of the ratio: it is paid once per sweep), then
   epochs of batches read from the memory-mapped shards and augmented by
-  :class:`dps_tune.augment.TrainAugment`, in the main process on one CPU thread: the
+  :class:`dps_tune.data.augment.TrainAugment`, in the main process on one CPU thread: the
   path needs no workers. On a GPU trial the augmentation moves to the device and the
   CPU only copies memory.
 
@@ -31,10 +31,10 @@ import torch
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
-from dps_tune import data as data_mod
-from dps_tune import cached_data, image_cache
-from dps_tune.augment import TrainAugment
-from dps_tune.data import Records
+from dps_tune.data import cache_reader, cache_writer
+from dps_tune.data import datasets as data_mod
+from dps_tune.data.augment import TrainAugment
+from dps_tune.data.datasets import Records
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +70,14 @@ def jpeg_rate(records: Records, *, model_size: int, batch_size: int, workers: in
     return seen / (time.perf_counter() - start)
 
 
-def cache_rate(cache: cached_data.ImageCache, records: Records, *, model_size: int, batch_size: int,
+def cache_rate(cache: cache_reader.ImageCache, records: Records, *, model_size: int, batch_size: int,
                min_seconds: float) -> float:
     """Images/s of whole epochs read from the cache and augmented, for at least ``min_seconds``."""
     augment = TrainAugment(model_size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
     seen, epoch = 0, 0
     start = time.perf_counter()
     while epoch == 0 or time.perf_counter() - start < min_seconds:
-        loader = cached_data.CachedTrainLoader(cache, records, augment, batch_size=batch_size, seed=0, epoch=epoch)
+        loader = cache_reader.CachedTrainLoader(cache, records, augment, batch_size=batch_size, seed=0, epoch=epoch)
         seen += sum(images.shape[0] for images, _, _ in loader)
         epoch += 1
     return seen / (time.perf_counter() - start)
@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
                         help="loader worker processes (CPU cores) of the jpeg path (default: 1)")
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--height", type=int, default=1536)
-    parser.add_argument("--size", type=int, default=image_cache.DEFAULT_SIZE, help="cached square side (default: 256)")
+    parser.add_argument("--size", type=int, default=cache_writer.DEFAULT_SIZE, help="cached square side (default: 256)")
     parser.add_argument("--model-size", type=int, default=224, help="model input side (default: 224, ViT-B/16)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=2.0, help="least time to read the cache for (default: 2)")
@@ -106,9 +106,9 @@ def main(argv: list[str]) -> int:
         jpeg = jpeg_total / max(1, args.workers)  # per core
         spec = data_mod.DatasetSpec(("a", "b"), ("{c}",), records, records, {})
         start = time.perf_counter()
-        image_cache.prepare(spec, Path(tmp) / "cache", size=args.size, workers=args.workers, progress=False)
+        cache_writer.prepare(spec, Path(tmp) / "cache", size=args.size, workers=args.workers, progress=False)
         logger.info("prepare: %.1f img/s with %d workers", args.images / (time.perf_counter() - start), args.workers)
-        cache = cached_data.ImageCache.open(Path(tmp) / "cache")
+        cache = cache_reader.ImageCache.open(Path(tmp) / "cache")
         torch.set_num_threads(1)  # one core, so the figure is per core
         try:
             cached = cache_rate(cache, records, model_size=args.model_size, batch_size=batch_size,

@@ -57,7 +57,7 @@ PAPER_BATCH = 64
 SCHEDULE_STEPS = 10_000  # length of the lr schedule the timed steps sit in (warmup 500, as configured)
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity),
 # matched in this order against torch.cuda.get_device_name(). The H200 has the H100 SXM's
-# compute, so the same 989; ALGORITHMS.md's "near 790" is a measured, not a datasheet, peak.
+# compute, so the same 989; the ~790 TFLOP/s sometimes quoted for it is a measured, not a datasheet, peak.
 BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H200", 989.0),
     ("H100 PCIe", 756.0),

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dps_tune import cli, models, pretrain
+from dps_tune import cli, models
+from dps_tune.demo import pretrain
 from dps_tune.config import SyntheticConfig, config_from_dict
 from dps_tune.errors import ConfigError
 
@@ -40,7 +41,7 @@ def test_reduced_build_classifies_id_and_ood_zero_shot(reduced_build):
 
 
 def test_pretraining_locations_exclude_evaluation_locations():
-    from dps_tune import synthetic
+    from dps_tune.data import synthetic
 
     scenes, captions = pretrain.pretrain_scenes(pretrain.DEFAULT_SETTINGS[ARCH])
     evaluation = set(synthetic.ID_LOCATIONS) | {loc for locs in synthetic.OOD_LOCATIONS.values() for loc in locs}

@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 
 from conftest import tiny_raw
-from dps_tune import augment, cached_data, cli, image_cache, models
-from dps_tune import data as data_mod
+from dps_tune import cli, models
+from dps_tune.data import augment
+from dps_tune.data import cache_reader, cache_writer
+from dps_tune.data import datasets as data_mod
 from dps_tune.bench import data as bench_data
 from dps_tune.config import DataConfig, config_from_dict
 from dps_tune.errors import DataError
@@ -26,7 +28,7 @@ def _iwildcam_spec(root):
 
 
 def _all_rows(path):
-    cache = cached_data.ImageCache.open(path)
+    cache = cache_reader.ImageCache.open(path)
     return cache.read(np.arange(len(cache))).numpy()
 
 
@@ -76,7 +78,7 @@ def test_prepare_resumes_after_an_interrupted_run(tmp_path, monkeypatch):
     make_iwildcam(tmp_path)
     spec = _iwildcam_spec(tmp_path)
     out = tmp_path / "cache"
-    real_decode = image_cache.decode_square
+    real_decode = cache_writer.decode_square
     calls = []
 
     def dies_on_the_13th(path, size):
@@ -85,24 +87,26 @@ def test_prepare_resumes_after_an_interrupted_run(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_decode(path, size)
 
-    monkeypatch.setattr(image_cache, "decode_square", dies_on_the_13th)
+    monkeypatch.setattr(cache_writer, "decode_square", dies_on_the_13th)
     with pytest.raises(KeyboardInterrupt):
-        image_cache.prepare(spec, out, size=16, workers=0, progress=False, shard_rows=8)
+        cache_writer.prepare(spec, out, size=16, workers=0, progress=False, shard_rows=8)
     manifest = json.loads((out / "manifest.json").read_text())
     assert not manifest["complete"] and [s is not None for s in manifest["shards"]] == [True, False, False, False]
-    assert (out / "shard-00001.npy.tmp").exists() and not (out / "shard-00001.npy").exists()
+    # The interrupted shard left no file behind, under its name or a temporary one.
+    assert not (out / "shard-00001.npy").exists() and not list(out.glob(".shard-00001*"))
+    (out / ".shard-00001.npy.tmp-99999").write_bytes(b"half a shard")  # as a killed (not interrupted) run leaves it
     with pytest.raises(DataError, match="incomplete, 1 of 4 shards"):
-        cached_data.ImageCache.open(out)
+        cache_reader.ImageCache.open(out)
 
     calls.clear()
-    monkeypatch.setattr(image_cache, "decode_square", lambda p, s: calls.append(p) or real_decode(p, s))
-    result = image_cache.prepare(spec, out, size=16, workers=0, progress=False, shard_rows=8)
+    monkeypatch.setattr(cache_writer, "decode_square", lambda p, s: calls.append(p) or real_decode(p, s))
+    result = cache_writer.prepare(spec, out, size=16, workers=0, progress=False, shard_rows=8)
     assert (result.decoded, result.reused) == (NUM_IWILDCAM - 8, 8)
     assert len(calls) == NUM_IWILDCAM - 8  # the finished shard was not decoded again
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob(".*.tmp-*"))  # the stray was cleaned up
 
-    monkeypatch.setattr(image_cache, "decode_square", real_decode)
-    fresh = image_cache.prepare(spec, tmp_path / "fresh", size=16, workers=2, progress=False, shard_rows=8)
+    monkeypatch.setattr(cache_writer, "decode_square", real_decode)
+    fresh = cache_writer.prepare(spec, tmp_path / "fresh", size=16, workers=2, progress=False, shard_rows=8)
     assert np.array_equal(_all_rows(out), _all_rows(tmp_path / "fresh"))
     assert result.content_hash == fresh.content_hash
 
@@ -111,19 +115,19 @@ def test_prepare_rebuilds_a_damaged_shard_with_verify(tmp_path):
     make_iwildcam(tmp_path)
     spec = _iwildcam_spec(tmp_path)
     out = tmp_path / "cache"
-    first = image_cache.prepare(spec, out, size=16, workers=0, progress=False, shard_rows=8)
+    first = cache_writer.prepare(spec, out, size=16, workers=0, progress=False, shard_rows=8)
     shard = np.load(out / "shard-00002.npy", mmap_mode="r+")
     shard[0] = 255 - shard[0]
     shard.flush()
     del shard
-    again = image_cache.prepare(spec, out, size=16, workers=0, progress=False, shard_rows=8, verify=True)
+    again = cache_writer.prepare(spec, out, size=16, workers=0, progress=False, shard_rows=8, verify=True)
     assert again.decoded == 8 and again.content_hash == first.content_hash
 
 
 def test_stale_cache_is_refused_before_training(tmp_path):
     base = make_iwildcam(tmp_path)
     out = tmp_path / "cache"
-    image_cache.prepare(_iwildcam_spec(tmp_path), out, size=32, workers=0, progress=False)
+    cache_writer.prepare(_iwildcam_spec(tmp_path), out, size=32, workers=0, progress=False)
     victim = sorted((base / "train").glob("*.jpg"))[20]  # an ood_val image
     Image.new("RGB", (40, 30), (200, 10, 10)).save(victim)
     reports = []
@@ -136,14 +140,14 @@ def test_stale_cache_is_refused_before_training(tmp_path):
     assert "stale" in msg and victim.name in msg and "changed since prepare" in msg and "dps-tune prepare" in msg
 
     # a relabelled image is stale too, even when its file is untouched
-    image_cache.prepare(_iwildcam_spec(tmp_path), out, size=32, workers=0, progress=False)
+    cache_writer.prepare(_iwildcam_spec(tmp_path), out, size=32, workers=0, progress=False)
     meta = base / "metadata.csv"
     lines = meta.read_text().splitlines()
     fields = lines[1].split(",")
     fields[2] = str((int(fields[2]) + 1) % 3)
     meta.write_text("\n".join([lines[0], ",".join(fields), *lines[2:]]) + "\n")
     with pytest.raises(DataError, match=f"stale.*{fields[1]}.*has label {fields[2]}, the cache has"):
-        cached_data.open_for(out, _iwildcam_spec(tmp_path))
+        cache_reader.open_for(out, _iwildcam_spec(tmp_path))
 
 
 def test_corrupt_jpeg_stops_prepare_unless_skip_bad(tmp_path, write_yaml, capsys):
@@ -168,7 +172,7 @@ def test_corrupt_jpeg_stops_prepare_unless_skip_bad(tmp_path, write_yaml, capsys
     assert len(listed) == 1 and listed[0][0] == str(victim) and "unreadable" in listed[0][1]
 
     full = _iwildcam_spec(tmp_path)
-    _, spec = cached_data.open_for(out, full)
+    _, spec = cache_reader.open_for(out, full)
     assert str(victim) not in spec.splits["id_val"].paths
     assert len(spec.splits["id_val"]) == len(full.splits["id_val"]) - 1
     assert spec.splits["ood_test"] == full.splits["ood_test"]
@@ -179,7 +183,7 @@ def test_corrupt_jpeg_stops_prepare_unless_skip_bad(tmp_path, write_yaml, capsys
 
 def test_trial_from_cache_matches_trial_from_image_files(tmp_path, monkeypatch):
     files_cfg = config_from_dict(tiny_raw())
-    image_cache.prepare(data_mod.load_dataset(files_cfg.data), tmp_path / "cache", size=32, workers=0,
+    cache_writer.prepare(data_mod.load_dataset(files_cfg.data), tmp_path / "cache", size=32, workers=0,
                         progress=False)
     from_files = run_trial(files_cfg)
 
@@ -199,12 +203,12 @@ def test_trial_from_cache_matches_trial_from_image_files(tmp_path, monkeypatch):
 
 def test_cached_loader_follows_the_epoch_order_and_resumes_exactly(tmp_path):
     spec = data_mod.load_dataset(config_from_dict(tiny_raw()).data)
-    image_cache.prepare(spec, tmp_path / "cache", size=32, workers=0, progress=False)
-    cache = cached_data.ImageCache.open(tmp_path / "cache")
+    cache_writer.prepare(spec, tmp_path / "cache", size=32, workers=0, progress=False)
+    cache = cache_reader.ImageCache.open(tmp_path / "cache")
     aug = augment.TrainAugment(32, MEAN, STD)
 
     def batches(start):
-        return list(cached_data.CachedTrainLoader(cache, spec.train_images, aug, batch_size=8, seed=3, epoch=1,
+        return list(cache_reader.CachedTrainLoader(cache, spec.train_images, aug, batch_size=8, seed=3, epoch=1,
                                                   start_batch=start))
 
     full, resumed = batches(0), batches(2)
@@ -253,7 +257,7 @@ def test_device_augmentation_shapes_dtype_and_normalisation(backend):
 
 def test_eval_transform_matches_open_clip_on_the_cached_square():
     model = models.create_model("tiny-vit", "none")
-    _, eval_tf = augment.for_model(model)
+    _, eval_tf = augment.for_preprocess(models.preprocess_cfg(model))
     assert eval_tf.size == 32 and eval_tf.interpolation == "bicubic"
     images = _smooth_images(3, 48, seed=1)
     ours = eval_tf(images)

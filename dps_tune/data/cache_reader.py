@@ -1,8 +1,8 @@
-"""Reading a prepared image cache (see :mod:`dps_tune.image_cache`): checked, memory-mapped, batched.
+"""Reading a prepared image cache (see :mod:`dps_tune.data.cache_writer`): checked, memory-mapped, batched.
 
 :func:`open_for` opens a cache for a dataset and refuses it when it no longer matches the
 files it was built from. The loaders yield the same ``(images, labels, index)`` batches
-as the JPEG loaders in :mod:`dps_tune.data`, already on the trial's device and
+as the JPEG loaders in :mod:`dps_tune.data.datasets`, already on the trial's device and
 augmented there.
 """
 
@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from dps_tune.data import DatasetSpec, EpochSampler, Records
+from dps_tune.data.cache_writer import MANIFEST, MISSING, distinct_images, read_manifest, shard_ok, stat_files
+from dps_tune.data.datasets import DatasetSpec, EpochSampler, Records
 from dps_tune.errors import DataError
-from dps_tune.image_cache import MANIFEST, MISSING, distinct_images, read_manifest, shard_ok, stat_files
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class CachedTrainLoader:
     """One epoch of training batches from the cache, in the JPEG loader's order.
 
     Yields ``(images [B, 3, H, W] float32 on device, labels [B] on device, record index [B])``.
-    Order and crops come from :class:`dps_tune.data.EpochSampler`, so batch ``k`` of
+    Order and crops come from :class:`dps_tune.data.datasets.EpochSampler`, so batch ``k`` of
     epoch ``e`` is the same batch the JPEG path yields and resuming at ``start_batch``
     continues exactly. The CPU only copies rows into a (pinned) buffer; cropping,
     resizing and normalising run on ``device``.

@@ -4,7 +4,7 @@ import pytest
 from conftest import tiny_raw
 from dps_tune.config import config_from_dict
 from dps_tune.errors import ConfigError
-from dps_tune.search_space import load_sweep, parse_search, to_optuna
+from dps_tune.sweep.search_space import load_sweep, parse_search, to_optuna
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_shipped_iwildcam_spaces_validate(name, tmp_path):
 
     make_iwildcam(tmp_path)
     (tmp_path / "ce_sweep").mkdir()
-    root = Path(__file__).resolve().parents[1] / "search_spaces"
+    root = Path(__file__).resolve().parents[2] / "search_spaces"
     sweep = load_sweep(root / f"{name}.yaml", [f"data.root={tmp_path}", f"dps.reference_experiment={tmp_path / 'ce_sweep'}"])
     assert sweep.config.model == "ViT-B-16" and sweep.config.pretrained == "openai"
     assert sweep.tune.metric == "id_val_f1" and sweep.max_t == 20
@@ -84,7 +84,7 @@ def test_shipped_iwildcam_spaces_validate(name, tmp_path):
 
 
 def test_multi_node_local_storage_fails_fast(monkeypatch):
-    tuning = pytest.importorskip("dps_tune.tuning")
+    tuning = pytest.importorskip("dps_tune.sweep.ray_tune")
     from dps_tune.config import TuneConfig
     from dps_tune.errors import LaunchError
 

@@ -1,12 +1,14 @@
 """The one module that talks to Ray: trainable, Optuna + ASHA, launch, resume.
 
 Ray's reporting API has changed several times; everything Ray-specific stays behind
-this door. The training core (:func:`dps_tune.train.run_trial`) knows nothing of it.
+this door. The training core (:func:`dps_tune.train.run_trial`) knows nothing of it:
+each trial receives a frozen :class:`~dps_tune.config.Config` (the sweep's base with
+the DPS reference resolved), its searched values, and the DPS ranking computed once
+on the driver.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -30,13 +32,16 @@ from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from ray.tune.search import ConcurrencyLimiter  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
-from dps_tune import suppression  # noqa: E402
-from dps_tune.config import (Config, config_from_dict, merge_dotted, save_json, to_dict,  # noqa: E402
+from dps_tune import preflight, suppression  # noqa: E402
+from dps_tune.config import (Config, TuneConfig, config_from_dict, merge_dotted, save_json, to_dict,  # noqa: E402
                              tune_config_from_dict, with_overrides)
-from dps_tune.errors import LaunchError, UserError  # noqa: E402
-from dps_tune.results import SWEEP_FILE, TRIAL_CONFIG_FILE  # noqa: E402
-from dps_tune.search_space import Sweep, to_optuna  # noqa: E402
-from dps_tune.train import dps_ranking, resolve_reference, run_trial  # noqa: E402
+from dps_tune.errors import LaunchError, UserError, first_line  # noqa: E402
+from dps_tune.files import write_json  # noqa: E402
+from dps_tune.paths import is_remote  # noqa: E402
+from dps_tune.sweep import reference  # noqa: E402
+from dps_tune.sweep.results import SWEEP_FILE, TRIAL_CONFIG_FILE, sweep_meta  # noqa: E402
+from dps_tune.sweep.search_space import SearchSpace, Sweep, parse_search, to_optuna  # noqa: E402
+from dps_tune.train import run_trial  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -82,15 +87,15 @@ def _maybe_inject_crash(trial_id: str, epoch: float) -> None:
     raise RuntimeError(f"injected crash after epoch {at} ({CRASH_AT_EPOCH_ENV})")
 
 
-def trainable(params: dict[str, Any], *, base: dict[str, Any], ranking: suppression.Scores | None,
+def trainable(params: dict[str, Any], *, base: Config, ranking: suppression.Scores | None,
               gpu_share: float | None) -> None:
-    """Ray Tune function trainable: one trial of the base config with ``params`` applied.
+    """Ray Tune function trainable: one trial of the frozen ``base`` config with ``params`` applied.
 
     ``params`` holds the searched values under dotted config keys. The trial resumes
     from ``tune.get_checkpoint()`` when Ray retries or restores it.
     """
     _worker_logging()
-    cfg = with_overrides(config_from_dict(base, check_paths=False), params, check_paths=False)
+    cfg = with_overrides(base, params)
     trial_id = tune.get_context().get_trial_id()
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
@@ -111,11 +116,11 @@ def trainable(params: dict[str, Any], *, base: dict[str, Any], ranking: suppress
 class _ResolvedConfigWriter(tune.Callback):
     """Writes each trial's resolved config (base + searched values) into its directory."""
 
-    def __init__(self, base: dict[str, Any]):
-        self.base = base
+    def __init__(self, base: Config):
+        self.base = to_dict(base)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        path = Path(trial.path) if trial.path and "://" not in str(trial.path) else None
+        path = Path(trial.path) if trial.path and not is_remote(trial.path) else None
         if path is None:
             return
         path.mkdir(parents=True, exist_ok=True)
@@ -163,27 +168,29 @@ class PrunedOptunaSearch(OptunaSearch):
 # ---------------------------------------------------------------------------- launch
 
 
-def _connect(address: str | None, dashboard: bool, num_cpus: int | None) -> None:
+def _connect(address: str | None, dashboard: bool) -> None:
+    """Start a local Ray (no address and no ``RAY_ADDRESS``) or connect to a running cluster."""
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
-        ctx = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+        ctx = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1",
                        logging_level=logging.WARNING, log_to_driver=True)
         url = getattr(ctx, "dashboard_url", None)
         if dashboard and url:
             print(f"Ray dashboard: http://{url} (token auth: `ray get-auth-token`)", file=sys.stderr)
         return
-    package_dir = str(Path(__file__).resolve().parent)
+    package_dir = str(Path(__file__).resolve().parents[1])
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
                  runtime_env={"py_modules": [package_dir]})
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError, OSError) as exc:
         hint = ""
         if address != "auto" and os.environ.get("RAY_AUTH_MODE") != "token":
             hint = ("; if the cluster uses token authentication (Ray's default), set RAY_AUTH_MODE=token and "
                     "RAY_AUTH_TOKEN (or ~/.ray/auth_token): Ray sends its token to an explicit address only then")
-        raise LaunchError(f"--address {address}: cannot connect to the Ray cluster "
-                          f"({str(exc).splitlines()[0]}){hint}") from None
+        source = "--address" if address != os.environ.get("RAY_ADDRESS") else "RAY_ADDRESS"
+        raise LaunchError(f"{source} {address}: cannot connect to the Ray cluster ({first_line(exc, 200)}){hint}") from None
 
 
 def _check_resources(sweep_tune, storage: str, shared_storage: bool) -> None:
@@ -196,58 +203,48 @@ def _check_resources(sweep_tune, storage: str, shared_storage: bool) -> None:
         raise LaunchError(f"tune.cpus_per_trial = {sweep_tune.cpus_per_trial:g}: the cluster has {cpus:g} CPU(s); "
                           "no trial could ever start")
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and "://" not in storage and not shared_storage:
+    if len(nodes) > 1 and not is_remote(storage) and not shared_storage:
         raise LaunchError(f"--storage {storage}: a local path, but the cluster has {len(nodes)} nodes; Ray Tune needs "
                           "storage every node can reach (s3://, gs://, or an NFS mount passed with --shared-storage)")
 
 
-def _needs_ranking(sweep_base: Config, searched: Mapping[str, Any]) -> bool:
-    algo = searched.get("algorithm")
-    if algo is not None:
-        return "dps" in algo.args
-    return sweep_base.algorithm == "dps"
-
-
-def _prepare_dps(base: dict[str, Any], cfg: Config, searched: Mapping[str, Any]) -> suppression.Scores | None:
+def _resolve_dps(cfg: Config, space: SearchSpace) -> reference.ResolvedDPS:
     """Resolve the DPS reference and compute the ranking once, before any trial starts."""
-    if not _needs_ranking(cfg, searched):
-        return None
-    reference = resolve_reference(cfg)
+    start = time.perf_counter()
+    resolved = reference.resolve(cfg, space)
+    if resolved.ranking is None:
+        return resolved
     if cfg.dps.reference is None:
         print(f"DPS reference: best checkpoint of {cfg.dps.reference_experiment} by {cfg.dps.reference_metric}: "
-              f"{reference}", file=sys.stderr)
-    base["dps"] = {**base["dps"], "reference": reference, "reference_experiment": None}
-    start = time.perf_counter()
-    scores, hit = dps_ranking(cfg, reference=reference)
-    print(f"DPS ranking: {'cache hit' if hit else 'computed'} "
-          f"({sum(s.numel() for s in scores.values())} rows, {time.perf_counter() - start:.2f} s); "
+              f"{resolved.config.dps.reference}", file=sys.stderr)
+    print(f"DPS ranking: {'cache hit' if resolved.cache_hit else 'computed'} "
+          f"({sum(s.numel() for s in resolved.ranking.values())} rows, {time.perf_counter() - start:.2f} s); "
           "shared with every trial through the object store", file=sys.stderr)
-    return scores
+    return resolved
 
 
-def _build_trainable(base: dict[str, Any], ranking: suppression.Scores | None, tune_cfg) -> Any:
+def _build_trainable(base: Config, ranking: suppression.Scores | None, tune_cfg: TuneConfig) -> Any:
     share = tune_cfg.gpus_per_trial if 0 < tune_cfg.gpus_per_trial < 1 else None
     fn = tune.with_parameters(trainable, base=base, ranking=ranking, gpu_share=share)
     return tune.with_resources(fn, {"cpu": tune_cfg.cpus_per_trial, "gpu": tune_cfg.gpus_per_trial})
 
 
 def run_sweep(sweep: Sweep, *, address: str | None = None, storage: str | None = None, name: str | None = None,
-              dashboard: bool = True, shared_storage: bool = False, num_cpus: int | None = None) -> Path:
-    """Launch a sweep and wait for it; returns the experiment directory."""
+              dashboard: bool = True, shared_storage: bool = False) -> Path | None:
+    """Launch a sweep and wait for it; returns the experiment directory (None on remote storage)."""
     storage = storage or str(Path("runs").resolve())
-    if "://" not in storage:
+    if not is_remote(storage):
         storage = str(Path(storage).expanduser().resolve())
     name = name or f"{sweep.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    exp_dir = Path(storage) / name if "://" not in storage else None
+    exp_dir = None if is_remote(storage) else Path(storage) / name
     if exp_dir is not None and (exp_dir / SWEEP_FILE).exists():
         raise LaunchError(f"experiment {exp_dir} exists already: continue it with `dps-tune resume {exp_dir}` "
                           "or pass another --name")
 
-    _connect(address, dashboard, num_cpus)
+    _connect(address, dashboard)
     _check_resources(sweep.tune, storage, shared_storage)
-    searched = dict(sweep.space.params)
-    base = to_dict(sweep.config)
-    ranking = _prepare_dps(base, sweep.config, searched)
+    resolved = _resolve_dps(sweep.config, sweep.space)
+    base = resolved.config
 
     t = sweep.tune
     searcher = None
@@ -258,19 +255,19 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage: str | None =
             study_storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / OPTUNA_FILE}")
         searcher = ConcurrencyLimiter(
             PrunedOptunaSearch(space=to_optuna(sweep.space), metric=t.metric, mode=t.mode, seed=t.seed,
-                         study_name=name, storage=study_storage, max_t=sweep.max_t),
+                               study_name=name, storage=study_storage, max_t=sweep.max_t),
             max_concurrent=t.max_concurrent_trials)
     scheduler = ASHAScheduler(time_attr="epoch", metric=t.metric, mode=t.mode, max_t=sweep.max_t,
                               grace_period=min(t.grace_period, sweep.max_t), reduction_factor=t.reduction_factor)
     if exp_dir is not None:
         exp_dir.mkdir(parents=True, exist_ok=True)
-        (exp_dir / SWEEP_FILE).write_text(json.dumps({
-            "name": name, "base": base, "tune": to_dict(t), "search": sweep.raw_search,
+        write_json(exp_dir / SWEEP_FILE, {
+            "name": name, "base": to_dict(base), "tune": to_dict(t), "search": sweep.raw_search,
             "space_file": str(sweep.path), "max_t": sweep.max_t, "status": "running",
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }, indent=2))
+        })
     tuner = tune.Tuner(
-        _build_trainable(base, ranking, t),
+        _build_trainable(base, resolved.ranking, t),
         param_space={},
         # reuse_actors: a finished trial's worker process takes the next trial, so torch and
         # open_clip are imported once per worker, not once per trial.
@@ -284,7 +281,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage: str | None =
     return _finish(exp_dir, result)
 
 
-def _run_config(name: str, storage: str, searched_keys: list[str], t, base: dict[str, Any]) -> Any:
+def _run_config(name: str, storage: str, searched_keys: list[str], t: TuneConfig, base: Config) -> Any:
     reporter = tune.CLIReporter(
         metric_columns=PROGRESS_METRICS,
         parameter_columns={k: k.rsplit(".", 1)[-1] for k in searched_keys},
@@ -305,12 +302,11 @@ def _finish(exp_dir: Path | None, result) -> Path | None:
     """Record the end of a sweep; mark Optuna trials a killed driver left RUNNING as FAIL."""
     if exp_dir is None:
         return None
-    meta_path = exp_dir / SWEEP_FILE
-    meta = json.loads(meta_path.read_text())
+    meta = sweep_meta(exp_dir)
     meta["status"] = "finished"
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     meta["errors"] = len(result.errors)
-    meta_path.write_text(json.dumps(meta, indent=2))
+    write_json(exp_dir / SWEEP_FILE, meta)
     db = exp_dir / OPTUNA_FILE
     if db.exists():
         storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
@@ -320,29 +316,34 @@ def _finish(exp_dir: Path | None, result) -> Path | None:
     return exp_dir
 
 
-def resume_sweep(exp_dir: str | os.PathLike, *, address: str | None = None, dashboard: bool = True,
-                 num_cpus: int | None = None) -> Path:
-    """Continue an interrupted sweep: unfinished and errored trials go on from their last checkpoints."""
+def load_resumable(exp_dir: str | os.PathLike) -> tuple[Path, dict[str, Any], Config, TuneConfig, SearchSpace]:
+    """Read what resuming ``exp_dir`` needs, checking it before Ray starts."""
     exp_dir = Path(exp_dir).resolve()
-    meta_path = exp_dir / SWEEP_FILE
-    if not meta_path.is_file():
-        raise UserError(f"experiment {str(exp_dir)!r}: not a dps_tune sweep (no {SWEEP_FILE})")
+    if not exp_dir.is_dir():
+        raise UserError(f"experiment {str(exp_dir)!r}: no such directory")
+    meta = sweep_meta(exp_dir)
+    if "base" not in meta or "tune" not in meta:
+        raise UserError(f"experiment {str(exp_dir)!r}: not a dps_tune sweep (no complete {SWEEP_FILE})")
+    cfg = config_from_dict(meta["base"])
+    preflight.check_config(cfg)
+    space = parse_search(meta.get("search") or {}, cfg)
+    return exp_dir, meta, cfg, tune_config_from_dict(meta["tune"]), space
+
+
+def resume_sweep(exp_dir: str | os.PathLike, *, address: str | None = None, dashboard: bool = True,
+                 shared_storage: bool = False) -> Path:
+    """Continue an interrupted sweep: unfinished and errored trials go on from their last checkpoints."""
+    exp_dir, meta, cfg, tune_cfg, space = load_resumable(exp_dir)
     if not tune.Tuner.can_restore(str(exp_dir)):
         raise UserError(f"experiment {str(exp_dir)!r}: Ray has no experiment state to restore")
-    meta = json.loads(meta_path.read_text())
-    base = meta["base"]
-    cfg = config_from_dict(base, check_paths=False)
-    tune_cfg = tune_config_from_dict(meta["tune"])
-    _connect(address, dashboard, num_cpus)
-    _check_resources(tune_cfg, str(exp_dir.parent), shared_storage=address is None)
-    ranking = None
-    if base["dps"].get("reference"):
-        searched_algo = (meta.get("search") or {}).get("algorithm")
-        if cfg.algorithm == "dps" or searched_algo is not None:
-            ranking, _ = dps_ranking(cfg)
+    _connect(address, dashboard)
+    _check_resources(tune_cfg, str(exp_dir.parent), shared_storage=shared_storage)
+    # The stored base names the reference checkpoint the sweep started with, so the
+    # ranking is the same one (and usually a cache hit).
+    resolved = _resolve_dps(cfg, space)
     meta["status"] = "running"
-    meta_path.write_text(json.dumps(meta, indent=2))
-    tuner = tune.Tuner.restore(str(exp_dir), trainable=_build_trainable(base, ranking, tune_cfg),
+    write_json(exp_dir / SWEEP_FILE, meta)
+    tuner = tune.Tuner.restore(str(exp_dir), trainable=_build_trainable(resolved.config, resolved.ranking, tune_cfg),
                                resume_unfinished=True, resume_errored=True, restart_errored=False)
     return _finish(exp_dir, tuner.fit())
 

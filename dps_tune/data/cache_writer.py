@@ -17,7 +17,7 @@ Guarantees:
   with the same sources continues with the rest.
 * **Checked.** A trial compares the manifest with the files on disk (bytes, mtime,
   label) before training and refuses a stale or incomplete cache.
-* **Shared.** Trials read shards (:mod:`dps_tune.cached_data`) through ``np.load(mmap_mode="r")``: all trials on a
+* **Shared.** Trials read shards (:mod:`dps_tune.data.cache_reader`) through ``np.load(mmap_mode="r")``: all trials on a
   node share one copy in the page cache, and every node that mounts the directory
   reads the same files.
 """
@@ -25,7 +25,6 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -40,8 +39,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from dps_tune.data import DatasetSpec, Records
+from dps_tune.data.datasets import DatasetSpec, Records
 from dps_tune.errors import DataError
+from dps_tune.files import TEMP_GLOB, atomic_path, file_lock, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,6 @@ MANIFEST = "manifest.json"
 DEFAULT_SIZE = 256
 # About half a GiB per shard: few files, and an interrupted run loses little work.
 SHARD_BYTES = 512 * 2**20
-_TMP = ".tmp"
 MISSING = -1  # bytes and mtime recorded for a source file that did not exist
 
 
@@ -187,9 +186,7 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
 
 
 def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    tmp = root / (MANIFEST + _TMP)
-    tmp.write_text(json.dumps(manifest, separators=(",", ":")) + "\n")
-    os.replace(tmp, root / MANIFEST)
+    write_text(root / MANIFEST, json.dumps(manifest, separators=(",", ":")) + "\n")
 
 
 def _hash_file(path: Path) -> str:
@@ -225,15 +222,10 @@ class PrepareResult:
 @contextlib.contextmanager
 def _exclusive(root: Path) -> Iterator[None]:
     """One prepare per cache directory at a time."""
-    with (root / ".lock").open("w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise DataError(f"image cache {str(root)!r}: another `dps-tune prepare` is writing it") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(root / ".lock", blocking=False) as held:
+        if not held:
+            raise DataError(f"image cache {str(root)!r}: another `dps-tune prepare` is writing it")
+        yield
 
 
 def prepare(spec: DatasetSpec, out: str | os.PathLike, *, size: int = DEFAULT_SIZE, workers: int | None = None,
@@ -275,7 +267,7 @@ def _shard_range(index: int, rows_per_shard: int, total: int) -> range:
 def _start_manifest(root: Path, sources: Sources, size: int, rows_per_shard: int, verify: bool) -> dict[str, Any]:
     """The manifest this run works from: the existing one if it matches ``sources``, else a fresh one."""
     sources_hash = _sources_hash(sources, size, rows_per_shard)
-    for stray in root.glob(f"*{_TMP}"):  # left by a run that stopped mid-shard
+    for stray in root.glob(TEMP_GLOB):  # left by a run that stopped mid-shard
         stray.unlink()
     old = read_manifest(root)
     num_shards = math.ceil(len(sources) / rows_per_shard)
@@ -355,25 +347,24 @@ def _fill_shards(root: Path, manifest: dict[str, Any], sources: Sources, todo: l
         for index in todo:
             span = _shard_range(index, rows_per_shard, len(sources))
             final = root / _shard_name(index)
-            tmp = root / (final.name + _TMP)
-            shard = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(span), size, size, 3))
             skipped: list[list[Any]] = []
-            for local, (row, image, error) in zip(range(len(span)), results):
-                if error is not None:
-                    if not skip_bad:
-                        raise DataError(f"image {sources.paths[row]!r} ({sources.rows[row]}): {error}; fix or "
-                                        "remove it, or rerun with --skip-bad to leave it out")
-                    logger.warning("skipping image %s (%s): %s", sources.paths[row], sources.rows[row], error)
-                    skipped.append([row, error])
-                    shard[local] = 0
-                else:
-                    shard[local] = image
-                bar.update(1)
-            shard.flush()
-            del shard  # close the map before the rename
-            with tmp.open("rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
+            with atomic_path(final) as tmp:
+                shard = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(span), size, size, 3))
+                for local, (row, image, error) in zip(range(len(span)), results):
+                    if error is not None:
+                        if not skip_bad:
+                            raise DataError(f"image {sources.paths[row]!r} ({sources.rows[row]}): {error}; fix or "
+                                            "remove it, or rerun with --skip-bad to leave it out")
+                        logger.warning("skipping image %s (%s): %s", sources.paths[row], sources.rows[row], error)
+                        skipped.append([row, error])
+                        shard[local] = 0
+                    else:
+                        shard[local] = image
+                    bar.update(1)
+                shard.flush()
+                del shard  # close the map before the rename
+                with tmp.open("rb+") as fh:
+                    os.fsync(fh.fileno())
             manifest["shards"][index] = {"file": final.name, "rows": len(span), "sha256": _hash_file(final),
                                          "skipped": skipped}
             manifest["skipped"] += len(skipped)

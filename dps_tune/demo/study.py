@@ -18,13 +18,19 @@ import logging
 import time
 from pathlib import Path
 
-from dps_tune import results
+from dps_tune.config import default_mode
+from dps_tune.demo import pretrain
 from dps_tune.errors import UserError
-from dps_tune.search_space import Sweep, load_sweep
+from dps_tune.sweep import ray_tune, results
+from dps_tune.sweep.report import render_report
+from dps_tune.sweep.search_space import Sweep, load_sweep
+from dps_tune.train import evaluate_start
 
 logger = logging.getLogger(__name__)
 
-SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+# The demo's search spaces ship inside the package, so an installed dps_tune runs the
+# demo from any directory; search_spaces/ at the top of the repository links to them.
+SPACES = Path(__file__).resolve().with_name("spaces")
 STAGES = (("ce", "demo.yaml"), ("dps", "demo_dps.yaml"), ("flyp", "demo_flyp.yaml"))
 COLUMNS = ("id_val_acc", "id_test_acc", "id_test_f1", "ood_test_acc", "ood_test_f1")
 
@@ -40,7 +46,7 @@ def _load_stage(space: str, reference: Path, overrides: list[str]) -> Sweep:
 
 def comparison_rows(zero_shot: dict[str, float], exp_dirs: list[Path], metric: str) -> list[dict]:
     rows = [{"method": "zero-shot", "trial": "-", **zero_shot}]
-    rows += results.best_per_method(exp_dirs, metric, results.default_mode(metric))
+    rows += results.best_per_method(exp_dirs, metric, default_mode(metric))
     return rows
 
 
@@ -56,10 +62,6 @@ def format_comparison(rows: list[dict]) -> str:
 
 def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool = True) -> int:
     """Run the whole study into ``out``; returns a process exit status."""
-    from dps_tune import pretrain, tuning
-    from dps_tune.report import render_report
-    from dps_tune.train import evaluate_start
-
     overrides = list(overrides or [])
     start = time.time()
     out = out.resolve()
@@ -83,14 +85,14 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
             t = sweep.tune
             _say(f"\n[{i}/5] {name.upper()} sweep: {t.num_samples} trials, Optuna TPE + ASHA on {t.metric}, "
                  f"{t.max_concurrent_trials} at a time, up to {sweep.max_t} epochs each")
-            exp = tuning.run_sweep(sweep, storage=str(out), name=name, dashboard=dashboard)
+            exp = ray_tune.run_sweep(sweep, storage=str(out), name=name, dashboard=dashboard)
             exp_dirs.append(exp)
             table = results.results_table(exp)
             _say(f"      {name}: {(table['status'] == 'completed').sum()} completed, "
                  f"{(table['status'] == 'early-stopped').sum()} stopped early by ASHA, "
                  f"{(table['status'] == 'error').sum()} failed")
     finally:
-        tuning.shutdown()
+        ray_tune.shutdown()
 
     _say("\n[5/5] comparison: for each method, the checkpoint best on id_val "
          f"({metric}), with its test figures")

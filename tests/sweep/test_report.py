@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_raw
-from dps_tune import cli, report, results
+from dps_tune import cli
+from dps_tune.sweep import report, results
 from dps_tune.config import config_from_dict, to_dict
 from dps_tune.errors import UserError
-from dps_tune.results import SWEEP_FILE
+from dps_tune.sweep.results import SWEEP_FILE
 
 MAX_T = 4
 ZERO_SHOT = {"id_val_acc": 0.41, "id_val_f1": 0.38, "id_test_acc": 0.40, "id_test_f1": 0.37,
@@ -25,16 +26,16 @@ SPLITS = ("id_val", "id_test", "ood_val", "ood_test")
 
 def write_experiment(root: Path, name: str, trials: list[tuple[str, dict, int, float]], *,
                      metric: str = "id_val_f1", status: str = "finished") -> Path:
-    """A finished sweep as tuning.run_sweep leaves it: ``(trial_id, overrides, epochs run, quality)``."""
+    """A finished sweep as ray_tune.run_sweep leaves it: ``(trial_id, overrides, epochs run, quality)``."""
     exp = root / name
     exp.mkdir(parents=True)
     (exp / SWEEP_FILE).write_text(json.dumps({
-        "name": name, "base": to_dict(config_from_dict(tiny_raw(), check_paths=False)),
+        "name": name, "base": to_dict(config_from_dict(tiny_raw())),
         "tune": {"metric": metric, "mode": "max", "grace_period": 1, "reduction_factor": 2, "max_t": 0},
         "search": {}, "space_file": f"{name}.yaml", "max_t": MAX_T, "status": status, "errors": 0,
     }))
     for i, (trial_id, overrides, epochs, quality) in enumerate(trials):
-        cfg = to_dict(config_from_dict(tiny_raw(**{"optim.epochs": MAX_T, **overrides}), check_paths=False))
+        cfg = to_dict(config_from_dict(tiny_raw(**{"optim.epochs": MAX_T, **overrides})))
         tdir = exp / f"trainable_{trial_id}_{i:05d}"
         tdir.mkdir()
         (tdir / "params.json").write_text(json.dumps({"optim.epochs": MAX_T, **overrides}))

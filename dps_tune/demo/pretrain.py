@@ -2,28 +2,28 @@
 
 This stands in for the web-scale pretraining that gives CLIP its zero-shot skill and
 its robustness. The pretraining set photographs every class in every domain of
-:data:`dps_tune.synthetic.DOMAINS` (daylight, night infrared, dusk, snow, fog, sketch)
+:data:`dps_tune.data.synthetic.DOMAINS` (daylight, night infrared, dusk, snow, fog, sketch)
 at many camera locations, none of which is an ID or OOD evaluation location, and
 captions each image with its class name and often its domain
 (``"a night photo of a star."``).
 
 :func:`ensure_pretrained` builds the weights once, deterministically from
 :class:`PretrainSettings`, and caches them under ``cache_dir() / "pretrained"``, keyed
-by the settings, the architecture and :data:`~dps_tune.synthetic.WORLD_VERSION`.
-:mod:`dps_tune.models` registers them as the open_clip pretrained tag ``synthetic``,
-so ``create_model("tiny-rn", "synthetic")`` builds them on first use.
+by the settings, the architecture and :data:`~dps_tune.data.synthetic.WORLD_VERSION`.
+:func:`register_tags` makes them the open_clip pretrained tag ``synthetic``, so
+``create_model("tiny-rn", "synthetic")`` builds them on first use; the model layer
+calls it the first time it looks up a tag (:data:`dps_tune.models.TAG_PROVIDERS`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
+import functools
 import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +35,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from dps_tune import synthetic
-from dps_tune.config import SPLITS, SyntheticConfig
+from dps_tune import models
+from dps_tune.config import SPLITS, Config, DataConfig, SyntheticConfig
+from dps_tune.data import synthetic
+from dps_tune.errors import ConfigError
+from dps_tune.files import atomic_path, file_lock
+from dps_tune.optim import build_optimizer, lr_at, set_lr
+from dps_tune.paths import cache_dir
+from dps_tune.train import evaluate_start
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +95,13 @@ DEFAULT_SETTINGS: dict[str, PretrainSettings] = {
 
 def supported_architectures() -> tuple[str, ...]:
     return tuple(DEFAULT_SETTINGS)
+
+
+def register_tags() -> None:
+    """Register ``pretrained: synthetic`` for every supported architecture (built on first load)."""
+    for arch in supported_architectures():
+        models.register_pretrained_tag(arch, TAG, weights_path(arch),
+                                       build=functools.partial(ensure_pretrained, arch))
 
 
 # ---------------------------------------------------------------------------- data
@@ -204,8 +217,6 @@ def _compact_token_table(model: nn.Module, tokens: torch.Tensor) -> Iterator[tor
 def pretrain_model(model: nn.Module, data: PretrainSet, tokenizer: Callable[[list[str]], torch.Tensor],
                    settings: PretrainSettings) -> list[float]:
     """Train ``model`` in place on ``data``; returns the mean loss of each tenth of the run."""
-    from dps_tune.optim import build_optimizer, lr_at, set_lr
-
     gen = torch.Generator().manual_seed(settings.seed)
     batch_size = min(settings.batch_size, len(data.images))
     log_every = max(1, settings.steps // 10)
@@ -249,23 +260,17 @@ def settings_key(arch: str, settings: PretrainSettings) -> str:
 
 def weights_path(arch: str = DEMO_ARCH, settings: PretrainSettings | None = None) -> Path:
     """Where the weights of ``(arch, settings)`` live in the cache (they may not exist yet)."""
-    from dps_tune.paths import cache_dir
-
     settings = settings or default_settings(arch)
     return cache_dir() / "pretrained" / f"{arch}-{TAG}-{settings_key(arch, settings)}.safetensors"
 
 
 def default_settings(arch: str) -> PretrainSettings:
-    from dps_tune.errors import ConfigError
-
     if arch not in DEFAULT_SETTINGS:
         raise ConfigError(f"pretrained {TAG!r}: only available for {', '.join(DEFAULT_SETTINGS)}, not {arch}")
     return DEFAULT_SETTINGS[arch]
 
 
 def _check_settings(settings: PretrainSettings) -> None:
-    from dps_tune.errors import ConfigError
-
     checks = (
         ("classes", 2 <= settings.classes <= len(synthetic.CLASSNAMES), f"between 2 and {len(synthetic.CLASSNAMES)}"),
         ("images", settings.images >= 1, ">= 1"),
@@ -284,18 +289,6 @@ def _check_settings(settings: PretrainSettings) -> None:
             raise ConfigError(f"pretrain settings {name} = {getattr(settings, name)!r}: must be {allowed}")
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock: a second builder waits, then finds the finished file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_pretrained(arch: str = DEMO_ARCH, settings: PretrainSettings | None = None, *,
                       force: bool = False) -> Path:
     """The cached weights file of ``arch`` pretrained with ``settings``, built if missing.
@@ -306,14 +299,12 @@ def ensure_pretrained(arch: str = DEMO_ARCH, settings: PretrainSettings | None =
     """
     from safetensors.torch import save_file
 
-    from dps_tune import models
-
     settings = settings or default_settings(arch)
     _check_settings(settings)
     path = weights_path(arch, settings)
     if path.is_file() and not force:
         return path
-    with _file_lock(path.with_name(path.name + ".lock")):
+    with file_lock(path.with_name(path.name + ".lock")):
         if path.is_file() and not force:  # another process built it while we waited
             return path
         logger.info("building the pretrained %s (%s) at %s; this happens once", arch, TAG, path)
@@ -329,12 +320,8 @@ def ensure_pretrained(arch: str = DEMO_ARCH, settings: PretrainSettings | None =
         state = models.plain_state_dict(model)
         meta = {"arch": arch, "tag": TAG, "settings": json.dumps(dataclasses.asdict(settings)),
                 "world_version": str(synthetic.WORLD_VERSION), "final_loss": f"{losses[-1]:.4f}"}
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_path(path) as tmp:
             save_file(state, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         logger.info("built the pretrained %s in %.1f s (%.1f s rendering %d images, %d steps; %.1f s CPU time); "
                     "final loss %.4f", arch, time.perf_counter() - start, render_s, settings.images,
                     settings.steps, time.process_time() - cpu_start, losses[-1])
@@ -351,19 +338,9 @@ def zero_shot_report(arch: str = DEMO_ARCH, pretrained: str = TAG, world: Synthe
     ``world`` defaults to the demo's world (:class:`SyntheticConfig` defaults); its
     prompt templates build the zero-shot head, as in fine-tuning's evaluation.
     """
-    from dps_tune import data as data_mod
-    from dps_tune import models
-    from dps_tune.config import DataConfig
-    from dps_tune.evaluate import evaluate_splits, tokenize_prompts
-
-    world = world or SyntheticConfig()
-    model = models.create_model(arch, pretrained)
-    spec = data_mod.load_dataset(DataConfig(dataset="synthetic", synthetic=world, eval_splits=tuple(splits),
-                                            workers=0))
-    prompts = tokenize_prompts(models.get_tokenizer(arch), spec.classnames, spec.templates)  # [T, C, L]
-    transform = models.eval_transform(model)
-    loaders = {s: data_mod.eval_loader(r, transform, batch_size=256, workers=0) for s, r in spec.splits.items()}
-    metrics = evaluate_splits(model, prompts, loaders)
+    data = DataConfig(dataset="synthetic", synthetic=world or SyntheticConfig(), eval_splits=tuple(splits), workers=0)
+    metrics = evaluate_start(Config(model=arch, pretrained=pretrained, data=data, train=dataclasses.replace(
+        Config().train, device="cpu", precision="fp32")))
     for s in splits:
         logger.info("zero-shot %s/%s on %s: acc %.3f, macro-F1 %.3f", arch, pretrained, s, metrics[f"{s}_acc"],
                     metrics[f"{s}_f1"])

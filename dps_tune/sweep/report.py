@@ -31,16 +31,16 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from dps_tune.errors import UserError
-from dps_tune.results import (Trial, default_mode, load_trials, method_name, results_table, sweep_meta,
-                              trial_status)
+from dps_tune.config import DEFAULT_METRIC, SUPPRESS_MODES, best_of, default_mode
+from dps_tune.errors import UserError, first_line
+from dps_tune.files import write_text
+from dps_tune.sweep.results import Trial, load_trials, method_name, results_table, sweep_meta, trial_status
 
 logger = logging.getLogger(__name__)
 
 ZERO_SHOT_FILE = "zero_shot.json"
 DPI = 110
 SUMMARY_METRICS = ("id_test_acc", "id_test_f1", "ood_test_acc", "ood_test_f1")
-SUPPRESS_ORDER = ("top", "bottom", "random")
 ARM_TITLES = {"top": "most-moved rows suppressed", "bottom": "least-moved rows suppressed",
               "random": "random rows suppressed (control)"}
 # Fixed colours and markers, so a method looks the same in every plot and every report.
@@ -124,7 +124,7 @@ def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
         raise UserError(f"experiment {str(path)!r}: no such directory")
     meta = sweep_meta(path)
     tune = meta.get("tune") or {}
-    metric = tune.get("metric", "id_val_f1")
+    metric = tune.get("metric", DEFAULT_METRIC)
     mode = tune.get("mode") or default_mode(metric)
     trials = load_trials(path)
     return Experiment(meta.get("name") or path.resolve().name, path, meta, trials,
@@ -145,7 +145,7 @@ def load_zero_shot(path: str | os.PathLike) -> dict[str, float]:
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"zero-shot metrics {str(file)!r}: not readable JSON ({exc})") from None
+        raise UserError(f"zero-shot metrics {str(file)!r}: not readable JSON ({first_line(exc)})") from None
     if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
         data = data["metrics"]
     if not isinstance(data, dict):
@@ -294,7 +294,7 @@ def plot_masking(points: Sequence[_Point], zero_shot: Mapping[str, float] | None
     if not dps or not kinds:
         return None
     arms = sorted({str(p.trial.param("dps.suppress")) for p in dps},
-                  key=lambda a: (SUPPRESS_ORDER.index(a) if a in SUPPRESS_ORDER else len(SUPPRESS_ORDER), a))
+                  key=lambda a: (SUPPRESS_MODES.index(a) if a in SUPPRESS_MODES else len(SUPPRESS_MODES), a))
     styles = _styles(f"dps ({a})" for a in arms)
     fig = Figure(figsize=(4.0 * len(arms) + 1.8, 3.3 * len(kinds)))
     axes = fig.subplots(len(kinds), len(arms), sharex=True, sharey="row", squeeze=False)
@@ -357,9 +357,9 @@ def plot_learning_curves(experiments: Sequence[Experiment], zero_shot: Mapping[s
                      if _finite(h.get("epoch")) and _finite(h.get(exp.metric))]
             if curve:
                 curves[t.trial_id] = (t, curve)
-        pick = max if exp.mode == "max" else min
         # The trial holding the best single evaluation: the one `dps-tune best` exports.
-        best = pick(curves, key=lambda k: pick(y for _, y in curves[k][1])) if curves else None
+        best = best_of(curves, lambda k: best_of((y for _, y in curves[k][1]), float, exp.mode),
+                       exp.mode) if curves else None
         statuses = {exp.status(t) for t, _ in curves.values()}
         for trial_id, (t, curve) in curves.items():
             ls, end = STATUS_STYLE.get(exp.status(t), ("-", "o"))
@@ -431,8 +431,7 @@ def summary_table(experiments: Sequence[Experiment], zero_shot: Mapping[str, flo
         rows.append({"method": "zero-shot", "experiment": "", "trial_id": "", "epoch": None, "selected by": "",
                      "selection value": None, **{m: zero_shot.get(m) for m in SUMMARY_METRICS}})
     for (method, metric, mode), members in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1:])):
-        pick = max if mode == "max" else min
-        value, e, t, h = pick(members, key=lambda m: m[0])
+        value, e, t, h = best_of(members, lambda m: m[0], mode)
         rows.append({"method": method, "experiment": e.name, "trial_id": t.trial_id, "epoch": h.get("epoch"),
                      "selected by": f"{metric} ({mode})", "selection value": value,
                      **{m: h.get(m) for m in SUMMARY_METRICS}, "trial status": e.status(t)})
@@ -604,13 +603,10 @@ Grey rows were stopped early by ASHA.</p>
 </body>
 </html>
 """
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, out)
+        write_text(out, page)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"report {str(out)!r}: cannot write ({exc.strerror})") from None
+        raise UserError(f"report {str(out)!r}: cannot write ({exc.strerror or first_line(exc)})") from None
     logger.info("report of %d experiment(s) written to %s (%.0f KiB)", len(experiments), out,
                 out.stat().st_size / 1024)
     return out

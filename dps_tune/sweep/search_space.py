@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from dps_tune import preflight
 from dps_tune.config import Config, ConfigFile, TuneConfig, load_file, resolve_key, with_overrides
 from dps_tune.errors import ConfigError
 
@@ -104,7 +105,12 @@ def parse_distribution(key: str, spec: Any) -> Distribution:
 
 def parse_search(raw: Mapping[str, Any], base: Config) -> SearchSpace:
     """Check every key against the config fields and every reachable value against validation."""
-    params = []
+    return _parse_search(raw, base)[0]
+
+
+def _parse_search(raw: Mapping[str, Any], base: Config) -> tuple[SearchSpace, list[Config]]:
+    """The search space and the config at every edge value, each checked as a value."""
+    params, edges = [], []
     for key, spec in raw.items():
         try:
             canonical = resolve_key(str(key))
@@ -113,7 +119,7 @@ def parse_search(raw: Mapping[str, Any], base: Config) -> SearchSpace:
         dist = parse_distribution(canonical, spec)
         for value in dist.extremes():
             try:
-                with_overrides(base, {canonical: value}, check_paths=False)
+                edges.append(with_overrides(base, {canonical: value}))
             except ConfigError as exc:
                 raise ConfigError(f"search.{canonical} can produce {value!r}, which is invalid: {exc}") from None
         params.append((canonical, dist))
@@ -121,7 +127,7 @@ def parse_search(raw: Mapping[str, Any], base: Config) -> SearchSpace:
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise ConfigError(f"search: {dup} is given twice")
-    return SearchSpace(tuple(params))
+    return SearchSpace(tuple(params)), edges
 
 
 def to_optuna(space: SearchSpace) -> dict[str, Any]:
@@ -160,10 +166,16 @@ class Sweep:
 
 
 def load_sweep(path: str | os.PathLike, overrides: Iterable[str] | Mapping[str, Any] = ()) -> Sweep:
-    """Parse and validate a search-space file (base config + ``search:`` + ``tune:``)."""
+    """Parse and validate a search-space file (base config + ``search:`` + ``tune:``).
+
+    Values are checked first, then the world (files, architectures, tags) for the base
+    config and for the config at every edge of the search space, all before Ray starts.
+    """
     parsed: ConfigFile = load_file(path, overrides)
-    space = parse_search(parsed.search, parsed.config)
+    space, edges = _parse_search(parsed.search, parsed.config)
     searched_epochs = "optim.epochs" in space.keys
     if searched_epochs and not parsed.tune.max_t:
         raise ConfigError("search.optim.epochs: set tune.max_t when the number of epochs is searched")
+    for cfg in [parsed.config, *edges]:
+        preflight.check_config(cfg)
     return Sweep(parsed.config, space, parsed.tune, parsed.path, dict(parsed.search))

@@ -11,7 +11,7 @@ Named shape classes are photographed at camera *locations*, in the spirit of iWi
 The world is written to disk in the FLYP CSV format (tab-separated ``filepath``,
 ``title``, ``label``) plus ``classnames.txt``, so it goes through exactly the same
 loading code as user data. :func:`render` is also used to build the pretraining set
-of the demo's tiny CLIP, which sees many more domains (see :mod:`dps_tune.pretrain`).
+of the demo's tiny CLIP, which sees many more domains (see :mod:`dps_tune.demo.pretrain`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from dps_tune.config import SyntheticConfig
+from dps_tune.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -198,8 +199,6 @@ def world_key(cfg: SyntheticConfig) -> str:
 
 
 def default_root(cfg: SyntheticConfig) -> Path:
-    from dps_tune.paths import cache_dir
-
     return cache_dir() / "synthetic" / world_key(cfg)
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import TINY_WORLD
-from dps_tune import data as data_mod
-from dps_tune import synthetic
+from dps_tune.data import datasets as data_mod
+from dps_tune.data import synthetic
 from dps_tune.config import DataConfig, SyntheticConfig
 from dps_tune.errors import DataError
 from fixtures import IWILDCAM_SPLITS, make_iwildcam

@@ -1,8 +1,8 @@
 """Training augmentation and evaluation preprocessing for whole batches, on the trial's device.
 
-Input is a batch of uint8 images from the prepared cache (:mod:`dps_tune.image_cache`),
+Input is a batch of uint8 images from the prepared cache (:mod:`dps_tune.data.cache_writer`),
 ``[B, S, S, 3]``, already on the device. Training draws one RandomResizedCrop box per
-sample (scale 0.9–1.0, the paper's setting) with :func:`dps_tune.data.crop_params`
+sample (scale 0.9–1.0, the paper's setting) with :func:`dps_tune.data.datasets.crop_params`
 from a generator seeded by the sample's seed, exactly as the JPEG path does, so a
 sample's crop is a function of (run seed, epoch, position) and resumed runs stay exact.
 
@@ -25,8 +25,9 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from open_clip.transform import PreprocessCfg
 
-from dps_tune.data import TRAIN_CROP_RATIO, TRAIN_CROP_SCALE, crop_params
+from dps_tune.data.datasets import TRAIN_CROP_RATIO, TRAIN_CROP_SCALE, crop_params
 
 logger = logging.getLogger(__name__)
 
@@ -199,12 +200,9 @@ class EvalTransform:
         return normalize(pixels, self.mean, self.std)
 
 
-def for_model(model: torch.nn.Module) -> tuple[TrainAugment, EvalTransform]:
-    """The training augmentation and evaluation transform that match ``model``'s preprocessing."""
-    from dps_tune import models
-
-    pre = models.preprocess_cfg(model)
-    size = models.image_size(model)
+def for_preprocess(pre: PreprocessCfg) -> tuple[TrainAugment, EvalTransform]:
+    """The training augmentation and evaluation transform that match a model's open_clip preprocessing."""
+    size = pre.size if isinstance(pre.size, int) else pre.size[0]
     interpolation = pre.interpolation if pre.interpolation in INTERPOLATIONS else "bicubic"
     if pre.resize_mode != "shortest":
         logger.warning("the model's eval transform uses resize_mode %r; the image cache holds centre squares, "

@@ -23,8 +23,8 @@ from typing import Any
 
 import pandas as pd
 
-from dps_tune.config import merge_dotted
-from dps_tune.errors import UserError
+from dps_tune.config import DEFAULT_METRIC, best_of, default_mode, merge_dotted
+from dps_tune.errors import UserError, first_line
 
 SWEEP_FILE = "dps_tune_sweep.json"
 TRIAL_CONFIG_FILE = "dps_tune_config.json"
@@ -34,10 +34,6 @@ PARAM_COLUMNS = {"algorithm": "algorithm", "optim.lr": "lr", "optim.wd": "wd", "
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def default_mode(metric: str) -> str:
-    return "min" if metric.endswith("loss") else "max"
 
 
 def checkpoints(exp_dir: str | os.PathLike) -> list[tuple[Path, dict]]:
@@ -68,8 +64,7 @@ def best_checkpoint(exp_dir: str | os.PathLike, metric: str, mode: str = "max", 
         trials = [t for t in load_trials(exp_dir) if _finite(t.last.get(metric))]
         if not trials:
             raise UserError(f"experiment {str(exp_dir)!r}: no trial reports {metric!r}")
-        pick = max if mode == "max" else min
-        trial = pick(trials, key=lambda t: t.last[metric])
+        trial = best_of(trials, lambda t: t.last[metric], mode)
         kept = sorted(p for p, _ in checkpoints(trial.path))
         if not kept:
             raise UserError(f"trial {trial.trial_id}: no checkpoint was kept")
@@ -77,8 +72,7 @@ def best_checkpoint(exp_dir: str | os.PathLike, metric: str, mode: str = "max", 
     scored = [(m[metric], p) for p, m in checkpoints(exp_dir) if _finite(m.get(metric))]
     if not scored:
         raise UserError(f"experiment {str(exp_dir)!r}: no checkpoint reports {metric!r}")
-    pick = max if mode == "max" else min
-    return pick(scored, key=lambda t: t[0])[1]
+    return best_of(scored, lambda t: t[0], mode)[1]
 
 
 @dataclass
@@ -137,8 +131,21 @@ def load_trials(exp_dir: str | os.PathLike) -> list[Trial]:
 
 
 def sweep_meta(exp_dir: str | os.PathLike) -> dict[str, Any]:
+    """The sweep's ``dps_tune_sweep.json``, or ``{}`` for a directory that has none.
+
+    A file that is not a JSON object (cut short by a crash of an older version, or
+    edited by hand) is a :class:`UserError` naming it.
+    """
     path = Path(exp_dir) / SWEEP_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"experiment {str(path.parent)!r}: {SWEEP_FILE} is damaged ({first_line(exc)})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"experiment {str(path.parent)!r}: {SWEEP_FILE} is not a JSON object")
+    return meta
 
 
 def trial_status(trial: Trial, max_t: float | None, finished: bool) -> str:
@@ -156,7 +163,7 @@ def trial_status(trial: Trial, max_t: float | None, finished: bool) -> str:
 def results_table(exp_dir: str | os.PathLike, metric: str | None = None, mode: str | None = None) -> pd.DataFrame:
     """One row per trial, sorted by ``metric``: searched parameters, epochs, status, every acc/F1."""
     meta = sweep_meta(exp_dir)
-    metric = metric or meta.get("tune", {}).get("metric", "id_val_f1")
+    metric = metric or meta.get("tune", {}).get("metric", DEFAULT_METRIC)
     mode = mode or meta.get("tune", {}).get("mode") or default_mode(metric)
     finished = meta.get("status") == "finished"
     rows = []
@@ -204,16 +211,15 @@ def best_per_method(exp_dirs: list[str | os.PathLike], metric: str, mode: str = 
     Selection uses validation metrics only (``metric`` should be a ``*_val_*`` metric);
     the test metrics of the chosen checkpoint are what a method is reported with.
     """
-    best: dict[str, tuple[float, Path, dict]] = {}
-    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
+    candidates: dict[str, list[tuple[float, Path, dict]]] = {}
     for exp in exp_dirs:
         for path, metrics in checkpoints(exp):
             cfg_path = path / "config.json"
             if not _finite(metrics.get(metric)) or not cfg_path.is_file():
                 continue
             method = method_name(json.loads(cfg_path.read_text()))
-            if method not in best or better(metrics[metric], best[method][0]):
-                best[method] = (metrics[metric], path, metrics)
+            candidates.setdefault(method, []).append((metrics[metric], path, metrics))
+    best = {m: best_of(c, lambda t: t[0], mode) for m, c in candidates.items()}
     order = ["ce", "dps (top)", "dps (random)", "dps (bottom)", "flyp"]
     names = sorted(best, key=lambda m: (order.index(m) if m in order else len(order), m))
     return [{"method": m, "checkpoint": best[m][1], "trial": _trial_id(best[m][1].parent), **best[m][2]}

@@ -15,8 +15,9 @@ import yaml
 from optuna.trial import TrialState
 
 from conftest import tiny_raw
-from dps_tune import data as data_mod
-from dps_tune import models, results
+from dps_tune import models
+from dps_tune.data import datasets as data_mod
+from dps_tune.sweep import results
 from dps_tune.checkpoint import load_checkpoint
 from dps_tune.evaluate import evaluate_splits, tokenize_prompts
 

@@ -24,7 +24,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from dps_tune.config import SPLITS, DataConfig
-from dps_tune.errors import DataError
+from dps_tune.data import synthetic
+from dps_tune.errors import DataError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +58,11 @@ class DatasetSpec:
     train_pairs: Records  # one record per (image, caption): FLYP
     splits: dict[str, Records] = field(default_factory=dict)
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classnames)
-
 
 # ------------------------------------------------------------------------- loading
 
 
 def template_set(name: str, dataset: str) -> tuple[str, ...]:
-    from dps_tune import synthetic
-
     if name == "auto":
         name = {"iwildcam": "iwildcam", "synthetic": "synthetic"}.get(dataset, "simple")
     return {"iwildcam": IWILDCAM_TEMPLATES, "synthetic": synthetic.TEMPLATES, "simple": SIMPLE_TEMPLATES}[name]
@@ -78,8 +73,6 @@ def load_dataset(cfg: DataConfig) -> DatasetSpec:
     if cfg.dataset == "iwildcam":
         return _load_iwildcam(cfg)
     if cfg.dataset == "synthetic":
-        from dps_tune import synthetic
-
         root = synthetic.generate(cfg.synthetic, cfg.root)
         return _load_csv_dataset(
             cfg,
@@ -130,7 +123,7 @@ def _read_table(path: Path, sep: str, needed: Sequence[str]) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"CSV file {str(path)!r}: cannot be parsed ({str(exc).splitlines()[0]})") from None
+        raise DataError(f"CSV file {str(path)!r}: cannot be parsed ({first_line(exc)})") from None
     missing = [c for c in needed if c not in df.columns]
     if missing:
         raise DataError(f"CSV file {str(path)!r}: missing column(s) {', '.join(missing)}; "

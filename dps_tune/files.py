@@ -1,0 +1,83 @@
+"""Small file primitives used everywhere: atomic writes and advisory locks.
+
+A reader of any file dps_tune writes sees either the old content or the new one,
+never a half-written file: content goes to a temporary name in the same directory
+and is renamed into place (``os.replace`` is atomic on POSIX filesystems).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+
+# Matches every temporary name :func:`temporary_sibling` makes: strays of a killed writer.
+TEMP_GLOB = ".*.tmp-*"
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A name next to ``path`` that no other process uses and no reader mistakes for it."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write (a file or a directory); rename it to ``path`` on success.
+
+    On an exception the temporary is removed and ``path`` is left as it was. An
+    existing directory at ``path`` is replaced.
+    """
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    _remove(tmp)
+    try:
+        yield tmp
+        if path.is_dir() and tmp.is_dir():
+            _remove(path)
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` atomically."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, *, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive advisory lock on ``path`` (created if missing).
+
+    Yields True when the lock is held. With ``blocking=False`` it yields False at once
+    if another process holds it, and the caller decides what to do.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

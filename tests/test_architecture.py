@@ -1,0 +1,119 @@
+"""The package's import graph: no circle, imports point down, the training core knows no sweep.
+
+Read with ``ast`` from the source files, so the test sees every import, also those
+inside functions, without importing anything.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "dps_tune"
+SUBPACKAGES = ("data", "sweep", "demo", "bench")
+# What a trial needs to run; none of it may reach the sweep, the demo or Ray.
+CORE = ("config", "models", "methods", "suppression", "optim", "train", "evaluate", "checkpoint", "metrics",
+        "errors", "paths", "files", "data")
+FORBIDDEN_FOR_CORE = ("dps_tune.sweep", "dps_tune.demo", "dps_tune.cli", "dps_tune.preflight", "ray", "optuna")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def imports_of(path: Path, here: str | None = None) -> set[str]:
+    """Every module ``path`` imports, absolute, at any depth of the file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    here = here or module_name(path)
+    package = here if path.name == "__init__.py" else here.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            # `from dps_tune import models` imports the module dps_tune.models
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: {m for m in imports_of(path) if m in modules and m != name} for name, path in modules.items()}
+
+
+def unit(module: str) -> str:
+    """A flat core module is its own unit; a subpackage is one unit."""
+    parts = module.split(".")
+    if len(parts) >= 2 and parts[1] in SUBPACKAGES:
+        return ".".join(parts[:2])
+    return module
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(edges):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_the_walker_sees_imports_inside_functions_and_relative_ones(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("import os\ndef f():\n    from dps_tune.sweep import results\n")
+    assert {"dps_tune.sweep", "dps_tune.sweep.results", "os"} <= imports_of(src, "dps_tune.m")
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_circle_between_modules():
+    assert find_cycle(graph()) is None
+
+
+def test_no_import_circle_between_units():
+    """Subpackages count as one unit each: data, sweep and demo import each other in one direction only."""
+    edges: dict[str, set[str]] = {}
+    for src, targets in graph().items():
+        edges.setdefault(unit(src), set()).update(unit(t) for t in targets if unit(t) != unit(src))
+    assert find_cycle(edges) is None
+
+
+def test_training_core_imports_no_sweep_demo_or_ray():
+    g = graph()
+    core = [m for m in g if m.count(".") and unit(m).split(".")[1] in CORE]
+    assert "dps_tune.train" in core and "dps_tune.data.inputs" in core
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    for module in core:
+        for imported in imports_of(modules[module]):
+            assert not imported.startswith(FORBIDDEN_FOR_CORE), f"{module} imports {imported}"
+
+
+def test_only_one_module_imports_ray():
+    users = sorted(module_name(p) for p in PACKAGE.rglob("*.py")
+                   if any(m == "ray" or m.startswith("ray.") for m in imports_of(p)))
+    assert users == ["dps_tune.sweep.ray_tune"]
