@@ -20,10 +20,13 @@ def test_macro_f1_by_hand():
 
 
 def test_class_absent_from_truth_is_not_averaged():
-    # Class 3 exists in the model but never in y_true: it must not drag the mean to 0.
-    y_true = torch.tensor([1, 1, 1])
-    y_pred = torch.tensor([1, 1, 1])
-    assert macro_f1(y_true, y_pred) == 1.0
+    # Class 3 is predicted once but never in y_true: its F1 of 0 must not enter the mean.
+    y_true = torch.tensor([1, 1, 1, 2])
+    y_pred = torch.tensor([1, 1, 1, 3])
+    # WILDS: labels {1, 2}: class 1 F1 1.0, class 2 F1 0.0 -> 0.5. A plain macro-F1 over
+    # every label seen ({1, 2, 3}) would give 1/3, so this data tells the two apart.
+    assert macro_f1(y_true, y_pred) == pytest.approx(0.5)
+    assert f1_score(y_true, y_pred, average="macro") == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -34,6 +37,8 @@ def test_matches_wilds_definition(seed):
     y_pred = rng.integers(0, 14, 200)  # ...and predictions of classes never seen
     ours = macro_f1(torch.from_numpy(y_true), torch.from_numpy(y_pred))
     assert ours == pytest.approx(wilds_f1(y_true, y_pred), abs=1e-12)
+    # The data can tell the WILDS definition from sklearn's plain macro-F1.
+    assert abs(ours - f1_score(y_true, y_pred, average="macro")) > 1e-3
 
 
 def test_metric_names():

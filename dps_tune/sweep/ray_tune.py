@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 # Set before Ray reads them. The legacy progress reporter is the one that takes our ID/OOD
 # columns; frequent experiment-state saves mean a killed driver loses (almost) nothing.

@@ -190,6 +190,18 @@ def test_sweep_on_a_running_cluster(tmp_path):
     assert start.returncode == 0, start.stderr[-2000:]
     try:
         path = space(tmp_path, "cluster", tune={"num_samples": 2})
+        # The cluster asks for a token; with RAY_ADDRESS set and RAY_AUTH_MODE unset, Ray
+        # does not send it. That is one line saying what to set, not a traceback, and no experiment.
+        env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+        env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+        proc = subprocess.run([sys.executable, "-m", "dps_tune.cli", "sweep", str(path), "--storage",
+                               str(tmp_path / "runs"), "--name", "noauth"], capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        errors = [x for x in proc.stderr.splitlines() if x.startswith("dps-tune: error:")]
+        assert len(errors) == 1 and f"RAY_ADDRESS 127.0.0.1:{port}" in errors[0], proc.stderr[-3000:]
+        assert "RAY_AUTH_MODE=token" in errors[0] and "Traceback" not in proc.stderr
+        assert not (tmp_path / "runs" / "noauth").exists()
         # Ray sends its token to an explicit address only when told to (RAY_AUTH_MODE=token).
         dps_tune("sweep", path, "--address", f"127.0.0.1:{port}", "--storage", tmp_path / "runs", "--name", "c",
                  env={"RAY_AUTH_MODE": "token"})

@@ -1,0 +1,82 @@
+"""What `sweep` and `resume` check before Ray does any work, without starting Ray."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import tiny_raw
+from dps_tune import cli
+from dps_tune.config import config_from_dict, to_dict
+from dps_tune.errors import LaunchError
+
+ray_tune = pytest.importorskip("dps_tune.sweep.ray_tune")
+
+
+def _sweep_dir(tmp_path, meta_text: str | None = None):
+    exp = tmp_path / "runs" / "exp"
+    exp.mkdir(parents=True)
+    meta = {"name": "exp", "base": to_dict(config_from_dict(tiny_raw())), "tune": {}, "search": {},
+            "status": "running"}
+    (exp / "dps_tune_sweep.json").write_text(meta_text if meta_text is not None else json.dumps(meta))
+    return exp
+
+
+@pytest.fixture
+def two_node_cluster(monkeypatch):
+    """A stand-in for a connected two-node cluster; Tune's restore records that it was reached."""
+    reached = []
+    monkeypatch.setattr(ray_tune, "_connect", lambda address, dashboard: None)
+    monkeypatch.setattr(ray_tune.ray, "cluster_resources", lambda: {"CPU": 16.0})
+    monkeypatch.setattr(ray_tune.ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
+    monkeypatch.setattr(ray_tune.tune.Tuner, "can_restore", staticmethod(lambda path: True))
+
+    def restore(path, **kwargs):
+        reached.append(path)
+        raise LaunchError("restore reached")
+
+    monkeypatch.setattr(ray_tune.tune.Tuner, "restore", staticmethod(restore))
+    return reached
+
+
+def test_resume_takes_shared_storage_for_a_local_path_on_several_nodes(tmp_path, two_node_cluster, capsys):
+    exp = _sweep_dir(tmp_path)
+    assert cli.main(["resume", str(exp), "--address", "auto"]) == 2
+    assert "a local path, but the cluster has 2 nodes" in capsys.readouterr().err
+    assert not two_node_cluster
+    assert cli.main(["resume", str(exp), "--address", "auto", "--shared-storage"]) == 2
+    assert "restore reached" in capsys.readouterr().err
+    assert two_node_cluster == [str(exp.resolve())]
+
+
+@pytest.mark.parametrize("command", ["results", "best", "resume", "report"])
+@pytest.mark.parametrize("content", ['{"name": "exp", "base": {"algo', "", "[1, 2]"])
+def test_a_damaged_sweep_file_is_one_line(tmp_path, command, content, capsys):
+    """A dps_tune_sweep.json cut short (or not an object) names the file; no JSON traceback."""
+    exp = _sweep_dir(tmp_path, content)
+    extra = ["--out", str(tmp_path / "r.html")] if command == "report" else []
+    assert cli.main([command, str(exp), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dps_tune_sweep.json" in err[0] and str(exp) in err[0], err
+
+
+def test_the_sweep_file_is_replaced_atomically(tmp_path, monkeypatch):
+    """A driver killed while it records the end of a sweep leaves the previous file whole."""
+    import pathlib
+    import types
+
+    exp = _sweep_dir(tmp_path)
+    before = (exp / "dps_tune_sweep.json").read_text()
+    real_write = pathlib.Path.write_text
+
+    def dies_halfway(self, text, *args, **kwargs):
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt  # the driver is stopped mid-write
+
+    monkeypatch.setattr(pathlib.Path, "write_text", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        ray_tune._finish(exp, types.SimpleNamespace(errors=[]))
+    monkeypatch.undo()
+    assert (exp / "dps_tune_sweep.json").read_text() == before
+    assert not list(exp.glob(".*.tmp-*"))  # nothing half-written is left to mistake for it
