@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench reference clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ bench: $(STAMP)
 	$(BIN)/python -m dps_tune.bench rank
 	$(BIN)/python -m dps_tune.bench data
 	$(BIN)/python -m dps_tune.bench step --baseline
+
+reference: $(STAMP)
+	$(BIN)/python -m dps_tune.reference_doc > REFERENCE.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,7 +4,8 @@ A checkpoint directory holds
 
 * ``model.safetensors``: the open_clip state dict, loadable with plain
   ``open_clip.create_model(arch, pretrained=".../model.safetensors")``;
-* ``config.json``: the resolved config of the run;
+* ``config.json``: the resolved config of the run, plus ``open_clip_model``: the exact
+  open_clip model name that rebuilds the network (``ViT-B-16-quickgelu`` for OpenAI weights);
 * ``metrics.json``: the metrics reported with this checkpoint;
 * ``train_state.pt``: optimizer state, loop position and RNG states, read back with
   ``torch.load(weights_only=True)``.
@@ -25,7 +26,8 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from dps_tune.config import Config, config_from_dict, save_json
+from dps_tune import models
+from dps_tune.config import Config, config_from_dict, save_json, to_dict
 from dps_tune.errors import CheckpointError, first_line
 from dps_tune.files import atomic_path
 
@@ -33,6 +35,8 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 STATE_FILE = "train_state.pt"
+# In config.json, beside the run's config: the open_clip model name that rebuilds the network.
+OPEN_CLIP_KEY = "open_clip_model"
 FORMAT_VERSION = 1
 
 
@@ -54,7 +58,8 @@ def save_checkpoint(path: str | os.PathLike, *, model_state: Mapping[str, torch.
         tmp.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE),
                   metadata={"format": "open_clip state_dict", "model": config.model})
-        save_json(config, tmp / CONFIG_FILE)
+        save_json({**to_dict(config), OPEN_CLIP_KEY: models.architecture_name(config.model, config.pretrained)},
+                  tmp / CONFIG_FILE)
         save_json(dict(metrics), tmp / METRICS_FILE)
         if loop is not None:
             state = {
@@ -94,6 +99,9 @@ def read_config(path: str | os.PathLike) -> Config:
         raw = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint config {str(cfg_path)!r}: cannot be read ({first_line(exc)})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"checkpoint config {str(cfg_path)!r}: not a JSON object")
+    raw.pop(OPEN_CLIP_KEY, None)
     return config_from_dict(raw)
 
 
@@ -126,12 +134,23 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 
 
 def export(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy a checkpoint's model, config and metrics (not its training state) to ``dst``."""
+    """Copy a checkpoint's model, config and metrics (not its training state) to ``dst``.
+
+    Also writes ``<open_clip_model>.json``, the open_clip model config of the network, so
+    plain open_clip rebuilds it exactly, tiny or QuickGELU architectures included::
+
+        open_clip.add_model_config(dst)
+        open_clip.create_model(config["open_clip_model"], pretrained=f"{dst}/model.safetensors")
+    """
     src, dst = Path(src), Path(dst)
-    load_checkpoint(src, with_state=False)  # refuse anything incomplete
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in (MODEL_FILE, CONFIG_FILE, METRICS_FILE):
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+    loaded = load_checkpoint(src, with_state=False)  # refuse anything incomplete
+    cfg = loaded.config
+    name = models.architecture_name(cfg.model, cfg.pretrained)
+    dst.mkdir(parents=True, exist_ok=True)  # other files already in dst are left alone
+    with atomic_path(dst / MODEL_FILE) as tmp:
+        shutil.copy2(src / MODEL_FILE, tmp)
+    save_json({**to_dict(cfg), OPEN_CLIP_KEY: name}, dst / CONFIG_FILE)
+    save_json(loaded.metrics, dst / METRICS_FILE)
+    save_json(models.architecture_config(cfg.model, cfg.pretrained), dst / f"{name}.json")
     return dst
 

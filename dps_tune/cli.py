@@ -318,7 +318,8 @@ class Best(Command):
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("exp_dir")
-        p.add_argument("--metric", help="default: the sweep's tune.metric")
+        p.add_argument("--metric", help="a validation metric (id_val_f1, ood_val_acc, ...; never a test split); "
+                                        "default: the sweep's tune.metric")
         p.add_argument("--mode", choices=["max", "min"])
         p.add_argument("--scope", choices=["all", "last"], default="all",
                        help="all: best over every kept checkpoint; last: best by each trial's last result")
@@ -326,9 +327,11 @@ class Best(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from dps_tune import checkpoint
-        from dps_tune.config import DEFAULT_METRIC, default_mode
+        from dps_tune.config import DEFAULT_METRIC, check_selection_metric, default_mode
         from dps_tune.sweep import results
 
+        if args.metric is not None:
+            check_selection_metric("--metric", args.metric)
         meta = results.sweep_meta(args.exp_dir).get("tune", {})
         metric = args.metric or meta.get("metric", DEFAULT_METRIC)
         mode = args.mode or (meta.get("mode") if not args.metric else None) or default_mode(metric)

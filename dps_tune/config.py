@@ -30,6 +30,7 @@ from dps_tune.paths import is_remote, looks_like_weights_file
 ALGORITHMS = ("ce", "flyp", "dps")
 DATASETS = ("synthetic", "csv", "iwildcam")
 SPLITS = ("id_val", "id_test", "ood_val", "ood_test")
+VALIDATION_SPLITS = ("id_val", "ood_val")
 SUPPRESS_MODES = ("top", "bottom", "random")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -413,10 +414,7 @@ def validate(cfg: Config) -> None:
             "algorithm dps needs exactly one of dps.reference (a CE checkpoint) "
             "or dps.reference_experiment (a finished CE sweep)",
         )
-    check(
-        _is_metric_name(p.reference_metric), "dps.reference_metric", p.reference_metric,
-        f"must be one of {', '.join(metric_names())}",
-    )
+    check_selection_metric("dps.reference_metric", p.reference_metric)
 
     t = cfg.train
     check(t.device in DEVICES or t.device.startswith("cuda:"), "train.device", t.device,
@@ -432,8 +430,19 @@ def metric_names(splits: Iterable[str] = SPLITS) -> list[str]:
     return [f"{s}_{m}" for s in splits for m in ("acc", "f1")]
 
 
-def _is_metric_name(name: str) -> bool:
-    return name in metric_names() or name in ("train_loss",)
+def selection_metrics(splits: Iterable[str] = SPLITS) -> list[str]:
+    """Metrics a model may be selected on: validation splits only, never a test split."""
+    return [m for m in metric_names(s for s in splits if s in VALIDATION_SPLITS)] + ["train_loss"]
+
+
+def check_selection_metric(key: str, metric: str, splits: Iterable[str] = SPLITS) -> None:
+    """Refuse selecting on a test split (it would leak the test data into every figure) or an unknown metric."""
+    splits = tuple(splits)
+    allowed = selection_metrics(splits)
+    if metric in metric_names(splits) and metric not in allowed:
+        raise ConfigError(f"{key} = {metric!r}: a test split never selects a model (that would leak the test "
+                          f"data into the reported figures); select on one of {', '.join(allowed)}")
+    check(metric in allowed, key, metric, f"must be one of {', '.join(allowed)}")
 
 
 def default_mode(metric: str) -> str:
@@ -518,8 +527,7 @@ def tune_config_from_dict(raw: Mapping[str, Any]) -> TuneConfig:
 
 
 def validate_tune(t: TuneConfig, cfg: Config) -> None:
-    allowed = metric_names(cfg.data.eval_splits) + ["train_loss"]
-    check(t.metric in allowed, "tune.metric", t.metric, f"must be one of {', '.join(allowed)}")
+    check_selection_metric("tune.metric", t.metric, cfg.data.eval_splits)
     check_choice("tune.mode", t.mode, MODES)
     check(t.num_samples >= 1, "tune.num_samples", t.num_samples, "must be >= 1")
     check(t.max_concurrent_trials >= 1, "tune.max_concurrent_trials", t.max_concurrent_trials, "must be >= 1")

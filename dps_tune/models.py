@@ -79,6 +79,35 @@ def register_pretrained_tag(arch: str, tag: str, path: str | os.PathLike, *,
     oc_pretrained._PRETRAINED.setdefault(arch, {})[tag] = cfg
 
 
+def uses_quick_gelu(arch: str, pretrained: str) -> bool:
+    """Whether the network of ``(arch, pretrained)`` uses QuickGELU (OpenAI's weights do)."""
+    if pretrained not in ("none", "") and not Path(pretrained).is_file():
+        _load_tag_providers()
+        if open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu", False):
+            return True
+    return bool((open_clip.get_model_config(arch) or {}).get("quick_gelu", False))
+
+
+def architecture_name(arch: str, pretrained: str) -> str:
+    """The open_clip model name that rebuilds the network of ``(arch, pretrained)`` exactly.
+
+    ``ViT-B-16`` with OpenAI weights is ``ViT-B-16-quickgelu``: open_clip's plain
+    ``ViT-B-16`` uses standard GELU, and loading fine-tuned OpenAI weights into it
+    changes every activation without a warning.
+    """
+    if uses_quick_gelu(arch, pretrained) and not (open_clip.get_model_config(arch) or {}).get("quick_gelu"):
+        return f"{arch}-quickgelu"
+    return arch
+
+
+def architecture_config(arch: str, pretrained: str) -> dict:
+    """The open_clip model config of :func:`architecture_name` (for ``open_clip.add_model_config``)."""
+    cfg = dict(open_clip.get_model_config(arch) or {})
+    if uses_quick_gelu(arch, pretrained):
+        cfg["quick_gelu"] = True
+    return cfg
+
+
 def strip_wrapper_prefix(name: str) -> str:
     """``module._orig_mod.visual.proj`` -> ``visual.proj``."""
     changed = True
@@ -128,11 +157,10 @@ def create_model(arch: str, pretrained: str, *, device: str | torch.device = "cp
         if build is not None:
             # Resolved now, not at import: the cache directory may have changed since.
             register_pretrained_tag(arch, pretrained, build(), build=build)
-        tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
-        if tag_cfg:
+        if open_clip.get_pretrained_cfg(arch, pretrained):
             # OpenAI weights were trained with QuickGELU; building ViT-B-16 without it
             # silently changes every activation of the pretrained network.
-            kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
+            kwargs["force_quick_gelu"] = uses_quick_gelu(arch, pretrained)
         elif not Path(pretrained).is_file():
             raise CheckpointError(f"pretrained {pretrained!r}: no such file and not a known tag for {arch}")
         kwargs["pretrained"] = pretrained

@@ -20,3 +20,34 @@ def test_train_demo_config_prints_metric_lines(tmp_path):
     ck = tmp_path / "run" / "checkpoint"
     assert (ck / "model.safetensors").is_file() and (ck / "train_state.pt").is_file()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["optim"]["epochs"] == 1
+
+
+def test_train_resume_continues_an_interrupted_run_exactly(tmp_path, write_yaml, monkeypatch, capsys):
+    """Ctrl-C after the first epoch's checkpoint, then `train --resume`: the same weights as an unbroken run."""
+    import torch
+
+    from conftest import tiny_raw
+    from dps_tune import cli
+    from dps_tune.checkpoint import load_checkpoint
+
+    path = write_yaml(tiny_raw(**{"optim.epochs": 2}))
+    assert cli.main(["train", str(path), "--out", str(tmp_path / "unbroken"), "--no-progress"]) == 0
+
+    real_keep = cli._keep_newest
+
+    def interrupted(src, final):
+        real_keep(src, final)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_keep_newest", interrupted)
+    assert cli.main(["train", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 130
+    monkeypatch.undo()
+    ckpt = tmp_path / "run" / "checkpoint"
+    assert load_checkpoint(ckpt).loop.epoch == 1
+    assert cli.main(["train", str(path), "--out", str(tmp_path / "run"), "--resume", str(ckpt), "--no-progress"]) == 0
+    capsys.readouterr()
+    a = load_checkpoint(tmp_path / "unbroken" / "checkpoint")
+    b = load_checkpoint(ckpt)
+    assert b.loop.epoch == 2 and all(torch.equal(a.model_state[k], b.model_state[k]) for k in a.model_state)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [4, 8]  # epoch 1 before the interrupt, epoch 2 after the resume

@@ -36,11 +36,12 @@ def test_exact_key_wins_over_leaf_name():
 
 
 def test_paths_made_absolute(write_yaml, tmp_path, monkeypatch):
-    (tmp_path / "ref").mkdir()
-    path = write_yaml(tiny_raw(**{"algorithm": "dps", "dps.reference": "ref"}))
-    monkeypatch.chdir(tmp_path)
+    """Relative paths are taken from the current directory, not from the config file's folder."""
+    (tmp_path / "work" / "ref").mkdir(parents=True)
+    path = write_yaml(tiny_raw(**{"algorithm": "dps", "dps.reference": "ref"}))  # in tmp_path, not in work/
+    monkeypatch.chdir(tmp_path / "work")
     cfg = load_file(path).config
-    assert cfg.dps.reference == str(tmp_path / "ref")
+    assert cfg.dps.reference == str(tmp_path / "work" / "ref")
 
 
 BAD = [
@@ -65,12 +66,21 @@ BAD = [
     ({"pretrained": "laion9000"}, "pretrained = 'laion9000': must be none, a weights file"),
     ({"algorithm": "dps", "dps.reference": "/nonexistent/ref"}, "dps.reference = '/nonexistent/ref': no such file"),
     ({"algorithm": "dps"}, "algorithm dps needs exactly one of dps.reference"),
+    ({"dps.reference_metric": "ood_test_f1"}, "dps.reference_metric = 'ood_test_f1': a test split never selects"),
+    ({"data.dataset": "csv", "data.train_csv": "TRAIN", "data.classnames": "NAMES",
+      "data.eval_csvs": {"id_val": "TRAIN"}, "data.eval_splits": ["id_val", "ood_test"]},
+     "data.eval_splits = ['id_val', 'ood_test']: asks for 'ood_test' but data.eval_csvs names no CSV for it"),
 ]
 
 
 @pytest.mark.parametrize("overrides,message", BAD, ids=[m.split(":")[0][:40] for _, m in BAD])
-def test_bad_config_is_one_line_error(overrides, message, write_yaml, capsys):
-    path = write_yaml(tiny_raw(**overrides))
+def test_bad_config_is_one_line_error(overrides, message, write_yaml, capsys, tmp_path):
+    (tmp_path / "train.csv").write_text("filepath\ttitle\tlabel\n")
+    (tmp_path / "names.txt").write_text("a\nb\n")
+    files = {"TRAIN": str(tmp_path / "train.csv"), "NAMES": str(tmp_path / "names.txt")}
+    resolve = (lambda v: files.get(v, v) if isinstance(v, str) else
+               {k: files.get(x, x) for k, x in v.items()} if isinstance(v, dict) else v)
+    path = write_yaml(tiny_raw(**{k: resolve(v) for k, v in overrides.items()}))
     code = cli.main(["train", str(path), "--out", str(path.parent / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
@@ -107,6 +117,12 @@ def test_tune_block_is_validated(write_yaml):
     raw["tune"] = {"metric": "ood_val_loss"}
     with pytest.raises(ConfigError, match="tune.metric = 'ood_val_loss'"):
         load_file(write_yaml(raw))
+    for test_metric in ("id_test_f1", "ood_test_acc"):
+        raw["tune"] = {"metric": test_metric}
+        with pytest.raises(ConfigError, match=f"tune.metric = '{test_metric}': a test split never selects"):
+            load_file(write_yaml(raw))
+    raw["tune"] = {"metric": "ood_val_f1"}
+    assert load_file(write_yaml(raw)).tune.metric == "ood_val_f1"
     raw["tune"] = {"num_sample": 3}
     with pytest.raises(ConfigError, match="unknown key tune.num_sample"):
         load_file(write_yaml(raw))
@@ -125,3 +141,17 @@ def test_defaults_are_the_paper_setup():
     assert (cfg.model, cfg.pretrained, cfg.optim.lr, cfg.optim.wd, cfg.optim.epochs, cfg.data.batch_size) == (
         "ViT-B-16", "openai", 1e-5, 0.2, 20, 64)
     assert cfg.optim.warmup_steps == 500
+
+
+def test_best_refuses_to_select_on_a_test_split(tmp_path, capsys):
+    """Checked before the experiment is even read: no directory is needed to be refused."""
+    assert cli.main(["best", str(tmp_path / "no-such-sweep"), "--metric", "ood_test_acc"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--metric = 'ood_test_acc': a test split never selects" in err[0], err
+
+
+def test_train_refuses_a_bad_resume_path_before_any_work(write_yaml, tmp_path, capsys):
+    path = write_yaml(tiny_raw())
+    assert cli.main(["train", str(path), "--out", str(tmp_path / "out"), "--resume", str(tmp_path / "nope")]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

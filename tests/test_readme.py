@@ -31,3 +31,15 @@ def test_no_file_cites_notes_a_user_does_not_have():
                *(ROOT / "scripts").glob("*")]
     offenders = [str(p.relative_to(ROOT)) for p in sources if p.is_file() and "ALGORITHMS.md" in p.read_text()]
     assert not offenders
+
+
+def test_reference_lists_every_option_and_key_as_the_code_has_them():
+    """REFERENCE.md is generated from the parsers and dataclasses; regenerate with `make reference`."""
+    from dps_tune import reference_doc
+
+    committed = (ROOT / "REFERENCE.md").read_text()
+    assert committed == reference_doc.render(), "REFERENCE.md is stale: run `make reference`"
+    for needle in ("`--no-progress`", "`--x-metric`", "### dps-tune pretrain", "`--seed` `SEED` | `0`",
+                   "`optim.grad_clip`", "`optim.beta1`", "`data.templates`", "`data.synthetic.image_size`",
+                   "`dps.ranking_cache`", "`tune.keep_checkpoints` | `int` | `2`"):
+        assert needle in committed, needle

@@ -149,10 +149,16 @@ def test_ranking_cache_hit(tmp_path, caplog):
     assert "ranking cache miss" in caplog.text and "ranking cache hit" in caplog.text
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(list(tmp_path.glob("*.pt"))) == 1
-    # a different reference is a different key
+    # a different pretrained model is a different key, with the same reference...
+    theta0_other = {k: v.clone() for k, v in theta0.items()}
+    theta0_other["text_projection"] += 1
+    other, hit3 = suppression.cached_ranking(theta0_other, theta1, tmp_path)
+    assert not hit3 and not all(torch.equal(a[k], other[k]) for k in a)
+    # ...and so is a different reference, with the same pretrained model
     theta1["text_projection"] += 1
-    _, hit3 = suppression.cached_ranking(theta0, theta1, tmp_path)
-    assert not hit3
+    _, hit4 = suppression.cached_ranking(theta0, theta1, tmp_path)
+    assert not hit4
+    assert len(list(tmp_path.glob("*.pt"))) == 3
 
 
 def _pretrained_file(tmp_path):
@@ -215,3 +221,43 @@ def test_rank_command_writes_and_summarizes(tmp_path, capsys):
     assert "token_embedding.weight" in text and "visual.conv1.weight" in text
     blob = torch.load(out, weights_only=True)
     assert blob["rule"] == suppression.RULE_VERSION
+
+
+def test_rank_checks_its_reference_before_building_a_model(tmp_path, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before --reference was checked")
+
+    monkeypatch.setattr(models, "pretrained_state_dict", no_model)
+    out = tmp_path / "ranking.pt"
+    code = cli.main(["rank", "--model", "tiny-vit", "--pretrained", "none", "--reference", str(tmp_path / "nope"),
+                     "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"--reference = '{tmp_path / 'nope'}': no such file" in err[0], err
+    assert not out.exists()
+
+
+def test_a_tie_at_the_cut_goes_to_the_earlier_tensor_and_row():
+    """Equal scores straddle the cut: the first in (tensor, row) order is suppressed, as the rule says."""
+    scores = {"a.weight": torch.tensor([0.9, 0.5, 0.5]), "b.weight": torch.tensor([0.5, 0.1])}
+    top2 = suppression.select_rows(scores, 0.4, "top")  # k = 2: 0.9, then the first of three 0.5s
+    assert top2["a.weight"].tolist() == [True, True, False] and top2["b.weight"].tolist() == [False, False]
+    top3 = suppression.select_rows(scores, 0.6, "top")  # k = 3: two of the three 0.5s, both in a
+    assert top3["a.weight"].tolist() == [True, True, True] and top3["b.weight"].tolist() == [False, False]
+    bottom2 = suppression.select_rows(scores, 0.4, "bottom")  # the tail of the same order
+    assert bottom2["a.weight"].tolist() == [False, False, False] and bottom2["b.weight"].tolist() == [True, True]
+
+
+def test_suppressed_rows_get_a_zero_gradient_before_clipping():
+    """Clipping (optim.grad_clip) sees no gradient on held rows: the hook zeroes them on accumulation."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6))
+    masks = {"0.weight": torch.tensor([True, False, True, False, False, False])}
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    suppression.RowSuppressor(model, masks).attach(opt)
+    model(torch.randn(8, 4)).pow(2).sum().backward()
+    grad = model[0].weight.grad
+    assert torch.count_nonzero(grad[[0, 2]]) == 0 and torch.count_nonzero(grad[[1, 3, 4, 5]]) > 0
+    # so the norm clipping scales by is that of the trained rows alone
+    total = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+    others = torch.cat([grad[[1, 3, 4, 5]].flatten(), model[0].bias.grad])
+    assert total.item() == pytest.approx(others.norm().item())

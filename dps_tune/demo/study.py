@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -60,6 +62,20 @@ def format_comparison(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def command_path() -> str:
+    """How to call ``dps-tune`` from this shell: its name if it is on PATH, else its path (e.g. .venv/bin/dps-tune)."""
+    beside = Path(sys.executable).with_name("dps-tune")
+    on_path = shutil.which("dps-tune")
+    if on_path and Path(on_path).resolve() == beside.resolve():
+        return "dps-tune"
+    if not beside.is_file():
+        return "dps-tune"
+    try:
+        return str(beside.relative_to(Path.cwd()))
+    except ValueError:
+        return str(beside)
+
+
 def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool = True) -> int:
     """Run the whole study into ``out``; returns a process exit status."""
     overrides = list(overrides or [])
@@ -103,8 +119,10 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
     report = render_report(exp_dirs, out / "report.html", zero_shot=zero_shot)
     minutes = (time.time() - start) / 60
     _say(f"\nreport:   {report}   (open it in a browser)")
-    _say(f"inspect:  dps-tune results {exp_dirs[1]}")
-    _say(f"          dps-tune best {exp_dirs[0]} --export {out / 'best_ce'}")
+    cmd = command_path()
+    _say(f"inspect:  {cmd} results {exp_dirs[1]}")
+    _say(f"          {cmd} best {exp_dirs[0]} --export {out / 'best_ce'}")
+    _say(f"          {cmd} report {' '.join(map(str, exp_dirs))} --out {out / 'report.html'}")
     _say(f"          tensorboard --logdir {out}")
     _say(f"finished in {minutes:.1f} min")
     return 0

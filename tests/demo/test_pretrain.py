@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dps_tune import cli, models
+from dps_tune import cli, files, models
 from dps_tune.demo import pretrain
 from dps_tune.config import SyntheticConfig, config_from_dict
 from dps_tune.errors import ConfigError
@@ -61,7 +61,7 @@ def test_synthetic_tag_builds_on_first_use_then_reuses_the_file(monkeypatch, cap
     config_from_dict({"model": ARCH, "pretrained": "synthetic", "data": {"dataset": "synthetic"}})
 
     torch.manual_seed(123)
-    with caplog.at_level(logging.INFO, logger="dps_tune.pretrain"):
+    with caplog.at_level(logging.INFO, logger="dps_tune.demo.pretrain"):
         first = models.create_model(ARCH, "synthetic")
     rng_after_build = torch.random.get_rng_state()
     assert any("building the pretrained" in r.getMessage() for r in caplog.records)
@@ -73,7 +73,7 @@ def test_synthetic_tag_builds_on_first_use_then_reuses_the_file(monkeypatch, cap
     stamp = path.stat().st_mtime_ns
     caplog.clear()
     torch.manual_seed(123)
-    with caplog.at_level(logging.INFO, logger="dps_tune.pretrain"):
+    with caplog.at_level(logging.INFO, logger="dps_tune.demo.pretrain"):
         second = models.create_model(ARCH, "synthetic")
     assert not any("building" in r.getMessage() for r in caplog.records)
     # A seeded trial sees the same random stream whether or not the weights had to be built.
@@ -82,9 +82,16 @@ def test_synthetic_tag_builds_on_first_use_then_reuses_the_file(monkeypatch, cap
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
 
 
-def test_build_is_deterministic_and_concurrent_builders_share_one_file():
+def test_build_is_deterministic_and_concurrent_builders_share_one_file(monkeypatch):
     settings = pretrain.PretrainSettings(**{**SMOKE.__dict__, "seed": 7})
-    paths, errors = [], []
+    paths, errors, builds = [], [], []
+    real_pretrain = pretrain.pretrain_model
+
+    def counted(*args, **kwargs):
+        builds.append(1)
+        return real_pretrain(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "pretrain_model", counted)
 
     def build():
         try:
@@ -98,10 +105,12 @@ def test_build_is_deterministic_and_concurrent_builders_share_one_file():
     for t in threads:
         t.join()
     assert not errors and len(paths) == 2 and paths[0] == paths[1]
+    assert len(builds) == 1  # the second builder waited for the lock and found the file
     first = load_file(str(paths[0]))
-    assert not list(paths[0].parent.glob(paths[0].name + ".tmp-*"))
+    assert not list(paths[0].parent.glob(files.TEMP_GLOB))
 
     rebuilt = load_file(str(pretrain.ensure_pretrained(ARCH, settings, force=True)))
+    assert len(builds) == 2
     assert first.keys() == rebuilt.keys() and all(torch.equal(first[k], rebuilt[k]) for k in first)
 
 

@@ -33,3 +33,25 @@ def test_demo_runs_the_whole_study(tmp_path):
     assert (out / "comparison.txt").read_text().strip() in text
     for stage in ("ce", "dps", "flyp"):
         assert (out / stage / "dps_tune_sweep.json").is_file()
+    # The commands the demo prints at the end work as printed, from the same directory.
+    printed = [line.split(":", 1)[1].strip() if line.startswith("inspect:") else line.strip()
+               for line in text.splitlines()[text.splitlines().index(next(
+                   x for x in text.splitlines() if x.startswith("inspect:"))):]]
+    results_cmd, best_cmd, report_cmd = printed[0].split(), printed[1].split(), printed[2].split()
+    assert results_cmd[1:2] == ["results"] and best_cmd[1:2] == ["best"] and report_cmd[1:2] == ["report"]
+    for cmd in (results_cmd, best_cmd, report_cmd):
+        again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, (cmd, again.stderr[-2000:])
+    assert (out / "best_ce" / "model.safetensors").is_file()
+
+
+def test_printed_command_path_works_from_this_shell(tmp_path, monkeypatch):
+    """Without .venv/bin on PATH the demo prints the path of dps-tune, not a bare name."""
+    from dps_tune.demo.study import command_path
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.chdir(tmp_path)
+    cmd = command_path()
+    assert Path(cmd).is_file() and Path(cmd).name == "dps-tune", cmd
+    proc = subprocess.run([cmd, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "sweep" in proc.stdout

@@ -80,3 +80,17 @@ def test_the_sweep_file_is_replaced_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (exp / "dps_tune_sweep.json").read_text() == before
     assert not list(exp.glob(".*.tmp-*"))  # nothing half-written is left to mistake for it
+
+
+@pytest.mark.parametrize("problem", [
+    {"search": {"lr": {"loguniform": [1e-3, 1e-4]}}},  # a reversed range
+    {"tune": {"metric": "ood_test_f1"}},  # selection on a test split
+    {"dps.reference": "/nonexistent/ref", "algorithm": "dps"},  # a reference that is not there
+])
+def test_a_refused_sweep_creates_nothing(problem, tmp_path, write_yaml, capsys):
+    raw = tiny_raw(**{k: v for k, v in problem.items() if k not in ("search", "tune")})
+    raw["search"] = problem.get("search", {"lr": {"loguniform": [1e-4, 1e-3]}})
+    raw["tune"] = problem.get("tune", {})
+    assert cli.main(["sweep", str(write_yaml(raw)), "--storage", str(tmp_path / "runs"), "--name", "x"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
