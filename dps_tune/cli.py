@@ -231,7 +231,7 @@ class SweepCommand(Command):
         from dps_tune.sweep import ray_tune
 
         try:
-            exp_dir = ray_tune.run_sweep(sweep, address=args.address, storage=args.storage, name=args.name,
+            exp_dir = ray_tune.run_sweep(sweep, address=args.address, storage_path=args.storage, name=args.name,
                                          dashboard=not args.no_dashboard, shared_storage=args.shared_storage)
         finally:
             ray_tune.shutdown()
@@ -243,7 +243,7 @@ class Resume(Command):
     help = "continue an interrupted sweep from its checkpoints"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("exp_dir", help="experiment directory written by `dps-tune sweep`")
+        p.add_argument("exp_dir", help="experiment written by `dps-tune sweep`: a directory or a storage URI")
         _add_cluster_options(p)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -258,19 +258,16 @@ class Resume(Command):
         return _print_sweep_summary(exp_dir, tune_cfg.metric, tune_cfg.mode)
 
 
-def _print_sweep_summary(exp_dir: Path | None, metric: str, mode: str) -> int:
-    from dps_tune.sweep import results
+def _print_sweep_summary(exp_dir: str, metric: str, mode: str) -> int:
+    from dps_tune.sweep import results, storage
 
-    if exp_dir is None:
-        print("sweep finished (remote storage: inspect it with the Ray tools)")
-        return 0
-    table = results.results_table(exp_dir, metric, mode)
+    table = results.results_table(storage.local_view(exp_dir), metric, mode)
     print()
     print(_format_table(table.head(20)))
     errored = table[table["status"] == "error"]
     print(f"\nexperiment: {exp_dir}")
     print(f"  dps-tune results {exp_dir}")
-    print(f"  dps-tune best {exp_dir} --export {exp_dir}/best")
+    print(f"  dps-tune best {exp_dir} --export best")
     print(f"  tensorboard --logdir {exp_dir}")
     if len(errored):
         print(f"dps-tune: {len(errored)} trial(s) failed after their retries: "
@@ -296,15 +293,15 @@ class Results(Command):
     help = "one row per trial: parameters, epochs, status, ID and OOD metrics"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("exp_dir")
+        p.add_argument("exp_dir", help="experiment: a directory or a storage URI (file://, s3://, gs://)")
         p.add_argument("--metric", help="sort by this metric (default: the sweep's tune.metric)")
         p.add_argument("--mode", choices=["max", "min"], help="sort order (default: the sweep's tune.mode)")
         p.add_argument("--csv", help="also write the table to this CSV file")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.sweep import results
+        from dps_tune.sweep import results, storage
 
-        table = results.results_table(args.exp_dir, args.metric, args.mode)
+        table = results.results_table(storage.local_view(args.exp_dir), args.metric, args.mode)
         print(_format_table(table))
         if args.csv:
             table.to_csv(args.csv, index=False)
@@ -317,7 +314,7 @@ class Best(Command):
     help = "find, and optionally export, the best checkpoint of an experiment"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("exp_dir")
+        p.add_argument("exp_dir", help="experiment: a directory or a storage URI (file://, s3://, gs://)")
         p.add_argument("--metric", help="a validation metric (id_val_f1, ood_val_acc, ...; never a test split); "
                                         "default: the sweep's tune.metric")
         p.add_argument("--mode", choices=["max", "min"])
@@ -328,19 +325,20 @@ class Best(Command):
     def run(self, args: argparse.Namespace) -> int:
         from dps_tune import checkpoint
         from dps_tune.config import DEFAULT_METRIC, check_selection_metric, default_mode
-        from dps_tune.sweep import results
+        from dps_tune.sweep import results, storage
 
         if args.metric is not None:
             check_selection_metric("--metric", args.metric)
-        meta = results.sweep_meta(args.exp_dir).get("tune", {})
+        exp = storage.local_view(args.exp_dir)
+        meta = results.sweep_meta(exp).get("tune", {})
         metric = args.metric or meta.get("metric", DEFAULT_METRIC)
         mode = args.mode or (meta.get("mode") if not args.metric else None) or default_mode(metric)
-        path = results.best_checkpoint(args.exp_dir, metric, mode, args.scope)
-        metrics = checkpoint.load_checkpoint(path, with_state=False).metrics
-        print(f"best by {metric} ({mode}, scope {args.scope}): {path}")
+        path = results.best_checkpoint(exp, metric, mode, args.scope)
+        metrics = json.loads((path / checkpoint.METRICS_FILE).read_text())
+        print(f"best by {metric} ({mode}, scope {args.scope}): {storage.source(path)}")
         print("  " + "  ".join(f"{k}={metrics[k]:.4f}" for k in sorted(metrics) if k.endswith(("_acc", "_f1"))))
         if args.export:
-            out = checkpoint.export(path, args.export)
+            out = checkpoint.export(storage.fetch_weights(path), args.export)
             print(f"exported model.safetensors, config.json, metrics.json to {out}")
         return 0
 
@@ -350,7 +348,8 @@ class Report(Command):
     help = "one self-contained HTML page of plots and tables for one or more sweeps"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("exp_dirs", nargs="+", metavar="EXP_DIR", help="experiment directories of `dps-tune sweep`")
+        p.add_argument("exp_dirs", nargs="+", metavar="EXP_DIR",
+                       help="experiments of `dps-tune sweep`: directories or storage URIs")
         p.add_argument("--out", required=True, help="HTML file to write (images are embedded)")
         p.add_argument("--zero-shot", metavar="FILE",
                        help="zero-shot metrics: a JSON file or a checkpoint directory "
@@ -360,12 +359,13 @@ class Report(Command):
                        help="OOD axis of the ID-vs-OOD plot (default: ood_test_acc); the macro-F1 twin is also drawn")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.sweep import report
+        from dps_tune.sweep import report, storage
 
-        zero_shot = args.zero_shot or report.find_zero_shot(args.exp_dirs)
+        exps = [storage.local_view(e) for e in args.exp_dirs]
+        zero_shot = args.zero_shot or report.find_zero_shot(exps)
         if zero_shot is not None and not args.zero_shot:
             print(f"zero-shot metrics: {zero_shot}", file=sys.stderr)
-        out = report.render_report(args.exp_dirs, args.out, zero_shot=zero_shot, x_metric=args.x_metric,
+        out = report.render_report(exps, args.out, zero_shot=zero_shot, x_metric=args.x_metric,
                                    y_metric=args.y_metric)
         print(f"report written to {out}")
         return 0

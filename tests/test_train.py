@@ -184,3 +184,16 @@ def test_dps_without_a_ranking_is_refused_before_any_work(tiny_config, reference
     cfg = tiny_config(algorithm="dps", **{"dps.reference": str(reference_file)})
     with pytest.raises(TrainingError, match="needs the DPS ranking"):
         run_trial(cfg)
+
+
+@pytest.mark.parametrize("share,says", [(0.5, "with 0.5 of the GPU"), (None, "with the whole GPU")])
+def test_out_of_memory_names_the_batch_size_and_the_gpu_share(tiny_config, monkeypatch, share, says):
+    """The message a fractional-GPU trial ends with (raised here on the CPU, where the share is not applied)."""
+    from dps_tune import train
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "train_step", oom)
+    with pytest.raises(TrainingError, match=f"CUDA out of memory at data.batch_size=8 {says}; lower the batch"):
+        run_trial(tiny_config(), memory_fraction=share)

@@ -101,7 +101,7 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
             t = sweep.tune
             _say(f"\n[{i}/5] {name.upper()} sweep: {t.num_samples} trials, Optuna TPE + ASHA on {t.metric}, "
                  f"{t.max_concurrent_trials} at a time, up to {sweep.max_t} epochs each")
-            exp = ray_tune.run_sweep(sweep, storage=str(out), name=name, dashboard=dashboard)
+            exp = Path(ray_tune.run_sweep(sweep, storage_path=str(out), name=name, dashboard=dashboard))
             exp_dirs.append(exp)
             table = results.results_table(exp)
             _say(f"      {name}: {(table['status'] == 'completed').sum()} completed, "

@@ -9,6 +9,7 @@ on the driver.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -33,12 +34,12 @@ from ray.tune.search import ConcurrencyLimiter  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from dps_tune import preflight, suppression  # noqa: E402
-from dps_tune.config import (Config, TuneConfig, config_from_dict, merge_dotted, save_json, to_dict,  # noqa: E402
+from dps_tune.config import (Config, TuneConfig, config_from_dict, merge_dotted, to_dict,  # noqa: E402
                              tune_config_from_dict, with_overrides)
 from dps_tune.errors import LaunchError, UserError, first_line  # noqa: E402
 from dps_tune.files import write_json  # noqa: E402
 from dps_tune.paths import is_remote  # noqa: E402
-from dps_tune.sweep import reference  # noqa: E402
+from dps_tune.sweep import reference, storage  # noqa: E402
 from dps_tune.sweep.results import SWEEP_FILE, TRIAL_CONFIG_FILE, sweep_meta  # noqa: E402
 from dps_tune.sweep.search_space import SearchSpace, Sweep, parse_search, to_optuna  # noqa: E402
 from dps_tune.train import run_trial  # noqa: E402
@@ -120,11 +121,30 @@ class _ResolvedConfigWriter(tune.Callback):
         self.base = to_dict(base)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        path = Path(trial.path) if trial.path and not is_remote(trial.path) else None
-        if path is None:
-            return
-        path.mkdir(parents=True, exist_ok=True)
-        save_json(merge_dotted(self.base, trial.config), path / TRIAL_CONFIG_FILE)
+        # Through the trial's own storage filesystem: a local disk, file://, s3:// or gs:// alike.
+        text = json.dumps(merge_dotted(self.base, trial.config), indent=2) + "\n"
+        storage.write_fs_text(trial.storage.storage_filesystem, f"{trial.path}/{TRIAL_CONFIG_FILE}", text)
+
+
+class _StudyUploader(tune.Callback):
+    """Copies the driver's Optuna study to remote storage whenever a trial ends, so readers see it."""
+
+    def __init__(self, local: Path, location: str):
+        self.local, self.location = local, location
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _upload_state(self.local, self.location)
+
+    on_trial_error = on_trial_complete
+
+
+def _upload_state(local: Path, location: str) -> None:
+    """The sweep file and the study of a remote experiment, from its local staging folder to the storage."""
+    if not is_remote(location):
+        return
+    for name in (SWEEP_FILE, OPTUNA_FILE):
+        if (local / name).is_file():
+            storage.upload(local / name, storage.join(location, name))
 
 
 # ------------------------------------------------------------------------- searcher
@@ -229,43 +249,44 @@ def _build_trainable(base: Config, ranking: suppression.Scores | None, tune_cfg:
     return tune.with_resources(fn, {"cpu": tune_cfg.cpus_per_trial, "gpu": tune_cfg.gpus_per_trial})
 
 
-def run_sweep(sweep: Sweep, *, address: str | None = None, storage: str | None = None, name: str | None = None,
-              dashboard: bool = True, shared_storage: bool = False) -> Path | None:
-    """Launch a sweep and wait for it; returns the experiment directory (None on remote storage)."""
-    storage = storage or str(Path("runs").resolve())
-    if not is_remote(storage):
-        storage = str(Path(storage).expanduser().resolve())
+def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | None = None,
+              name: str | None = None, dashboard: bool = True, shared_storage: bool = False) -> str:
+    """Launch a sweep and wait for it; returns where the experiment is (a path, or a URI on remote storage)."""
+    storage_path = storage_path or str(Path("runs").resolve())
+    if not is_remote(storage_path):
+        storage_path = str(Path(storage_path).expanduser().resolve())
     name = name or f"{sweep.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    exp_dir = None if is_remote(storage) else Path(storage) / name
-    if exp_dir is not None and (exp_dir / SWEEP_FILE).exists():
-        raise LaunchError(f"experiment {exp_dir} exists already: continue it with `dps-tune resume {exp_dir}` "
+    location = storage.join(storage_path, name)
+    if not is_remote(storage_path) and Path(storage_path).exists() and not Path(storage_path).is_dir():
+        raise LaunchError(f"--storage {storage_path}: a file, not a directory")
+    if storage.exists(storage.join(location, SWEEP_FILE)):
+        raise LaunchError(f"experiment {location} exists already: continue it with `dps-tune resume {location}` "
                           "or pass another --name")
+    # The driver's own files: in the experiment on a local disk, staged locally for a URI.
+    local = storage.staging_dir(location) if is_remote(location) else Path(location)
 
     _connect(address, dashboard)
-    _check_resources(sweep.tune, storage, shared_storage)
+    _check_resources(sweep.tune, storage_path, shared_storage)
     resolved = _resolve_dps(sweep.config, sweep.space)
     base = resolved.config
 
     t = sweep.tune
+    local.mkdir(parents=True, exist_ok=True)
     searcher = None
     if sweep.space:
-        study_storage = None
-        if exp_dir is not None:
-            exp_dir.mkdir(parents=True, exist_ok=True)
-            study_storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / OPTUNA_FILE}")
+        study_storage = optuna.storages.RDBStorage(f"sqlite:///{local / OPTUNA_FILE}")
         searcher = ConcurrencyLimiter(
             PrunedOptunaSearch(space=to_optuna(sweep.space), metric=t.metric, mode=t.mode, seed=t.seed,
                                study_name=name, storage=study_storage, max_t=sweep.max_t),
             max_concurrent=t.max_concurrent_trials)
     scheduler = ASHAScheduler(time_attr="epoch", metric=t.metric, mode=t.mode, max_t=sweep.max_t,
                               grace_period=min(t.grace_period, sweep.max_t), reduction_factor=t.reduction_factor)
-    if exp_dir is not None:
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        write_json(exp_dir / SWEEP_FILE, {
-            "name": name, "base": to_dict(base), "tune": to_dict(t), "search": sweep.raw_search,
-            "space_file": str(sweep.path), "max_t": sweep.max_t, "status": "running",
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        })
+    write_json(local / SWEEP_FILE, {
+        "name": name, "base": to_dict(base), "tune": to_dict(t), "search": sweep.raw_search,
+        "space_file": str(sweep.path), "max_t": sweep.max_t, "status": "running",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    })
+    _upload_state(local, location)
     tuner = tune.Tuner(
         _build_trainable(base, resolved.ranking, t),
         param_space={},
@@ -275,77 +296,84 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage: str | None =
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=t.num_samples,
                                     max_concurrent_trials=None if searcher else t.max_concurrent_trials,
                                     reuse_actors=True),
-        run_config=_run_config(name, storage, sweep.space.keys, t, base),
+        run_config=_run_config(name, storage_path, sweep.space.keys, t, base, local, location),
     )
     result = tuner.fit()
-    return _finish(exp_dir, result)
+    _finish(local, location, result)
+    return location
 
 
-def _run_config(name: str, storage: str, searched_keys: list[str], t: TuneConfig, base: Config) -> Any:
+def _run_config(name: str, storage_path: str, searched_keys: list[str], t: TuneConfig, base: Config, local: Path,
+                location: str) -> Any:
     reporter = tune.CLIReporter(
         metric_columns=PROGRESS_METRICS,
         parameter_columns={k: k.rsplit(".", 1)[-1] for k in searched_keys},
         max_report_frequency=10, metric=t.metric, mode=t.mode, sort_by_metric=True, max_progress_rows=30)
     return tune.RunConfig(
         name=name,
-        storage_path=storage,
+        storage_path=storage_path,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=t.metric,
                                                 checkpoint_score_order=t.mode),
         failure_config=tune.FailureConfig(max_failures=t.max_failures),
         progress_reporter=reporter,
-        callbacks=[_ResolvedConfigWriter(base)],
+        callbacks=[_ResolvedConfigWriter(base), _StudyUploader(local, location)],
         verbose=1,
     )
 
 
-def _finish(exp_dir: Path | None, result) -> Path | None:
+def _finish(local: Path, location: str, result) -> None:
     """Record the end of a sweep; mark Optuna trials a killed driver left RUNNING as FAIL."""
-    if exp_dir is None:
-        return None
-    meta = sweep_meta(exp_dir)
+    meta = sweep_meta(local)
     meta["status"] = "finished"
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     meta["errors"] = len(result.errors)
-    write_json(exp_dir / SWEEP_FILE, meta)
-    db = exp_dir / OPTUNA_FILE
+    write_json(local / SWEEP_FILE, meta)
+    db = local / OPTUNA_FILE
     if db.exists():
-        storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
-        study_id = storage.get_study_id_from_name(meta["name"])
-        for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    return exp_dir
+        study = optuna.storages.RDBStorage(f"sqlite:///{db}")
+        study_id = study.get_study_id_from_name(meta["name"])
+        for trial in study.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            study.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    _upload_state(local, location)
 
 
-def load_resumable(exp_dir: str | os.PathLike) -> tuple[Path, dict[str, Any], Config, TuneConfig, SearchSpace]:
-    """Read what resuming ``exp_dir`` needs, checking it before Ray starts."""
-    exp_dir = Path(exp_dir).resolve()
-    if not exp_dir.is_dir():
-        raise UserError(f"experiment {str(exp_dir)!r}: no such directory")
-    meta = sweep_meta(exp_dir)
+def load_resumable(exp: str | os.PathLike) -> tuple[str, dict[str, Any], Config, TuneConfig, SearchSpace]:
+    """Read what resuming ``exp`` (a path or a URI) needs, checking it before Ray starts."""
+    location = str(exp) if is_remote(exp) else str(Path(exp).resolve())
+    view = storage.local_view(location)
+    if not view.is_dir():
+        raise UserError(f"experiment {location!r}: no such directory")
+    meta = sweep_meta(view)
     if "base" not in meta or "tune" not in meta:
-        raise UserError(f"experiment {str(exp_dir)!r}: not a dps_tune sweep (no complete {SWEEP_FILE})")
+        raise UserError(f"experiment {location!r}: not a dps_tune sweep (no complete {SWEEP_FILE})")
     cfg = config_from_dict(meta["base"])
     preflight.check_config(cfg)
     space = parse_search(meta.get("search") or {}, cfg)
-    return exp_dir, meta, cfg, tune_config_from_dict(meta["tune"]), space
+    return location, meta, cfg, tune_config_from_dict(meta["tune"]), space
 
 
-def resume_sweep(exp_dir: str | os.PathLike, *, address: str | None = None, dashboard: bool = True,
-                 shared_storage: bool = False) -> Path:
+def resume_sweep(exp: str | os.PathLike, *, address: str | None = None, dashboard: bool = True,
+                 shared_storage: bool = False) -> str:
     """Continue an interrupted sweep: unfinished and errored trials go on from their last checkpoints."""
-    exp_dir, meta, cfg, tune_cfg, space = load_resumable(exp_dir)
-    if not tune.Tuner.can_restore(str(exp_dir)):
-        raise UserError(f"experiment {str(exp_dir)!r}: Ray has no experiment state to restore")
+    location, meta, cfg, tune_cfg, space = load_resumable(exp)
+    if not tune.Tuner.can_restore(location):
+        raise UserError(f"experiment {location!r}: Ray has no experiment state to restore")
+    local = storage.staging_dir(location) if is_remote(location) else Path(location)
+    if is_remote(location):  # the restored searcher writes to the study where the sweep left it
+        storage.download(storage.join(location, OPTUNA_FILE), local / OPTUNA_FILE)
     _connect(address, dashboard)
-    _check_resources(tune_cfg, str(exp_dir.parent), shared_storage=shared_storage)
+    _check_resources(tune_cfg, location, shared_storage=shared_storage)
     # The stored base names the reference checkpoint the sweep started with, so the
     # ranking is the same one (and usually a cache hit).
     resolved = _resolve_dps(cfg, space)
     meta["status"] = "running"
-    write_json(exp_dir / SWEEP_FILE, meta)
-    tuner = tune.Tuner.restore(str(exp_dir), trainable=_build_trainable(resolved.config, resolved.ranking, tune_cfg),
+    local.mkdir(parents=True, exist_ok=True)
+    write_json(local / SWEEP_FILE, meta)
+    _upload_state(local, location)
+    tuner = tune.Tuner.restore(location, trainable=_build_trainable(resolved.config, resolved.ranking, tune_cfg),
                                resume_unfinished=True, resume_errored=True, restart_errored=False)
-    return _finish(exp_dir, tuner.fit())
+    _finish(local, location, tuner.fit())
+    return location
 
 
 def shutdown() -> None:

@@ -25,6 +25,7 @@ import pandas as pd
 
 from dps_tune.config import DEFAULT_METRIC, best_of, default_mode, merge_dotted
 from dps_tune.errors import UserError, first_line
+from dps_tune.sweep.storage import has_weights
 
 SWEEP_FILE = "dps_tune_sweep.json"
 TRIAL_CONFIG_FILE = "dps_tune_config.json"
@@ -44,7 +45,7 @@ def checkpoints(exp_dir: str | os.PathLike) -> list[tuple[Path, dict]]:
     found = []
     for metrics_path in sorted(exp.rglob("metrics.json")):
         ckpt = metrics_path.parent
-        if not (ckpt / "model.safetensors").is_file() or ckpt.name.startswith("."):
+        if not has_weights(ckpt) or ckpt.name.startswith("."):
             continue
         try:
             metrics = json.loads(metrics_path.read_text())

@@ -304,3 +304,30 @@ def test_data_benchmark_prints_one_line(capsys):
     assert match, out
     jpeg, cached, ratio = map(float, match.groups())
     assert jpeg > 0 and cached > jpeg and math.isclose(ratio, cached / jpeg, rel_tol=0.05)
+
+
+@pytest.mark.parametrize("change", ["deleted", "same_size_new_bytes", "touched_only"])
+def test_every_kind_of_change_to_a_source_image_makes_the_cache_stale(tmp_path, change):
+    """A missing image, new bytes of the same size (a size-only check would miss it), a new mtime alone."""
+    import os
+
+    base = make_iwildcam(tmp_path)
+    out = tmp_path / "cache"
+    cache_writer.prepare(_iwildcam_spec(tmp_path), out, size=32, workers=0, progress=False)
+    victim = sorted((base / "train").glob("*.jpg"))[3]
+    stat = victim.stat()
+    if change == "deleted":
+        victim.unlink()
+        expected = "missing"
+    elif change == "same_size_new_bytes":
+        data = bytearray(victim.read_bytes())
+        data[-10] ^= 0xFF
+        victim.write_bytes(bytes(data))
+        os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+        assert victim.stat().st_size == stat.st_size
+        expected = "new mtime"
+    else:
+        os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+        expected = "new mtime"
+    with pytest.raises(DataError, match=f"stale.*{victim.name}.*{expected}"):
+        cache_reader.open_for(out, _iwildcam_spec(tmp_path))

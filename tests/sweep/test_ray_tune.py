@@ -82,6 +82,13 @@ def test_sweep_end_to_end(ce_sweep, tmp_path):
     # TensorBoard event files for every trial
     assert len(list(exp.glob("*/events.out.tfevents.*"))) == 6
 
+    # keep_checkpoints 1 keeps the best report by tune.metric, plus the latest one (what resume needs)
+    for trial in results.load_trials(exp):
+        kept = {json.loads(p.read_text())["step"] for p in trial.path.glob("checkpoint_*/metrics.json")}
+        best = max(trial.history, key=lambda h: h["id_val_acc"])  # first of equals, as Ray ranks them
+        best_steps = {h["step"] for h in trial.history if h["id_val_acc"] == best["id_val_acc"]}
+        assert trial.history[-1]["step"] in kept and kept & best_steps and len(kept) <= 2, (trial.trial_id, kept)
+
     # `best --export` reloads through plain open_clip and reproduces its metrics
     dps_tune("best", exp, "--export", tmp_path / "best")
     recorded = json.loads((tmp_path / "best" / "metrics.json").read_text())
@@ -136,6 +143,24 @@ def test_crashed_trial_is_retried_from_its_checkpoint(tmp_path):
         assert (trial.path / "error.txt").exists()
     table = results.results_table(tmp_path / "runs" / "crash")
     assert set(table["status"]) == {"completed"}
+
+
+def test_resume_reruns_trials_that_errored_out(tmp_path):
+    """With no retries left a trial ends in error; `resume` continues it from its checkpoint."""
+    path = space(tmp_path, "errored", search={"lr": {"uniform": [1e-3, 2e-3]}},
+                 tune={"num_samples": 2, "grace_period": 3, "max_failures": 0})
+    env = {"DPS_TUNE_INJECT_CRASH_AT_EPOCH": "2", "DPS_TUNE_INJECT_CRASH_MARKER_DIR": str(tmp_path / "markers")}
+    exp = tmp_path / "runs" / "errored"
+    first = dps_tune("sweep", path, "--storage", tmp_path / "runs", "--name", "errored", "--no-dashboard",
+                     env=env, check=False)
+    assert first.returncode == 1 and "2 trial(s) failed" in first.stderr, first.stderr[-2000:]
+    assert set(results.results_table(exp)["status"]) == {"error"}
+    dps_tune("resume", exp, "--no-dashboard", env=env)  # each trial crashes once only
+    table = results.results_table(exp)
+    assert len(table) == 2 and set(table["status"]) == {"completed"}, table
+    for trial in results.load_trials(exp):
+        epochs = [json.loads(x)["epoch"] for x in (trial.path / "result.json").read_text().splitlines()]
+        assert epochs == [1.0, 2.0, 3.0], epochs  # went on after epoch 2, not from the start
 
 
 def test_killed_driver_resumes(tmp_path):

@@ -24,9 +24,14 @@ ZERO_SHOT = {"id_val_acc": 0.41, "id_val_f1": 0.38, "id_test_acc": 0.40, "id_tes
 SPLITS = ("id_val", "id_test", "ood_val", "ood_test")
 
 
-def write_experiment(root: Path, name: str, trials: list[tuple[str, dict, int, float]], *,
+def write_experiment(root: Path, name: str, trials: list[tuple], *,
                      metric: str = "id_val_f1", status: str = "finished") -> Path:
-    """A finished sweep as ray_tune.run_sweep leaves it: ``(trial_id, overrides, epochs run, quality)``."""
+    """A finished sweep as ray_tune.run_sweep leaves it: ``(trial_id, overrides, epochs run, quality[, twist])``.
+
+    ``twist`` makes splits and epochs disagree, so a selection on the wrong thing picks
+    another trial: ``{"shift": {split: delta}}`` moves one split's accuracy, and
+    ``{"peak": e}`` makes the trial decline after epoch ``e`` (its best evaluation is not its last).
+    """
     exp = root / name
     exp.mkdir(parents=True)
     (exp / SWEEP_FILE).write_text(json.dumps({
@@ -34,24 +39,32 @@ def write_experiment(root: Path, name: str, trials: list[tuple[str, dict, int, f
         "tune": {"metric": metric, "mode": "max", "grace_period": 1, "reduction_factor": 2, "max_t": 0},
         "search": {}, "space_file": f"{name}.yaml", "max_t": MAX_T, "status": status, "errors": 0,
     }))
-    for i, (trial_id, overrides, epochs, quality) in enumerate(trials):
+    for i, (trial_id, overrides, epochs, quality, *twist) in enumerate(trials):
+        twist = twist[0] if twist else {}
         cfg = to_dict(config_from_dict(tiny_raw(**{"optim.epochs": MAX_T, **overrides})))
         tdir = exp / f"trainable_{trial_id}_{i:05d}"
         tdir.mkdir()
         (tdir / "params.json").write_text(json.dumps({"optim.epochs": MAX_T, **overrides}))
-        lines = []
+        lines, rows = [], []
         for epoch in range(1, epochs + 1):
+            peak = twist.get("peak", MAX_T)
+            progress = epoch if epoch <= peak else max(0, 2 * peak - epoch)
             row = {"epoch": float(epoch), "step": 4 * epoch, "train_loss": 1.5 / epoch, "lr": 1e-3,
                    "samples_per_s": 100.0, "max_epoch": MAX_T, "trial_id": trial_id, "training_iteration": epoch,
                    "done": False, "config": {k: v for k, v in overrides.items() if k != "algorithm"}}
             for j, split in enumerate(SPLITS):
                 ood = split.startswith("ood")
-                acc = 0.35 + quality * epoch / MAX_T * (0.35 if ood else 0.55) - 0.01 * j
+                acc = 0.35 + quality * progress / MAX_T * (0.35 if ood else 0.55) - 0.01 * j
+                acc += twist.get("shift", {}).get(split, 0.0)
                 row[f"{split}_acc"] = round(acc, 4)
                 row[f"{split}_f1"] = round(acc - 0.04, 4)
             lines.append(json.dumps(row))
+            rows.append(row)
         (tdir / "result.json").write_text("\n".join(lines) + "\n")
-        # Metrics only improve here, so the kept checkpoint is the last report's.
+        if not rows:
+            continue
+        # The kept checkpoint is the best report by the sweep's metric, as keep_checkpoints=1 keeps it.
+        row = max(rows, key=lambda r: r[metric])
         ckpt = tdir / "checkpoint_000000"
         ckpt.mkdir()
         (ckpt / "model.safetensors").write_bytes(b"")
@@ -67,14 +80,17 @@ def experiments(tmp_path) -> list[Path]:
     baselines = write_experiment(runs, "baselines", [
         ("ce000001", {"algorithm": "ce", "optim.lr": 1e-3}, 4, 0.9),
         ("ce000002", {"algorithm": "ce", "optim.lr": 3e-4}, 1, 0.5),
-        ("ce000003", {"algorithm": "ce", "optim.lr": 2e-3}, 4, 0.7),
+        # best on OOD validation and on both test splits, but not on the sweep's metric (id_val_f1)
+        ("ce000003", {"algorithm": "ce", "optim.lr": 2e-3}, 4, 0.7,
+         {"shift": {"ood_val": 0.2, "id_test": 0.2, "ood_test": 0.2}}),
         ("ce000004", {"algorithm": "ce", "optim.lr": 1e-4}, 2, 0.6),
         ("fl000001", {"algorithm": "flyp", "optim.lr": 1e-3}, 4, 0.85),
         ("fl000002", {"algorithm": "flyp", "optim.lr": 5e-3}, 1, 0.3),
     ])
     masking = write_experiment(runs, "dps", [
         ("dt000001", {**dps, "dps.masking": 0.3, "dps.suppress": "top"}, 4, 0.8),
-        ("dt000002", {**dps, "dps.masking": 0.6, "dps.suppress": "top"}, 4, 0.95),
+        # the best single evaluation (epoch 2), yet the worst last report of the completed top trials
+        ("dt000002", {**dps, "dps.masking": 0.6, "dps.suppress": "top"}, 4, 1.9, {"peak": 2}),
         ("dt000003", {**dps, "dps.masking": 0.9, "dps.suppress": "top"}, 2, 0.6),
         ("dr000001", {**dps, "dps.masking": 0.3, "dps.suppress": "random"}, 4, 0.75),
         ("dr000002", {**dps, "dps.masking": 0.6, "dps.suppress": "random"}, 1, 0.4),
@@ -125,6 +141,8 @@ def test_report_shows_every_plot_and_the_tables(experiments, tmp_path):
     assert order == sorted(order)
     for best in ("ce000001", "fl000001", "dt000002", "dr000001"):
         assert f"<td>{best}</td>" in summary
+    # not the trial best on a test split or on OOD validation, nor the one best by last report
+    assert "<td>ce000003</td>" not in summary and "<td>dt000001</td>" not in summary
     assert "id_val_acc (max)" in summary and "id_val_f1 (max)" in summary
     # the numbers the demo prints for the same selection
     shown = report.summary_table([report.load_experiment(e) for e in experiments], None).set_index("method")
@@ -193,3 +211,13 @@ def test_cli_report(experiments, tmp_path, capsys):
     not_a_dir.write_text("")
     assert cli.main(["report", str(experiments[0]), "--out", str(not_a_dir / "report.html")]) == 2
     assert "cannot create its directory" in capsys.readouterr().err
+
+
+def test_best_scope_all_takes_the_best_evaluation_and_last_the_best_last_report(experiments):
+    dps = experiments[1]
+    by_all = results.best_checkpoint(dps, "id_val_acc", "max", scope="all")
+    by_last = results.best_checkpoint(dps, "id_val_acc", "max", scope="last")
+    assert by_all.parent.name.startswith("trainable_dt000002")  # its epoch-2 peak beats every other report
+    assert by_last.parent.name.startswith("trainable_dt000001")  # the best of the trials' last reports
+    table_ = results.results_table(dps, "id_val_acc", "max")
+    assert table_.iloc[0]["trial_id"] == "dt000001"  # results sorts by last report too

@@ -1,0 +1,160 @@
+"""Experiments on whatever storage Ray Tune writes to: a local path, or a ``file://``, ``s3://`` or ``gs://`` URI.
+
+Every file dps_tune reads from or writes to an experiment goes through this module and
+``pyarrow.fs``, the filesystem layer Ray Tune itself uses, so a URI works like a path:
+
+* **Reading** (``results``, ``best``, ``report``, ``resume``): :func:`local_view` returns a
+  local path as it is; a URI is mirrored into the cache, small files only (configs,
+  results, metrics, the Optuna study). A weights file stays on the storage and is stood
+  for by ``model.safetensors.remote``; :func:`fetch_weights` downloads the one a command
+  needs (the checkpoint ``best --export`` writes out, say).
+* **Writing** (``sweep``, ``resume``): the driver keeps ``dps_tune_sweep.json`` and
+  ``optuna.db`` in a local staging folder (:func:`staging_dir`; SQLite needs a local
+  file) and :func:`upload` copies them to the experiment as the sweep goes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from dps_tune.errors import UserError, first_line
+from dps_tune.files import atomic_path
+from dps_tune.paths import cache_dir, is_remote
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "train_state.pt")
+REMOTE_SUFFIX = ".remote"  # in a mirror, ``model.safetensors.remote`` stands for the file on the storage
+SOURCE_FILE = ".dps_tune_source"  # in a mirror's root: the URI it mirrors
+
+
+def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the path inside it for ``location`` (a path or a URI)."""
+    if not is_remote(location):
+        return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+    try:
+        fs, path = pafs.FileSystem.from_uri(str(location))
+    except (ValueError, OSError, NotImplementedError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise UserError(f"storage {str(location)!r}: not a storage URI pyarrow can open ({first_line(exc)})") from None
+    return fs, path.rstrip("/")
+
+
+def join(location: str, *parts: str) -> str:
+    """``location`` (path or URI) with ``parts`` appended."""
+    return "/".join([str(location).rstrip("/"), *parts])
+
+
+def exists(location: str) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def staging_dir(location: str) -> Path:
+    """A local folder that stands for the remote experiment ``location`` while a driver writes it."""
+    return cache_dir() / "staging" / _key(location)
+
+
+def upload(local: Path, location: str) -> None:
+    """Copy the local file ``local`` to ``location``, replacing what is there."""
+    fs, path = resolve(location)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download(location: str, local: Path) -> bool:
+    """Copy the file at ``location`` to ``local``; False when there is no such file."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return False
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(local) as tmp:
+        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return True
+
+
+def write_text(location: str, text: str) -> None:
+    """Write ``text`` to the file at ``location``: atomically on a local disk, as one object on a store."""
+    write_fs_text(*resolve(location), text)
+
+
+def write_fs_text(fs: pafs.FileSystem, path: str, text: str) -> None:
+    """:func:`write_text` for a path inside ``fs`` (what Ray Tune hands its callbacks)."""
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+        return
+    with fs.open_output_stream(path) as out:  # an object store replaces an object whole
+        out.write(text.encode())
+
+
+def local_view(location: str | os.PathLike) -> Path:
+    """A local folder holding the experiment at ``location``: the folder itself, or a fresh mirror of a URI.
+
+    A mirror holds every file of the experiment but its weights, which are stood for by
+    ``<name>.remote`` files; it is rebuilt on every call, so it shows what the storage
+    holds now (checkpoints Ray deleted disappear from it too).
+    """
+    if not is_remote(location):
+        return Path(location)
+    fs, root = resolve(location)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        raise UserError(f"experiment {str(location)!r}: no such directory on the storage")
+    mirror = cache_dir() / "mirrors" / _key(str(location))
+    mirror.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(mirror) as tmp:
+        tmp.mkdir()
+        (tmp / SOURCE_FILE).write_text(str(location).rstrip("/"))
+        count = 0
+        for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+            if info.type != pafs.FileType.File:
+                continue
+            rel = info.path[len(root):].lstrip("/")
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if dst.name in WEIGHT_FILES:
+                dst.with_name(dst.name + REMOTE_SUFFIX).write_text(str(info.size))
+                continue
+            pafs.copy_files(info.path, str(dst), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            count += 1
+    logger.info("mirrored %d file(s) of %s into %s", count, location, mirror)
+    return mirror
+
+
+def has_weights(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` holds a complete model, here or (in a mirror) on the storage."""
+    name = WEIGHT_FILES[0]
+    return (checkpoint / name).is_file() or (checkpoint / (name + REMOTE_SUFFIX)).is_file()
+
+
+def source(path: Path) -> str:
+    """Where ``path`` really is: the storage URI for a file in a mirror, else the path itself."""
+    for parent in [path, *path.parents]:
+        marker = parent / SOURCE_FILE
+        if marker.is_file():
+            rel = path.relative_to(parent).as_posix()
+            return marker.read_text().strip() if rel == "." else join(marker.read_text().strip(), rel)
+    return str(path)
+
+
+def fetch_weights(checkpoint: Path) -> Path:
+    """``checkpoint`` with its weights on the local disk: downloaded into the mirror when they are remote."""
+    for name in WEIGHT_FILES[:1]:
+        marker = checkpoint / (name + REMOTE_SUFFIX)
+        if (checkpoint / name).is_file() or not marker.is_file():
+            continue
+        remote = source(checkpoint / name)
+        logger.info("downloading %s", remote)
+        if not download(remote, checkpoint / name):
+            raise UserError(f"checkpoint {source(checkpoint)!r}: {name} is no longer on the storage")
+    return checkpoint
+
+
+def _key(location: str) -> str:
+    return hashlib.sha256(str(location).rstrip("/").encode()).hexdigest()[:16]

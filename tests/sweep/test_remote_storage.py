@@ -1,0 +1,59 @@
+"""A sweep on a storage URI, end to end: Ray writes through pyarrow, and so does every dps_tune command.
+
+``file://`` URIs go through exactly the code an ``s3://`` or ``gs://`` URI does
+(``pyarrow.fs.FileSystem.from_uri``), on this machine's disk.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from test_ray_tune import dps_tune, space
+
+pytestmark = pytest.mark.slow
+
+
+def test_sweep_results_best_report_and_resume_on_a_file_uri(tmp_path):
+    store = tmp_path / "bucket"
+    uri = f"file://{store}"
+    path = space(tmp_path, "remote", tune={"num_samples": 2, "max_concurrent_trials": 2}, **{"optim.epochs": 2})
+    proc = dps_tune("sweep", path, "--storage", uri, "--name", "exp", "--no-dashboard")
+    exp_uri = f"{uri}/exp"
+    assert f"experiment: {exp_uri}" in proc.stdout
+
+    # Everything a reader needs is on the storage itself, not only on the driver's disk.
+    exp = store / "exp"
+    meta = json.loads((exp / "dps_tune_sweep.json").read_text())
+    assert meta["status"] == "finished" and meta["name"] == "exp"
+    assert (exp / "optuna.db").stat().st_size > 0
+    trial_dirs = [p.parent for p in exp.glob("*/params.json")]
+    assert len(trial_dirs) == 2 and all((t / "dps_tune_config.json").is_file() for t in trial_dirs)
+
+    out = dps_tune("results", exp_uri).stdout
+    assert "ood_test_acc" in out and out.count("completed") + out.count("early-stopped") == 2
+
+    best = dps_tune("best", exp_uri, "--export", tmp_path / "best").stdout
+    assert f"{exp_uri}/" in best  # it names the checkpoint where it is, on the storage
+    chosen = best.split(": ", 1)[1].splitlines()[0].strip()
+    on_storage = load_file(chosen.removeprefix("file://") + "/model.safetensors")
+    exported = load_file(str(tmp_path / "best" / "model.safetensors"))
+    assert on_storage.keys() == exported.keys() and all((on_storage[k] == exported[k]).all() for k in exported)
+
+    dps_tune("report", exp_uri, "--out", tmp_path / "report.html")
+    assert "results-table" in (tmp_path / "report.html").read_text()
+
+    # A finished sweep resumes to the same end: nothing is lost, nothing runs again.
+    dps_tune("resume", exp_uri, "--no-dashboard")
+    assert json.loads((exp / "dps_tune_sweep.json").read_text())["status"] == "finished"
+    assert len(list(exp.glob("*/params.json"))) == 2
+
+
+def test_a_storage_uri_that_names_a_file_or_nothing_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for target in (f"file://{tmp_path / 'afile'}", f"file://{tmp_path / 'nothing'}"):
+        proc = dps_tune("results", target, check=False, timeout=120)
+        assert proc.returncode == 2 and "no such directory on the storage" in proc.stderr
+        assert "Traceback" not in proc.stderr
