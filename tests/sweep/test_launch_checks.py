@@ -94,3 +94,22 @@ def test_a_refused_sweep_creates_nothing(problem, tmp_path, write_yaml, capsys):
     assert cli.main(["sweep", str(write_yaml(raw)), "--storage", str(tmp_path / "runs"), "--name", "x"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("gpus,share", [(0.5, 0.5), (0.25, 0.25), (1.0, None), (2.0, None), (0.0, None)])
+def test_a_fractional_gpu_request_becomes_the_trials_memory_share(gpus, share, monkeypatch):
+    """tune.gpus_per_trial below 1 reaches run_trial as memory_fraction; whole GPUs are not capped."""
+    from dps_tune.config import TuneConfig
+
+    seen = {}
+    monkeypatch.setattr(ray_tune.tune, "with_parameters", lambda fn, **kw: seen.update(kw) or fn)
+    monkeypatch.setattr(ray_tune.tune, "with_resources", lambda fn, res: seen.update(resources=res) or fn)
+    ray_tune._build_trainable(config_from_dict(tiny_raw()), None, TuneConfig(gpus_per_trial=gpus))
+    assert seen["gpu_share"] == share and seen["resources"] == {"cpu": 1.0, "gpu": gpus}
+
+    ran = {}
+    monkeypatch.setattr(ray_tune, "run_trial", lambda cfg, report, **kw: ran.update(kw))
+    monkeypatch.setattr(ray_tune.tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(ray_tune.tune, "get_context", lambda: type("C", (), {"get_trial_id": lambda self: "t"})())
+    ray_tune.trainable({}, base=config_from_dict(tiny_raw()), ranking=None, gpu_share=seen["gpu_share"])
+    assert ran["memory_fraction"] == share

@@ -130,6 +130,26 @@ def test_dps_stage_ranks_once(ce_sweep, tmp_path):
     assert len(list((tmp_path / "rankings").glob("*.pt"))) == 1
 
 
+def test_an_errored_dps_sweep_resumes_with_its_ranking(ce_sweep, tmp_path):
+    """Resume resolves the same reference and hands every trial the ranking again (a cache hit)."""
+    exp, _ = ce_sweep
+    path = space(tmp_path, "dpsr", algorithm="dps", search={"masking": {"uniform": [0.2, 0.8]}},
+                 tune={"num_samples": 2, "grace_period": 3, "max_failures": 0},
+                 **{"dps.reference_experiment": str(exp), "dps.reference_metric": "id_val_acc",
+                    "dps.ranking_cache": str(tmp_path / "rankings")})
+    env = {"DPS_TUNE_INJECT_CRASH_AT_EPOCH": "2", "DPS_TUNE_INJECT_CRASH_MARKER_DIR": str(tmp_path / "markers")}
+    first = dps_tune("sweep", path, "--storage", tmp_path / "runs", "--name", "dpsr", "--no-dashboard", env=env,
+                     check=False)
+    assert first.returncode == 1, first.stderr[-2000:]
+    pinned = json.loads((tmp_path / "runs" / "dpsr" / "dps_tune_sweep.json").read_text())["base"]["dps"]
+    assert pinned["reference"].startswith(str(exp)) and pinned["reference_experiment"] is None
+    again = dps_tune("resume", tmp_path / "runs" / "dpsr", "--no-dashboard", env=env)
+    assert "DPS ranking: cache hit" in again.stderr
+    assert sum("DPS: suppressing" in x for x in again.stderr.splitlines() + again.stdout.splitlines()) == 2
+    table = results.results_table(tmp_path / "runs" / "dpsr")
+    assert set(table["status"]) == {"completed"} and set(table["algorithm"]) == {"dps"}, table
+
+
 def test_crashed_trial_is_retried_from_its_checkpoint(tmp_path):
     path = space(tmp_path, "crash", search={"lr": {"uniform": [1e-3, 2e-3]}},
                  tune={"num_samples": 2, "grace_period": 3, "max_failures": 1})

@@ -221,3 +221,28 @@ def test_best_scope_all_takes_the_best_evaluation_and_last_the_best_last_report(
     assert by_last.parent.name.startswith("trainable_dt000001")  # the best of the trials' last reports
     table_ = results.results_table(dps, "id_val_acc", "max")
     assert table_.iloc[0]["trial_id"] == "dt000001"  # results sorts by last report too
+
+
+def test_id_ood_plot_marks_methods_early_stops_zero_shot_and_the_fit(experiments):
+    """What the README says the plot shows, read back from the figure itself."""
+    import matplotlib.colors as mcolors
+
+    exps = [report.load_experiment(e) for e in experiments]
+    fig = report.plot_id_ood(report._points(exps), "id_test_acc", "ood_test_acc", ZERO_SHOT)
+    ax = fig.axes[0]
+    scatters = ax.collections
+    hollow = [c for c in scatters if len(c.get_facecolors()) == 0]  # facecolors="none"
+    filled = [c for c in scatters if len(c.get_facecolors()) and c.get_facecolors()[0][3] > 0]
+    # one hollow point per early-stopped trial, one filled point per completed trial, plus the zero-shot star
+    assert sum(len(c.get_offsets()) for c in hollow) == 5
+    star = [c for c in filled if mcolors.to_hex(c.get_facecolors()[0]) == mcolors.to_hex("gold")]
+    assert len(star) == 1 and tuple(star[0].get_offsets()[0]) == (ZERO_SHOT["id_test_acc"], ZERO_SHOT["ood_test_acc"])
+    assert sum(len(c.get_offsets()) for c in filled) - 1 == 12 - 5  # 12 trials, 5 stopped early
+    # each method its own colour, the same in every report
+    for method in ("ce", "flyp", "dps (top)", "dps (random)"):
+        color = mcolors.to_rgba(report.METHOD_STYLE[method][0])
+        assert any(len(c.get_edgecolors()) and tuple(c.get_edgecolors()[0][:3]) == color[:3] for c in scatters), method
+    styles = {line.get_linestyle() for line in ax.lines}
+    assert {"--", ":"} <= styles  # y = x and the linear fit
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "zero-shot" in labels and "hollow: early-stopped" in labels and any("linear fit" in t for t in labels)
