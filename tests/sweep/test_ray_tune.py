@@ -244,10 +244,24 @@ def test_sweep_on_a_running_cluster(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    import shutil
+
+    # The driver runs a copy of the package that records, in any process started by the
+    # cluster, which file it was imported from. The editable checkout the workers could also
+    # reach records nothing: a record proves the workers got the driver's code via runtime_env.
+    shipped, marks = tmp_path / "shipped", tmp_path / "marks"
+    marks.mkdir()
+    shutil.copytree(Path(__file__).resolve().parents[2] / "dps_tune", shipped / "dps_tune",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    with (shipped / "dps_tune" / "__init__.py").open("a") as init:
+        init.write("\nimport os as _os\nif _os.environ.get('DPS_TUNE_TEST_MARKS'):\n"
+                   "    open(_os.path.join(_os.environ['DPS_TUNE_TEST_MARKS'], str(_os.getpid())), 'w')"
+                   ".write(__file__)\n")
     ray_bin = str(Path(sys.executable).with_name("ray"))
     start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                             "--num-cpus", "2", "--include-dashboard=false", "--disable-usage-stats"],
-                           capture_output=True, text=True, timeout=180)
+                           capture_output=True, text=True, timeout=180,
+                           env={**os.environ, "DPS_TUNE_TEST_MARKS": str(marks)})
     assert start.returncode == 0, start.stderr[-2000:]
     try:
         path = space(tmp_path, "cluster", tune={"num_samples": 2})
@@ -264,9 +278,16 @@ def test_sweep_on_a_running_cluster(tmp_path):
         assert "RAY_AUTH_MODE=token" in errors[0] and "Traceback" not in proc.stderr
         assert not (tmp_path / "runs" / "noauth").exists()
         # Ray sends its token to an explicit address only when told to (RAY_AUTH_MODE=token).
-        dps_tune("sweep", path, "--address", f"127.0.0.1:{port}", "--storage", tmp_path / "runs", "--name", "c",
-                 env={"RAY_AUTH_MODE": "token"})
+        # From another directory, so the driver imports the copy and not this checkout.
+        proc = subprocess.run([sys.executable, "-m", "dps_tune.cli", "sweep", str(path), "--address",
+                               f"127.0.0.1:{port}", "--storage", str(tmp_path / "runs"), "--name", "c"],
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                              env={**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(shipped)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
         table = results.results_table(tmp_path / "runs" / "c")
         assert len(table) == 2 and table["id_val_acc"].notna().all()
+        imported_from = [m.read_text() for m in marks.iterdir()]
+        assert imported_from, "no cluster worker imported the driver's copy of dps_tune"
+        assert all(not p.startswith(str(shipped)) for p in imported_from), imported_from  # a shipped copy
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
