@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -33,7 +34,11 @@ def run(*args, cwd, timeout=600) -> subprocess.CompletedProcess:
 def test_wheel_install_runs_the_demo_config_from_another_directory(tmp_path):
     wheels, venv, elsewhere = tmp_path / "wheels", tmp_path / "venv", tmp_path / "elsewhere"
     elsewhere.mkdir()
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", wheels, ROOT,
+    # Built from a copy, so the build leaves nothing (build/, *.egg-info) in the checkout.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "runs",
+                                                                "__pycache__", ".pytest_cache"))
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", wheels, source,
         cwd=tmp_path)
     (wheel,) = wheels.glob("dps_tune-*.whl")
     run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
