@@ -305,6 +305,9 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | N
 
 def _run_config(name: str, storage_path: str, searched_keys: list[str], t: TuneConfig, base: Config, local: Path,
                 location: str) -> Any:
+    filesystem = None
+    if storage.mounted(storage_path):  # a filesystem object, not a URI: Ray takes it as such
+        filesystem, storage_path = storage.resolve(storage_path)
     reporter = tune.CLIReporter(
         metric_columns=PROGRESS_METRICS,
         parameter_columns={k: k.rsplit(".", 1)[-1] for k in searched_keys},
@@ -312,6 +315,7 @@ def _run_config(name: str, storage_path: str, searched_keys: list[str], t: TuneC
     return tune.RunConfig(
         name=name,
         storage_path=storage_path,
+        storage_filesystem=filesystem,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=t.metric,
                                                 checkpoint_score_order=t.mode),
         failure_config=tune.FailureConfig(max_failures=t.max_failures),
@@ -356,7 +360,10 @@ def resume_sweep(exp: str | os.PathLike, *, address: str | None = None, dashboar
                  shared_storage: bool = False) -> str:
     """Continue an interrupted sweep: unfinished and errored trials go on from their last checkpoints."""
     location, meta, cfg, tune_cfg, space = load_resumable(exp)
-    if not tune.Tuner.can_restore(location):
+    restore_at, filesystem = location, None
+    if storage.mounted(location):
+        filesystem, restore_at = storage.resolve(location)
+    if not tune.Tuner.can_restore(restore_at, storage_filesystem=filesystem):
         raise UserError(f"experiment {location!r}: Ray has no experiment state to restore")
     local = storage.staging_dir(location) if is_remote(location) else Path(location)
     if is_remote(location):  # the restored searcher writes to the study where the sweep left it
@@ -370,8 +377,9 @@ def resume_sweep(exp: str | os.PathLike, *, address: str | None = None, dashboar
     local.mkdir(parents=True, exist_ok=True)
     write_json(local / SWEEP_FILE, meta)
     _upload_state(local, location)
-    tuner = tune.Tuner.restore(location, trainable=_build_trainable(resolved.config, resolved.ranking, tune_cfg),
-                               resume_unfinished=True, resume_errored=True, restart_errored=False)
+    tuner = tune.Tuner.restore(restore_at, trainable=_build_trainable(resolved.config, resolved.ranking, tune_cfg),
+                               resume_unfinished=True, resume_errored=True, restart_errored=False,
+                               storage_filesystem=filesystem)
     _finish(local, location, tuner.fit())
     return location
 

@@ -33,10 +33,35 @@ REMOTE_SUFFIX = ".remote"  # in a mirror, ``model.safetensors.remote`` stands fo
 SOURCE_FILE = ".dps_tune_source"  # in a mirror's root: the URI it mirrors
 
 
+# Filesystems no URI describes (a SubTreeFileSystem, an S3 endpoint with options of its own),
+# reachable in this process as ``mounted://NAME/path``; see :func:`mount`.
+MOUNT_SCHEME = "mounted://"
+_MOUNTED: dict[str, pafs.FileSystem] = {}
+
+
+def mount(name: str, fs: pafs.FileSystem) -> str:
+    """Make ``fs`` a storage of this process: ``mounted://NAME/path`` is ``path`` inside it.
+
+    For the Python API (``ray_tune.run_sweep(storage_path="mounted://NAME/runs")``): Ray Tune
+    gets ``fs`` as its ``storage_filesystem``, and every reader here resolves through it.
+    """
+    _MOUNTED[name] = fs
+    return f"{MOUNT_SCHEME}{name}"
+
+
+def mounted(location: str | os.PathLike) -> bool:
+    return str(location).startswith(MOUNT_SCHEME)
+
+
 def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and the path inside it for ``location`` (a path or a URI)."""
     if not is_remote(location):
         return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+    if mounted(location):
+        name, _, path = str(location)[len(MOUNT_SCHEME):].partition("/")
+        if name not in _MOUNTED:
+            raise UserError(f"storage {str(location)!r}: nothing is mounted as {name!r} in this process")
+        return _MOUNTED[name], path.rstrip("/")
     try:
         fs, path = pafs.FileSystem.from_uri(str(location))
     except (ValueError, OSError, NotImplementedError) as exc:  # pyarrow's ArrowInvalid is a ValueError

@@ -306,9 +306,9 @@ def test_data_benchmark_prints_one_line(capsys):
     assert jpeg > 0 and cached > jpeg and math.isclose(ratio, cached / jpeg, rel_tol=0.05)
 
 
-@pytest.mark.parametrize("change", ["deleted", "same_size_new_bytes", "touched_only"])
+@pytest.mark.parametrize("change", ["deleted", "same_size_new_bytes", "touched_only", "size_only"])
 def test_every_kind_of_change_to_a_source_image_makes_the_cache_stale(tmp_path, change):
-    """A missing image, new bytes of the same size (a size-only check would miss it), a new mtime alone."""
+    """A missing image, new bytes of the same size, a new mtime alone, a new size with the old mtime."""
     import os
 
     base = make_iwildcam(tmp_path)
@@ -326,8 +326,12 @@ def test_every_kind_of_change_to_a_source_image_makes_the_cache_stale(tmp_path, 
         os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
         assert victim.stat().st_size == stat.st_size
         expected = "new mtime"
-    else:
+    elif change == "touched_only":
         os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
         expected = "new mtime"
+    else:  # cut short, with its old mtime put back (an mtime-only check would miss it)
+        victim.write_bytes(victim.read_bytes()[:-100])
+        os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        expected = f"{stat.st_size} bytes, now {stat.st_size - 100} bytes"
     with pytest.raises(DataError, match=f"stale.*{victim.name}.*{expected}"):
         cache_reader.open_for(out, _iwildcam_spec(tmp_path))

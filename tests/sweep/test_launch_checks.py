@@ -30,7 +30,7 @@ def two_node_cluster(monkeypatch):
     monkeypatch.setattr(ray_tune, "_connect", lambda address, dashboard: None)
     monkeypatch.setattr(ray_tune.ray, "cluster_resources", lambda: {"CPU": 16.0})
     monkeypatch.setattr(ray_tune.ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
-    monkeypatch.setattr(ray_tune.tune.Tuner, "can_restore", staticmethod(lambda path: True))
+    monkeypatch.setattr(ray_tune.tune.Tuner, "can_restore", staticmethod(lambda path, **kwargs: True))
 
     def restore(path, **kwargs):
         reached.append(path)

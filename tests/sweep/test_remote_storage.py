@@ -57,3 +57,30 @@ def test_a_storage_uri_that_names_a_file_or_nothing_is_one_line(tmp_path):
         proc = dps_tune("results", target, check=False, timeout=120)
         assert proc.returncode == 2 and "no such directory on the storage" in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_a_subtree_filesystem_passed_as_the_storage(tmp_path, monkeypatch):
+    """The Python API takes any pyarrow filesystem (here a SubTreeFileSystem), which Ray gets as its own."""
+    import pyarrow.fs as pafs
+
+    from dps_tune.sweep import ray_tune, results, storage
+    from dps_tune.sweep.search_space import load_sweep
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bucket").mkdir()
+    fs = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
+    root = storage.mount("unit-subtree", fs)
+    sweep = load_sweep(space(tmp_path, "subtree", tune={"num_samples": 2}, **{"optim.epochs": 1}))
+    try:
+        location = ray_tune.run_sweep(sweep, storage_path=f"{root}/runs", name="exp", dashboard=False)
+    finally:
+        ray_tune.shutdown()
+    assert location == f"{root}/runs/exp"
+    exp = tmp_path / "bucket" / "runs" / "exp"  # inside the subtree: Ray and dps_tune wrote through fs
+    assert json.loads((exp / "dps_tune_sweep.json").read_text())["status"] == "finished"
+    assert (exp / "optuna.db").is_file() and len(list(exp.glob("*/dps_tune_config.json"))) == 2
+    view = storage.local_view(location)
+    table = results.results_table(view)
+    assert len(table) == 2 and table["ood_test_acc"].notna().all()
+    best = storage.fetch_weights(results.best_checkpoint(view, "id_val_acc"))
+    assert load_file(str(best / "model.safetensors")).keys()

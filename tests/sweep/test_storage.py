@@ -62,7 +62,21 @@ def test_writing_and_copying_through_a_uri(tmp_path):
 @pytest.mark.parametrize("location,message", [
     ("file:///nonexistent/dps_tune/exp", "no such directory on the storage"),
     ("nosuchscheme://bucket/exp", "not a storage URI pyarrow can open"),
+    ("mounted://never-mounted/exp", "nothing is mounted as 'never-mounted' in this process"),
 ])
 def test_bad_locations_are_one_line(location, message):
     with pytest.raises(UserError, match=message):
         storage.local_view(location)
+
+
+def test_a_mounted_filesystem_is_read_and_written_through(tmp_path):
+    import pyarrow.fs as pafs
+
+    _experiment(tmp_path / "bucket" / "runs" / "exp")
+    root = storage.mount("unit-storage", pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem()))
+    view = storage.local_view(f"{root}/runs/exp")
+    assert (view / "dps_tune_sweep.json").read_text() == '{"name": "exp"}'
+    storage.fetch_weights(view / "trial_a" / "checkpoint_000001")
+    assert (view / "trial_a" / "checkpoint_000001" / "model.safetensors").read_bytes() == b"weights" * 100
+    storage.write_text(f"{root}/runs/exp/note.txt", "hello")
+    assert (tmp_path / "bucket" / "runs" / "exp" / "note.txt").read_text() == "hello"
