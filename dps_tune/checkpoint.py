@@ -58,8 +58,7 @@ def save_checkpoint(path: str | os.PathLike, *, model_state: Mapping[str, torch.
         tmp.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE),
                   metadata={"format": "open_clip state_dict", "model": config.model})
-        save_json({**to_dict(config), OPEN_CLIP_KEY: models.architecture_name(config.model, config.pretrained)},
-                  tmp / CONFIG_FILE)
+        _save_config(config, tmp / CONFIG_FILE)
         save_json(dict(metrics), tmp / METRICS_FILE)
         if loop is not None:
             state = {
@@ -76,6 +75,11 @@ def save_checkpoint(path: str | os.PathLike, *, model_state: Mapping[str, torch.
             }
             torch.save(state, tmp / STATE_FILE)
     return Path(path)
+
+
+def _save_config(config: Config, path: Path) -> None:
+    """The run's config plus the open_clip model name that rebuilds its network."""
+    save_json({**to_dict(config), OPEN_CLIP_KEY: models.architecture_name(config.model, config.pretrained)}, path)
 
 
 @dataclass
@@ -149,7 +153,7 @@ def export(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     dst.mkdir(parents=True, exist_ok=True)  # other files already in dst are left alone
     with atomic_path(dst / MODEL_FILE) as tmp:
         shutil.copy2(src / MODEL_FILE, tmp)
-    save_json({**to_dict(cfg), OPEN_CLIP_KEY: name}, dst / CONFIG_FILE)
+    _save_config(cfg, dst / CONFIG_FILE)
     save_json(loaded.metrics, dst / METRICS_FILE)
     save_json(models.architecture_config(cfg.model, cfg.pretrained), dst / f"{name}.json")
     return dst

@@ -249,26 +249,28 @@ class Resume(Command):
     def run(self, args: argparse.Namespace) -> int:
         from dps_tune.sweep import ray_tune
 
-        exp_dir, meta, _, tune_cfg, _ = ray_tune.load_resumable(args.exp_dir)  # checked before Ray starts
+        job = ray_tune.load_resumable(args.exp_dir)  # checked before Ray starts
         try:
-            exp_dir = ray_tune.resume_sweep(exp_dir, address=args.address, dashboard=not args.no_dashboard,
+            exp_dir = ray_tune.resume_sweep(job, address=args.address, dashboard=not args.no_dashboard,
                                             shared_storage=args.shared_storage)
         finally:
             ray_tune.shutdown()
-        return _print_sweep_summary(exp_dir, tune_cfg.metric, tune_cfg.mode)
+        return _print_sweep_summary(exp_dir, job.tune.metric, job.tune.mode)
 
 
 def _print_sweep_summary(exp_dir: str, metric: str, mode: str) -> int:
+    from dps_tune.paths import command_path, tensorboard_hint
     from dps_tune.sweep import results, storage
 
     table = results.results_table(storage.local_view(exp_dir), metric, mode)
+    cmd = command_path()
     print()
     print(_format_table(table.head(20)))
     errored = table[table["status"] == "error"]
     print(f"\nexperiment: {exp_dir}")
-    print(f"  dps-tune results {exp_dir}")
-    print(f"  dps-tune best {exp_dir} --export best")
-    print(f"  tensorboard --logdir {exp_dir}")
+    print(f"  {cmd} results {exp_dir}")
+    print(f"  {cmd} best {exp_dir} --export best")
+    print(f"  {tensorboard_hint(exp_dir)}")
     if len(errored):
         print(f"dps-tune: {len(errored)} trial(s) failed after their retries: "
               f"{', '.join(errored['trial_id'])} (see error.txt in their directories)", file=sys.stderr)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from pathlib import Path
 
 # Files open_clip (and dps_tune) load weights from.
@@ -27,3 +29,25 @@ def is_remote(location: str | os.PathLike) -> bool:
 def looks_like_weights_file(value: str) -> bool:
     """True when a ``pretrained`` value names a file rather than an open_clip tag."""
     return "/" in value or value.endswith(WEIGHT_SUFFIXES)
+
+
+def command_path() -> str:
+    """How to call ``dps-tune`` from this shell: its name if it is on PATH, else its path (e.g. .venv/bin/dps-tune)."""
+    beside = Path(sys.executable).with_name("dps-tune")
+    on_path = shutil.which("dps-tune")
+    if on_path and Path(on_path).resolve() == beside.resolve():
+        return "dps-tune"
+    if not beside.is_file():
+        return "dps-tune"
+    try:
+        return str(beside.relative_to(Path.cwd()))
+    except ValueError:
+        return str(beside)
+
+
+def tensorboard_hint(logdir: str | os.PathLike) -> str:
+    """The TensorBoard command for ``logdir``, with its install step when it is not installed."""
+    command = f"tensorboard --logdir {logdir}"
+    if shutil.which("tensorboard") or Path(sys.executable).with_name("tensorboard").is_file():
+        return command
+    return f"pip install tensorboard && {command}   (not installed yet)"

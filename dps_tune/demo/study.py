@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import sys
 import time
 from pathlib import Path
 
 from dps_tune.config import default_mode
 from dps_tune.demo import pretrain
 from dps_tune.errors import UserError
+from dps_tune.paths import command_path, tensorboard_hint
 from dps_tune.sweep import ray_tune, results
 from dps_tune.sweep.report import render_report
 from dps_tune.sweep.search_space import Sweep, load_sweep
@@ -60,20 +59,6 @@ def format_comparison(rows: list[dict]) -> str:
         vals = " ".join(f"{r[c]:>12.3f}" if c in r else f"{'':>12}" for c in COLUMNS)
         lines.append(f"{r['method']:<14} {trial:<16} {vals}")
     return "\n".join(lines)
-
-
-def command_path() -> str:
-    """How to call ``dps-tune`` from this shell: its name if it is on PATH, else its path (e.g. .venv/bin/dps-tune)."""
-    beside = Path(sys.executable).with_name("dps-tune")
-    on_path = shutil.which("dps-tune")
-    if on_path and Path(on_path).resolve() == beside.resolve():
-        return "dps-tune"
-    if not beside.is_file():
-        return "dps-tune"
-    try:
-        return str(beside.relative_to(Path.cwd()))
-    except ValueError:
-        return str(beside)
 
 
 def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool = True) -> int:
@@ -123,7 +108,7 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
     _say(f"inspect:  {cmd} results {exp_dirs[1]}")
     _say(f"          {cmd} best {exp_dirs[0]} --export {out / 'best_ce'}")
     _say(f"          {cmd} report {' '.join(map(str, exp_dirs))} --out {out / 'report.html'}")
-    _say(f"          tensorboard --logdir {out}")
+    _say(f"          {tensorboard_hint(out)}")
     _say(f"finished in {minutes:.1f} min")
     return 0
 

@@ -9,6 +9,7 @@ on the driver.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -341,7 +342,18 @@ def _finish(local: Path, location: str, result) -> None:
     _upload_state(local, location)
 
 
-def load_resumable(exp: str | os.PathLike) -> tuple[str, dict[str, Any], Config, TuneConfig, SearchSpace]:
+@dataclasses.dataclass(frozen=True)
+class Resumable:
+    """A sweep to continue, read and checked: where it is, its sweep file, config, tune settings and space."""
+
+    location: str
+    meta: dict[str, Any]
+    config: Config
+    tune: TuneConfig
+    space: SearchSpace
+
+
+def load_resumable(exp: str | os.PathLike) -> Resumable:
     """Read what resuming ``exp`` (a path or a URI) needs, checking it before Ray starts."""
     location = str(exp) if is_remote(exp) else str(Path(exp).resolve())
     view = storage.local_view(location)
@@ -353,13 +365,14 @@ def load_resumable(exp: str | os.PathLike) -> tuple[str, dict[str, Any], Config,
     cfg = config_from_dict(meta["base"])
     preflight.check_config(cfg)
     space = parse_search(meta.get("search") or {}, cfg)
-    return location, meta, cfg, tune_config_from_dict(meta["tune"]), space
+    return Resumable(location, meta, cfg, tune_config_from_dict(meta["tune"]), space)
 
 
-def resume_sweep(exp: str | os.PathLike, *, address: str | None = None, dashboard: bool = True,
+def resume_sweep(exp: str | os.PathLike | Resumable, *, address: str | None = None, dashboard: bool = True,
                  shared_storage: bool = False) -> str:
     """Continue an interrupted sweep: unfinished and errored trials go on from their last checkpoints."""
-    location, meta, cfg, tune_cfg, space = load_resumable(exp)
+    job = exp if isinstance(exp, Resumable) else load_resumable(exp)
+    location, meta, cfg, tune_cfg, space = job.location, dict(job.meta), job.config, job.tune, job.space
     restore_at, filesystem = location, None
     if storage.mounted(location):
         filesystem, restore_at = storage.resolve(location)
