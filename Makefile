@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python -m dps_tune.bench rank
 	$(BIN)/python -m dps_tune.bench data
 	$(BIN)/python -m dps_tune.bench step --baseline
+	$(BIN)/python -m dps_tune.bench storage
 
 reference: $(STAMP)
 	$(BIN)/python -m dps_tune.reference_doc > REFERENCE.md

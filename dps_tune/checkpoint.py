@@ -137,6 +137,15 @@ def restore_rng(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def save_export(dst: str | os.PathLike, *, model_state: Mapping[str, torch.Tensor], config: Config,
+                metrics: Mapping[str, Any]) -> Path:
+    """Write new weights (an ensemble, say) as a directory plain open_clip loads, like :func:`export`."""
+    dst = save_checkpoint(dst, model_state=model_state, config=config, metrics=metrics)
+    name = models.architecture_name(config.model, config.pretrained)
+    save_json(models.architecture_config(config.model, config.pretrained), dst / f"{name}.json")
+    return dst
+
+
 def export(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy a checkpoint's model, config and metrics (not its training state) to ``dst``.
 

@@ -218,24 +218,41 @@ class SweepCommand(Command):
         p.add_argument("--storage", help="experiment storage: a path (default ./runs) or a URI (s3://, gs://)")
         p.add_argument("--name", help="experiment name (default: SPACE-TIME)")
         p.add_argument("--num-samples", type=int, help="override tune.num_samples")
+        p.add_argument("--post", default="", metavar="wise,soup",
+                       help="after the sweep, on the same Ray: WiSE-FT (alphas 0:1:0.1, top 1) and/or a greedy soup, "
+                            "selected on tune.metric, into NAME-wise/ and NAME-soup/ beside the experiment")
         add_set_option(p)
         _add_cluster_options(p)
 
     def run(self, args: argparse.Namespace) -> int:
         from dps_tune.sweep.search_space import load_sweep
 
+        post = [x.strip() for x in args.post.split(",") if x.strip()]
+        unknown = [x for x in post if x not in ("wise", "soup")]
+        if unknown:
+            raise UserError(f"--post {args.post}: {unknown[0]!r} is not one of wise, soup")
         overrides = list(args.set)
         if args.num_samples is not None:
             overrides.append(f"tune.num_samples={args.num_samples}")
         sweep = load_sweep(args.space, overrides)  # every check runs before Ray starts
+        if post:
+            from dps_tune.config import check_selection_metric
+            from dps_tune.paths import is_remote
+
+            check_selection_metric("tune.metric", sweep.tune.metric)
+            if args.storage and is_remote(args.storage):
+                raise UserError(f"--post {args.post}: needs a local --storage (the ensembles read the weights)")
         from dps_tune.sweep import ray_tune
 
         try:
             exp_dir = ray_tune.run_sweep(sweep, address=args.address, storage_path=args.storage, name=args.name,
                                          dashboard=not args.no_dashboard, shared_storage=args.shared_storage)
+            status = _print_sweep_summary(exp_dir, sweep.tune.metric, sweep.tune.mode)
+            if post:
+                _post_ensembles(exp_dir, post, sweep.tune.metric, args)
         finally:
             ray_tune.shutdown()
-        return _print_sweep_summary(exp_dir, sweep.tune.metric, sweep.tune.mode)
+        return status
 
 
 class Resume(Command):
@@ -373,6 +390,176 @@ class Report(Command):
         return 0
 
 
+# ------------------------------------------------------------------------ ensembles
+
+
+def _add_ensemble_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("exp_dirs", nargs="+", metavar="EXP_DIR", help="finished experiments of `dps-tune sweep`")
+    p.add_argument("--select", default="id_val_f1",
+                   help="validation metric that ranks checkpoints and chooses (never a test split); default id_val_f1")
+    p.add_argument("--out", help=f"output directory (default: {what} next to the first EXP_DIR); a killed run "
+                                 "given the same --out redoes no finished evaluation")
+    p.add_argument("--address", help="Ray cluster to evaluate on: auto or ray://HOST:10001 (default: $RAY_ADDRESS, "
+                                     "else a local Ray)")
+    p.add_argument("--in-process", action="store_true",
+                   help="evaluate one after another in this process instead of as Ray tasks")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _ensemble_mapper(args: argparse.Namespace):
+    from dps_tune.sweep import ensembles
+
+    if args.in_process:
+        return ensembles.map_in_process
+    from dps_tune.sweep import ray_tune
+
+    return lambda jobs: ray_tune.map_jobs(ensembles.evaluate_job, jobs, address=args.address)
+
+
+def _progress_bar(args: argparse.Namespace, desc: str):
+    if args.no_progress:
+        return None, None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=desc, unit="eval", dynamic_ncols=True)
+
+    def update(done: int, total: int | None) -> None:
+        if total is not None:
+            bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return bar, update
+
+
+def _default_out(args: argparse.Namespace, name: str) -> Path:
+    from dps_tune.paths import is_remote
+
+    if args.out:
+        return Path(args.out)
+    first = args.exp_dirs[0]
+    return Path("runs") / name if is_remote(first) else Path(first).resolve().parent / name
+
+
+def _print_table(rows: list[dict], columns: Sequence[str]) -> None:
+    head = f"{'':<24}" + "".join(f"{c:>13}" for c in columns)
+    print(head)
+    for r in rows:
+        print(f"{r['label']:<24}" + "".join(f"{r[c]:>13.4f}" if isinstance(r.get(c), float) else f"{'':>13}"
+                                             for c in columns))
+
+
+def _post_ensembles(exp_dir: str, post: list[str], metric: str, args: argparse.Namespace) -> None:
+    """``sweep --post wise,soup``: the ensembles of the sweep just run, on its Ray."""
+    from dps_tune.sweep import ensembles, ray_tune
+
+    def mapper(jobs):
+        return ray_tune.map_jobs(ensembles.evaluate_job, jobs, address=args.address)
+
+    exp = Path(exp_dir)
+    if "wise" in post:
+        out = exp.with_name(exp.name + "-wise")
+        summary = ensembles.run_wise([exp], out, alphas=ensembles.parse_alphas("0:1:0.1"), select=metric,
+                                     mapper=mapper)
+        for method, rec in summary["methods"].items():
+            print(f"WiSE-FT {method}: alpha {rec['alpha']:g}, ood_test_acc {rec['metrics'].get('ood_test_acc', 0):.4f}"
+                  f" (fine-tuned {rec['fine_tuned'].get('ood_test_acc', 0):.4f}) -> {rec['export']}")
+    if "soup" in post:
+        out = exp.with_name(exp.name + "-soup")
+        summary = ensembles.run_soup([exp], out, select=metric, mapper=mapper)
+        for name, rec in summary["soups"].items():
+            print(f"greedy soup {name}: {len(rec['ingredients'])} of {rec['candidates']} checkpoints, "
+                  f"ood_test_acc {rec['metrics'].get('ood_test_acc', 0):.4f} -> {rec['export']}")
+
+
+class Wise(Command):
+    name = "wise"
+    help = "WiSE-FT: interpolate each method's best checkpoints with the zero-shot weights, choose alpha on validation"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        _add_ensemble_options(p, "wise/")
+        p.add_argument("--alphas", default="0:1:0.1", help="alpha grid: START:STOP:STEP or a comma list, in [0, 1] "
+                                                          "(default 0:1:0.1)")
+        p.add_argument("--top-k", type=int, default=1, help="checkpoints per method to interpolate (default 1)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from dps_tune.config import check_selection_metric
+        from dps_tune.sweep import ensembles
+
+        check_selection_metric("--select", args.select)
+        alphas = ensembles.parse_alphas(args.alphas)
+        if args.top_k < 1:
+            raise UserError(f"--top-k {args.top_k}: must be >= 1")
+        out = _default_out(args, "wise")
+        ensembles.check_candidates(args.exp_dirs, args.select)  # every input check before any work
+        bar, update = _progress_bar(args, "wise")
+        start = time.perf_counter()
+        try:
+            summary = ensembles.run_wise(args.exp_dirs, out, alphas=alphas, top_k=args.top_k, select=args.select,
+                                         mapper=_ensemble_mapper(args), progress=update)
+        finally:
+            if bar is not None:
+                bar.close()
+            _shutdown_ray()
+        cols = ["id_test_acc", "id_test_f1", "ood_test_acc", "ood_test_f1"]
+        rows = []
+        for method, rec in summary["methods"].items():
+            rows.append({"label": f"{method}", **rec["fine_tuned"]})
+            rows.append({"label": f"{method} + wise a={rec['alpha']:g}", **rec["metrics"]})
+        print(f"WiSE-FT, alpha chosen on {args.select} ({time.perf_counter() - start:.0f} s):")
+        _print_table(rows, cols)
+        print(f"written: {out / ensembles.WISE_CSV}, {out / ensembles.WISE_JSON}, {out}/wise_<method>/")
+        return 0
+
+
+class Soup(Command):
+    name = "soup"
+    help = "model soups: average fine-tuned checkpoints of a method (greedy by default, or uniform)"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        _add_ensemble_options(p, "soup/")
+        p.add_argument("--method", help="soup only this method (ce, flyp, 'dps (top)', ...); default: one soup each")
+        recipe = p.add_mutually_exclusive_group()
+        recipe.add_argument("--greedy", dest="greedy", action="store_true", default=True,
+                            help="add a candidate, best first, only if the validation metric improves (default)")
+        recipe.add_argument("--uniform", dest="greedy", action="store_false", help="average every candidate")
+        p.add_argument("--include-stopped", action="store_true", help="also take trials ASHA stopped early")
+        p.add_argument("--mix-methods", action="store_true",
+                       help="one soup of every method's checkpoints (they share the architecture and θ0)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from dps_tune.config import check_selection_metric
+        from dps_tune.sweep import ensembles
+
+        check_selection_metric("--select", args.select)
+        out = _default_out(args, "soup")
+        ensembles.check_candidates(args.exp_dirs, args.select, include_stopped=args.include_stopped,
+                                   method=args.method)
+        bar, update = _progress_bar(args, "soup")
+        try:
+            summary = ensembles.run_soup(args.exp_dirs, out, method=args.method, greedy=args.greedy,
+                                         select=args.select, include_stopped=args.include_stopped,
+                                         mix_methods=args.mix_methods, mapper=_ensemble_mapper(args), progress=update)
+        finally:
+            if bar is not None:
+                bar.close()
+            _shutdown_ray()
+        cols = [args.select, "id_test_acc", "ood_test_acc", "ood_test_f1"]
+        rows = []
+        for name, rec in summary["soups"].items():
+            rows.append({"label": f"{name} best ingredient", **rec["best_ingredient"]})
+            rows.append({"label": f"{name} soup of {len(rec['ingredients'])}/{rec['candidates']}", **rec["metrics"]})
+        print(f"{summary['recipe']} soups, selected on {args.select}:")
+        _print_table(rows, cols)
+        print(f"written: {out / ensembles.SOUP_JSON}, {out}/soup_<method>/")
+        return 0
+
+
+def _shutdown_ray() -> None:
+    if "dps_tune.sweep.ray_tune" in sys.modules:
+        sys.modules["dps_tune.sweep.ray_tune"].shutdown()
+
+
 # ----------------------------------------------------------------------------- demo
 
 
@@ -414,7 +601,7 @@ class Demo(Command):
 
 
 COMMANDS: tuple[Command, ...] = (Train(), Rank(), Prepare(), SweepCommand(), Resume(), Results(), Best(), Report(),
-                                 Pretrain(), Demo())
+                                 Wise(), Soup(), Pretrain(), Demo())
 
 
 def build_parser() -> argparse.ArgumentParser:

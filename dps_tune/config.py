@@ -14,6 +14,7 @@ unique (``lr``, ``epochs``, ``masking``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -37,6 +38,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("auto", "on", "off")
 TEMPLATE_SETS = ("auto", "iwildcam", "synthetic", "simple")
 MODES = ("max", "min")
+CHECKPOINT_SCHEMES = ("economy", "full")
 # What sweeps select on unless told otherwise: WILDS's official metric on the ID validation split.
 DEFAULT_METRIC = "id_val_f1"
 
@@ -137,8 +139,13 @@ class Config:
 class TuneConfig:
     """The ``tune:`` block: how a sweep is searched, scheduled and resourced."""
 
-    metric: str = DEFAULT_METRIC
-    mode: str = "max"
+    # One validation metric, or a list of them (a multi-objective Optuna study) with a
+    # matching list of modes.
+    metric: str | tuple[str, ...] = DEFAULT_METRIC
+    mode: str | tuple[str, ...] = "max"
+    # The one number ASHA and the checkpoint ranking use when metric is a list; empty:
+    # objective_mean, the mean of the objectives (each negated where its mode is min).
+    asha_metric: str = ""
     num_samples: int = 8
     max_concurrent_trials: int = 2
     grace_period: int = 1
@@ -147,6 +154,12 @@ class TuneConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     keep_checkpoints: int = 2
+    # "economy": weights only when a report can enter the trial's top keep_checkpoints (or
+    # is its last), train state on the resume schedule below; "full": weights and train
+    # state at every report (what dps_tune 0.1 always did).
+    checkpoint_scheme: str = "economy"
+    resume_every: int = 0  # epochs between train-state saves; 0: every resume_every_minutes
+    resume_every_minutes: float = 10.0
     seed: int = 0
     max_failures: int = 2
 
@@ -526,9 +539,59 @@ def tune_config_from_dict(raw: Mapping[str, Any]) -> TuneConfig:
     return _build(TuneConfig, raw, prefix="tune.")
 
 
+OBJECTIVE_MEAN = "objective_mean"
+
+
+def objectives(tune: TuneConfig | Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The metrics and modes of a tune block (a config or the dict a sweep file holds), as tuples."""
+    get = tune.get if isinstance(tune, Mapping) else (lambda k, d=None: getattr(tune, k, d))
+    metric, mode = get("metric", DEFAULT_METRIC), get("mode", None)
+    metrics = (metric,) if isinstance(metric, str) else tuple(metric)
+    if mode is None:
+        modes = tuple(default_mode(m) for m in metrics)
+    else:
+        modes = (mode,) * len(metrics) if isinstance(mode, str) else tuple(mode)
+    return metrics, modes
+
+
+def scalar_objective(tune: TuneConfig | Mapping[str, Any]) -> tuple[str, str]:
+    """The one (metric, mode) that ASHA, checkpoint ranking and default sorting use.
+
+    One objective: itself. Several: ``asha_metric`` (its mode from the list, or the
+    metric's default), else ``objective_mean`` (max).
+    """
+    metrics, modes = objectives(tune)
+    if len(metrics) == 1:
+        return metrics[0], modes[0]
+    get = tune.get if isinstance(tune, Mapping) else (lambda k, d=None: getattr(tune, k, d))
+    asha = get("asha_metric", "") or OBJECTIVE_MEAN
+    if asha in metrics:
+        return asha, modes[metrics.index(asha)]
+    return asha, ("max" if asha == OBJECTIVE_MEAN else default_mode(asha))
+
+
+def objective_mean(metrics: Mapping[str, float], tune: TuneConfig | Mapping[str, Any]) -> float:
+    """The mean of the objectives in ``metrics``, each negated where its mode is ``min``."""
+    names, modes = objectives(tune)
+    return sum((metrics[m] if mode == "max" else -metrics[m]) for m, mode in zip(names, modes)) / len(names)
+
+
 def validate_tune(t: TuneConfig, cfg: Config) -> None:
-    check_selection_metric("tune.metric", t.metric, cfg.data.eval_splits)
-    check_choice("tune.mode", t.mode, MODES)
+    metrics = (t.metric,) if isinstance(t.metric, str) else t.metric
+    modes = (t.mode,) if isinstance(t.mode, str) else t.mode
+    check(len(metrics) >= 1, "tune.metric", list(metrics), "must name at least one metric")
+    for m in metrics:
+        check_selection_metric("tune.metric", m, cfg.data.eval_splits)
+    check(len(set(metrics)) == len(metrics), "tune.metric", list(metrics), "names a metric twice")
+    if not isinstance(t.mode, str) or len(metrics) > 1:
+        check(len(modes) == len(metrics), "tune.mode", list(modes) if not isinstance(t.mode, str) else t.mode,
+              f"must be a list of {len(metrics)} modes, one per tune.metric")
+    for m in modes:
+        check_choice("tune.mode", m, MODES)
+    if t.asha_metric:
+        check(len(metrics) > 1, "tune.asha_metric", t.asha_metric, "is for a list of tune.metric only")
+        if t.asha_metric != OBJECTIVE_MEAN:
+            check_selection_metric("tune.asha_metric", t.asha_metric, cfg.data.eval_splits)
     check(t.num_samples >= 1, "tune.num_samples", t.num_samples, "must be >= 1")
     check(t.max_concurrent_trials >= 1, "tune.max_concurrent_trials", t.max_concurrent_trials, "must be >= 1")
     check(t.grace_period >= 1, "tune.grace_period", t.grace_period, "must be >= 1")
@@ -539,6 +602,10 @@ def validate_tune(t: TuneConfig, cfg: Config) -> None:
     check(t.gpus_per_trial <= 1 or t.gpus_per_trial == int(t.gpus_per_trial), "tune.gpus_per_trial",
            t.gpus_per_trial, "must be a fraction of one GPU or a whole number of GPUs")
     check(t.keep_checkpoints >= 1, "tune.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+    check_choice("tune.checkpoint_scheme", t.checkpoint_scheme, CHECKPOINT_SCHEMES)
+    check(t.resume_every >= 0, "tune.resume_every", t.resume_every, "must be >= 0 (0: by time)")
+    check(math.isfinite(t.resume_every_minutes) and t.resume_every_minutes > 0, "tune.resume_every_minutes",
+          t.resume_every_minutes, "must be a finite number > 0")
     check(t.max_failures >= 0, "tune.max_failures", t.max_failures, "must be >= 0")
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dps_tune import checkpoint as ckpt
-from dps_tune import models, suppression
+from dps_tune import models, retention, suppression
 from dps_tune.config import Config
 from dps_tune.data.inputs import Inputs, open_inputs
 from dps_tune.errors import CheckpointError, TrainingError, first_line
@@ -164,6 +164,7 @@ def run_trial(
     work_dir: str | Path | None = None,
     progress: bool = False,
     memory_fraction: float | None = None,
+    keep: retention.Retention | None = None,
 ) -> dict[str, float]:
     """Train one trial of ``cfg`` and return the metrics of its last evaluation.
 
@@ -171,7 +172,10 @@ def run_trial(
     checkpoint directory is only valid during the call: move or copy it to keep it.
     ``ranking`` holds the DPS row scores (``suppression.rank_scores(θ0, θ1)``) and is
     required when ``cfg.algorithm`` is ``dps``. ``memory_fraction`` caps this
-    process's share of the GPU memory (fractional-GPU trials).
+    process's share of the GPU memory (fractional-GPU trials). ``keep`` decides which
+    reports write weights and which write train state (a sweep's checkpoint economy);
+    without it every evaluation writes both, if ``train.checkpoint_every_eval``, and the
+    last one always does.
     """
     if cfg.algorithm == "dps" and ranking is None:
         raise TrainingError("algorithm dps needs the DPS ranking of the pretrained and the reference weights; "
@@ -185,7 +189,7 @@ def run_trial(
     work = Path(tempfile.mkdtemp(prefix="dps_tune_") if own_work_dir else work_dir)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        trial = _Trial(cfg, rt, ranking, work, memory_fraction)
+        trial = _Trial(cfg, rt, ranking, work, memory_fraction, keep)
         if resume_from is not None:
             trial.resume(resume_from)
         return trial.run(report, progress)
@@ -219,8 +223,8 @@ class _Trial:
     """The state of one running trial: model, inputs, objective, optimizer and loop position."""
 
     def __init__(self, cfg: Config, rt: Runtime, ranking: suppression.Scores | None, work: Path,
-                 memory_fraction: float | None):
-        self.cfg, self.rt, self.work, self.memory_fraction = cfg, rt, work, memory_fraction
+                 memory_fraction: float | None, keep: retention.Retention | None):
+        self.cfg, self.rt, self.work, self.memory_fraction, self.keep = cfg, rt, work, memory_fraction, keep
         tokenizer = models.get_tokenizer(cfg.model)
 
         def make_suppressor() -> suppression.RowSuppressor:
@@ -343,24 +347,32 @@ class _Trial:
             self._report(report, metrics)
         clock.restart()
 
-    def _report(self, report: ReportFn, metrics: dict[str, float]) -> None:
-        path = None
+    def _plan(self, metrics: dict[str, float]) -> retention.Plan:
+        if self.keep is not None:
+            return self.keep.plan(metrics)
         final = self.loop.epoch >= self.cfg.optim.epochs
-        if self.cfg.train.checkpoint_every_eval or final:
+        return retention.FULL if self.cfg.train.checkpoint_every_eval or final else retention.NOTHING
+
+    def _report(self, report: ReportFn, metrics: dict[str, float]) -> None:
+        plan = self._plan(metrics)
+        path = None
+        if plan.weights:
             path = ckpt.save_checkpoint(
                 self.work / f"checkpoint_{self.loop.step:08d}",
                 model_state=models.plain_state_dict(self.model),
                 config=self.cfg,
                 metrics=metrics,
-                loop=self.loop,
-                optimizer_state=self.optimizer.state_dict(),
-                extra_state={"objective": self.objective.state_dict()},
+                loop=self.loop if plan.state else None,
+                optimizer_state=self.optimizer.state_dict() if plan.state else None,
+                extra_state={"objective": self.objective.state_dict()} if plan.state else None,
             )
         try:
             report(metrics, path)
         finally:
             if path is not None and path.exists():
                 shutil.rmtree(path, ignore_errors=True)
+        if self.keep is not None:
+            self.keep.record(metrics, plan)
 
 
 class _Throughput:

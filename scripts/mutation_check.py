@@ -58,6 +58,16 @@ MUTS = [
  ("export names the plain architecture", "dps_tune/models.py",
   '        return f"{arch}-quickgelu"', '        return arch',
   "tests/test_checkpoint.py"),
+ ("a weights-only report may let Ray drop the newest train state", "dps_tune/retention.py",
+  "            return FULL  # writing weights only would make Ray drop the only way to resume",
+  "            pass",
+  "tests/test_retention.py"),
+ ("WiSE-FT's alpha 0 end is not the zero-shot weights", "dps_tune/weight_space.py",
+  "    if alpha == 0.0:\n        return dict(theta0)", "    if alpha == 0.0:\n        alpha = 1e-3",
+  "tests/test_weight_space.py"),
+ ("greedy soup keeps a candidate that does not improve", "dps_tune/weight_space.py",
+  "        accepted = sign * value > sign * best", "        accepted = True",
+  "tests/test_weight_space.py::test_greedy_soup_never_falls_below_its_best_ingredient"),
 ]
 only = sys.argv[1:]
 missed = 0

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -155,3 +156,38 @@ def test_train_refuses_a_bad_resume_path_before_any_work(write_yaml, tmp_path, c
     assert cli.main(["train", str(path), "--out", str(tmp_path / "out"), "--resume", str(tmp_path / "nope")]) == 2
     assert "--resume" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tune,message", [
+    ({"metric": ["id_val_f1", "ood_val_f1"], "mode": ["max"]}, "tune.mode = ['max']: must be a list of 2 modes"),
+    ({"metric": ["id_val_f1", "ood_val_f1"], "mode": "max"}, "tune.mode = 'max': must be a list of 2 modes"),
+    ({"metric": [], "mode": []}, "tune.metric = []: must name at least one metric"),
+    ({"metric": ["id_val_f1", "id_val_f1"], "mode": ["max", "max"]}, "names a metric twice"),
+    ({"metric": ["id_val_f1", "ood_test_f1"], "mode": ["max", "max"]}, "a test split never selects"),
+    ({"metric": ["id_val_f1", "ood_val_f1"], "mode": ["max", "up"]}, "tune.mode = 'up'"),
+    ({"metric": ["id_val_f1", "ood_val_f1"], "mode": ["max", "max"], "asha_metric": "val_loss"},
+     "tune.asha_metric = 'val_loss'"),
+    ({"metric": "id_val_f1", "asha_metric": "ood_val_f1"}, "is for a list of tune.metric only"),
+    ({"resume_every_minutes": float("nan")}, "tune.resume_every_minutes = nan"),
+    ({"resume_every": -1}, "tune.resume_every = -1"),
+    ({"checkpoint_scheme": "all"}, "tune.checkpoint_scheme = 'all': must be one of economy, full"),
+])
+def test_bad_objectives_and_checkpoint_settings(tune, message, write_yaml):
+    raw = tiny_raw()
+    raw["tune"] = tune
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_file(write_yaml(raw))
+
+
+def test_several_objectives_and_the_one_asha_uses(write_yaml):
+    from dps_tune.config import objective_mean, objectives, scalar_objective
+
+    raw = tiny_raw()
+    raw["tune"] = {"metric": ["id_val_f1", "ood_val_f1"], "mode": ["max", "max"]}
+    t = load_file(write_yaml(raw)).tune
+    assert objectives(t) == (("id_val_f1", "ood_val_f1"), ("max", "max"))
+    assert scalar_objective(t) == ("objective_mean", "max")
+    assert objective_mean({"id_val_f1": 0.6, "ood_val_f1": 0.4}, t) == pytest.approx(0.5)
+    raw["tune"]["asha_metric"] = "ood_val_f1"
+    assert scalar_objective(load_file(write_yaml(raw)).tune) == ("ood_val_f1", "max")
+    assert scalar_objective({"metric": "ood_val_acc"}) == ("ood_val_acc", "max")  # a sweep file's tune block

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m dps_tune.bench {rank,data,step}``.
+"""Benchmarks: ``python -m dps_tune.bench {rank,data,step,storage}``.
 
 Each benchmark measures a baseline in the same run and prints a ratio against it,
 because absolute timings on shared machines are noise.

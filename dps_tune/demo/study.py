@@ -5,8 +5,10 @@
 3. a DPS sweep over masking × lr × wd whose reference is the CE sweep's best checkpoint,
    with a random-suppression control arm at the same ratios;
 4. a FLYP sweep;
-5. a comparison table (the trial best on ``id_val`` for each method, with its ``id_test``
-   and ``ood_test`` figures, beside zero-shot) and ``report.html``.
+5. WiSE-FT of each method's best checkpoint, and a greedy soup of the CE checkpoints,
+   evaluated as Ray tasks;
+6. a comparison table (the trial best on ``id_val`` for each method, with its ``id_test``
+   and ``ood_test`` figures, beside zero-shot, WiSE-FT and the soup) and ``report.html``.
 
 All sweeps share one embedded Ray instance.
 """
@@ -22,7 +24,7 @@ from dps_tune.config import default_mode
 from dps_tune.demo import pretrain
 from dps_tune.errors import UserError
 from dps_tune.paths import command_path, tensorboard_hint
-from dps_tune.sweep import ray_tune, results
+from dps_tune.sweep import ensembles, ray_tune, results
 from dps_tune.sweep.report import render_report
 from dps_tune.sweep.search_space import Sweep, load_sweep
 from dps_tune.train import evaluate_start
@@ -34,6 +36,8 @@ logger = logging.getLogger(__name__)
 SPACES = Path(__file__).resolve().with_name("spaces")
 STAGES = (("ce", "demo.yaml"), ("dps", "demo_dps.yaml"), ("flyp", "demo_flyp.yaml"))
 COLUMNS = ("id_val_acc", "id_test_acc", "id_test_f1", "ood_test_acc", "ood_test_f1")
+# WiSE-FT's grid in the demo: five points keep the stage short on a laptop.
+DEMO_ALPHAS = "0:1:0.25"
 
 
 def _say(text: str) -> None:
@@ -45,9 +49,18 @@ def _load_stage(space: str, reference: Path, overrides: list[str]) -> Sweep:
     return load_sweep(SPACES / space, extra + overrides)
 
 
-def comparison_rows(zero_shot: dict[str, float], exp_dirs: list[Path], metric: str) -> list[dict]:
+def comparison_rows(zero_shot: dict[str, float], exp_dirs: list[Path], metric: str,
+                    wise: dict | None = None, soup: dict | None = None) -> list[dict]:
     rows = [{"method": "zero-shot", "trial": "-", **zero_shot}]
-    rows += results.best_per_method(exp_dirs, metric, default_mode(metric))
+    for row in results.best_per_method(exp_dirs, metric, default_mode(metric)):
+        rows.append(row)
+        rec = (wise or {}).get("methods", {}).get(row["method"])
+        if rec:
+            rows.append({"method": f"  + wise a={rec['alpha']:g}", "trial": rec["trial"], **rec["metrics"]})
+        rec = (soup or {}).get("soups", {}).get(row["method"])
+        if rec:
+            rows.append({"method": "  greedy soup", "trial": f"{len(rec['ingredients'])} of {rec['candidates']}",
+                         **rec["metrics"]})
     return rows
 
 
@@ -59,6 +72,24 @@ def format_comparison(rows: list[dict]) -> str:
         vals = " ".join(f"{r[c]:>12.3f}" if c in r else f"{'':>12}" for c in COLUMNS)
         lines.append(f"{r['method']:<14} {trial:<16} {vals}")
     return "\n".join(lines)
+
+
+def _ensembles(out: Path, exp_dirs: list[Path], metric: str) -> tuple[dict, dict]:
+    """Stage 5: WiSE-FT for every method and a greedy CE soup, as Ray tasks on the demo's Ray."""
+    start = time.time()
+
+    def mapper(jobs):
+        return ray_tune.map_jobs(ensembles.evaluate_job, jobs)
+
+    _say(f"\n[5/6] WiSE-FT (alphas {DEMO_ALPHAS}) of each method's best checkpoint, and a greedy CE soup")
+    wise = ensembles.run_wise(exp_dirs, out / "wise", alphas=ensembles.parse_alphas(DEMO_ALPHAS), top_k=1,
+                              select=metric, mapper=mapper)
+    soup = ensembles.run_soup([exp_dirs[0]], out / "soup", method="ce", select=metric, mapper=mapper)
+    chosen = ", ".join(f"{m} a={r['alpha']:g}" for m, r in wise["methods"].items())
+    ce = soup["soups"]["ce"]
+    _say(f"      WiSE-FT chose {chosen}; the CE soup took {len(ce['ingredients'])} of {ce['candidates']} "
+         f"checkpoints ({time.time() - start:.0f} s)")
+    return wise, soup
 
 
 def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool = True) -> int:
@@ -73,7 +104,7 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
     base = sweeps["ce"].config
     metric = sweeps["ce"].tune.metric
 
-    _say(f"[1/5] pretrained tiny CLIP ({base.model}, pretrained={base.pretrained!r})")
+    _say(f"[1/6] pretrained tiny CLIP ({base.model}, pretrained={base.pretrained!r})")
     pretrain.ensure_pretrained(base.model)
     zero_shot = evaluate_start(base)
     (out / "zero_shot.json").write_text(json.dumps(zero_shot, indent=2))
@@ -84,7 +115,7 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
         for i, (name, space) in enumerate(STAGES, start=2):
             sweep = _load_stage(space, out / "ce", overrides)
             t = sweep.tune
-            _say(f"\n[{i}/5] {name.upper()} sweep: {t.num_samples} trials, Optuna TPE + ASHA on {t.metric}, "
+            _say(f"\n[{i}/6] {name.upper()} sweep: {t.num_samples} trials, Optuna TPE + ASHA on {t.metric}, "
                  f"{t.max_concurrent_trials} at a time, up to {sweep.max_t} epochs each")
             exp = Path(ray_tune.run_sweep(sweep, storage_path=str(out), name=name, dashboard=dashboard))
             exp_dirs.append(exp)
@@ -92,22 +123,24 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
             _say(f"      {name}: {(table['status'] == 'completed').sum()} completed, "
                  f"{(table['status'] == 'early-stopped').sum()} stopped early by ASHA, "
                  f"{(table['status'] == 'error').sum()} failed")
+        wise, soup = _ensembles(out, exp_dirs, metric)
     finally:
         ray_tune.shutdown()
 
-    _say("\n[5/5] comparison: for each method, the checkpoint best on id_val "
-         f"({metric}), with its test figures")
-    rows = comparison_rows(zero_shot, exp_dirs, metric)
+    _say("\n[6/6] comparison: for each method, the checkpoint best on id_val "
+         f"({metric}), with its test figures; WiSE-FT and the soup chosen on {metric} too")
+    rows = comparison_rows(zero_shot, exp_dirs, metric, wise, soup)
     text = format_comparison(rows)
     _say(text)
     (out / "comparison.txt").write_text(text + "\n")
-    report = render_report(exp_dirs, out / "report.html", zero_shot=zero_shot)
+    report = render_report([*exp_dirs, out / "wise", out / "soup"], out / "report.html", zero_shot=zero_shot)
     minutes = (time.time() - start) / 60
     _say(f"\nreport:   {report}   (open it in a browser)")
     cmd = command_path()
     _say(f"inspect:  {cmd} results {exp_dirs[1]}")
     _say(f"          {cmd} best {exp_dirs[0]} --export {out / 'best_ce'}")
-    _say(f"          {cmd} report {' '.join(map(str, exp_dirs))} --out {out / 'report.html'}")
+    _say(f"          {cmd} report {' '.join(map(str, exp_dirs))} {out / 'wise'} {out / 'soup'} "
+         f"--out {out / 'report.html'}")
     _say(f"          {tensorboard_hint(out)}")
     _say(f"finished in {minutes:.1f} min")
     return 0

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,8 @@ from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from ray.tune.search import ConcurrencyLimiter  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
-from dps_tune import preflight, suppression  # noqa: E402
+from dps_tune import checkpoint as ckpt  # noqa: E402
+from dps_tune import preflight, retention, suppression  # noqa: E402
 from dps_tune.config import (Config, TuneConfig, config_from_dict, merge_dotted, to_dict,  # noqa: E402
                              tune_config_from_dict, with_overrides)
 from dps_tune.errors import LaunchError, UserError, first_line  # noqa: E402
@@ -90,29 +92,73 @@ def _maybe_inject_crash(trial_id: str, epoch: float) -> None:
 
 
 def trainable(params: dict[str, Any], *, base: Config, ranking: suppression.Scores | None,
-              gpu_share: float | None) -> None:
+              gpu_share: float | None, tune_cfg: TuneConfig) -> None:
     """Ray Tune function trainable: one trial of the frozen ``base`` config with ``params`` applied.
 
-    ``params`` holds the searched values under dotted config keys. The trial resumes
-    from ``tune.get_checkpoint()`` when Ray retries or restores it.
+    ``params`` holds the searched values under dotted config keys. When Ray retries or
+    restores the trial, it goes on from the newest of its checkpoints that holds train
+    state (under the economy scheme that need not be the latest one).
     """
     _worker_logging()
     cfg = with_overrides(base, params)
     trial_id = tune.get_context().get_trial_id()
+    keep = _retention(cfg, tune_cfg)
+    newest_state: list[tune.Checkpoint] = []  # the persisted checkpoint whose train state is the newest
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         metrics = {**metrics, "max_epoch": cfg.optim.epochs}
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        with_state = checkpoint_dir is not None and (checkpoint_dir / ckpt.STATE_FILE).is_file()
         tune.report(metrics, checkpoint=checkpoint)
+        if with_state and keep is not None:  # only the newest train state is kept
+            for old in newest_state:
+                storage.delete_file(old.filesystem, f"{old.path}/{ckpt.STATE_FILE}")
+            newest_state[:] = [tune.get_checkpoint()]
         _maybe_inject_crash(trial_id, metrics["epoch"])
 
-    resume = tune.get_checkpoint()
-    if resume is None:
-        run_trial(cfg, report, ranking=ranking, memory_fraction=gpu_share)
+    latest = tune.get_checkpoint()
+    start = _resume_point(latest, keep) if latest is not None else None
+    if start is None:
+        if latest is not None:
+            logger.warning("trial %s: no kept checkpoint holds train state (tune.resume_every_minutes = %g); "
+                           "it starts over from epoch 0", trial_id, tune_cfg.resume_every_minutes)
+        run_trial(cfg, report, ranking=ranking, memory_fraction=gpu_share, keep=keep)
         return
-    with resume.as_directory() as path:
-        logger.info("trial %s resumes from %s", trial_id, path)
-        run_trial(cfg, report, resume_from=path, ranking=ranking, memory_fraction=gpu_share)
+    newest_state.append(start)
+    with start.as_directory() as path:
+        logger.info("trial %s resumes from epoch %s (%s)", trial_id, _epoch_of(path), start.path)
+        run_trial(cfg, report, resume_from=path, ranking=ranking, memory_fraction=gpu_share, keep=keep)
+
+
+def _retention(cfg: Config, t: TuneConfig) -> retention.Retention | None:
+    if t.checkpoint_scheme == "full":
+        return None
+    last = min(cfg.optim.epochs, t.max_t) if t.max_t else cfg.optim.epochs
+    return retention.Retention(metric=t.metric, mode=t.mode, keep=t.keep_checkpoints, last_epoch=last,
+                               resume_every=t.resume_every, resume_every_minutes=t.resume_every_minutes)
+
+
+def _resume_point(latest: tune.Checkpoint, keep: retention.Retention | None) -> tune.Checkpoint | None:
+    """The newest kept checkpoint of this trial with train state; tells ``keep`` what Ray keeps."""
+    trial_path, latest_name = latest.path.rstrip("/").rsplit("/", 1)
+    # Only what Ray's experiment state knows: a checkpoint written after its last save (a
+    # killed driver) is one Ray does not track, and its results were never logged.
+    kept = [k for k in storage.checkpoint_dirs(latest.filesystem, trial_path)
+            if k[0].rstrip("/").rsplit("/", 1)[1] <= latest_name]
+    with_state = [(path, metrics) for path, metrics, state in kept if state]
+    if keep is not None:
+        resumed = float(with_state[-1][1].get("epoch", 0)) if with_state else 0.0
+        keep.restore([(metrics, state) for _, metrics, state in kept], resumed_epoch=resumed)
+    if not with_state:
+        return None
+    return tune.Checkpoint(with_state[-1][0], filesystem=latest.filesystem)
+
+
+def _epoch_of(path: str) -> Any:
+    try:
+        return json.loads((Path(path) / ckpt.METRICS_FILE).read_text()).get("epoch", "?")
+    except (OSError, ValueError):
+        return "?"
 
 
 class _ResolvedConfigWriter(tune.Callback):
@@ -125,6 +171,20 @@ class _ResolvedConfigWriter(tune.Callback):
         # Through the trial's own storage filesystem: a local disk, file://, s3:// or gs:// alike.
         text = json.dumps(merge_dotted(self.base, trial.config), indent=2) + "\n"
         storage.write_fs_text(trial.storage.storage_filesystem, f"{trial.path}/{TRIAL_CONFIG_FILE}", text)
+
+
+class _TrainStateCleaner(tune.Callback):
+    """A trial that finished, or that the scheduler stopped, will not resume: drop its train state.
+
+    Errored trials keep theirs, for ``dps-tune resume``. Deleting goes through the trial's
+    storage filesystem, the one Ray writes checkpoints with.
+    """
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        fs, trial_path = trial.storage.storage_filesystem, trial.storage.trial_fs_path
+        for path, _, state in storage.checkpoint_dirs(fs, trial_path):
+            if state:
+                storage.delete_file(fs, f"{path}/{ckpt.STATE_FILE}")
 
 
 class _StudyUploader(tune.Callback):
@@ -246,7 +306,7 @@ def _resolve_dps(cfg: Config, space: SearchSpace) -> reference.ResolvedDPS:
 
 def _build_trainable(base: Config, ranking: suppression.Scores | None, tune_cfg: TuneConfig) -> Any:
     share = tune_cfg.gpus_per_trial if 0 < tune_cfg.gpus_per_trial < 1 else None
-    fn = tune.with_parameters(trainable, base=base, ranking=ranking, gpu_share=share)
+    fn = tune.with_parameters(trainable, base=base, ranking=ranking, gpu_share=share, tune_cfg=tune_cfg)
     return tune.with_resources(fn, {"cpu": tune_cfg.cpus_per_trial, "gpu": tune_cfg.gpus_per_trial})
 
 
@@ -265,6 +325,10 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | N
                           "or pass another --name")
     # The driver's own files: in the experiment on a local disk, staged locally for a URI.
     local = storage.staging_dir(location) if is_remote(location) else Path(location)
+    if is_remote(location) and local.exists():
+        # Left from an experiment of this name that is gone from the storage: its Optuna
+        # study would feed the new search (and break `tune.seed`'s reproducibility).
+        shutil.rmtree(local)
 
     _connect(address, dashboard)
     _check_resources(sweep.tune, storage_path, shared_storage)
@@ -321,7 +385,8 @@ def _run_config(name: str, storage_path: str, searched_keys: list[str], t: TuneC
                                                 checkpoint_score_order=t.mode),
         failure_config=tune.FailureConfig(max_failures=t.max_failures),
         progress_reporter=reporter,
-        callbacks=[_ResolvedConfigWriter(base), _StudyUploader(local, location)],
+        callbacks=[_ResolvedConfigWriter(base), _StudyUploader(local, location),
+                   *([_TrainStateCleaner()] if t.checkpoint_scheme == "economy" else [])],
         verbose=1,
     )
 
@@ -395,6 +460,43 @@ def resume_sweep(exp: str | os.PathLike | Resumable, *, address: str | None = No
                                storage_filesystem=filesystem)
     _finish(local, location, tuner.fit())
     return location
+
+
+# ------------------------------------------------------------------------ tasks
+
+
+def map_jobs(fn: Any, jobs: list[dict], *, address: str | None = None, gpus: float | None = None,
+             ) -> Any:
+    """Run ``fn(job)`` for every job as a Ray task; yield ``(job, result)`` as each one finishes.
+
+    Connects like a sweep (embedded Ray, ``--address`` or ``RAY_ADDRESS``). Each task asks
+    for one CPU and, where the cluster has GPUs, ``gpus`` (default one) of a GPU. Ray
+    reuses worker processes, so what ``fn`` caches (a model, the evaluation data) serves
+    the next job on the same worker. A failing job stops the run with its first line.
+    """
+    if not jobs:
+        return
+    _connect(address, dashboard=False)
+    has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    remote = ray.remote(num_cpus=1, num_gpus=(1 if gpus is None else gpus) if has_gpu else 0,
+                        max_retries=1)(fn)
+    pending = {remote.remote(job): job for job in jobs}
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(done[0])
+            try:
+                result = ray.get(done[0])
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                if isinstance(cause, UserError):
+                    raise cause from None
+                raise LaunchError(f"an evaluation task failed ({type(cause).__name__}: {first_line(cause, 300)})"
+                                  ) from None
+            yield job, result
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
 
 
 def shutdown() -> None:

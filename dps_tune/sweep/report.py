@@ -6,7 +6,10 @@ Ray-free, like :mod:`dps_tune.results`, whose readers it builds on. The page hol
   zero-shot model marked: the effective-robustness plot of robust fine-tuning papers;
 * the OOD metric against ``dps.masking`` for DPS trials, one panel per suppression arm;
 * the sweep metric against epoch for every trial, so ASHA's early stops are visible;
-* the best trial per method and the full results table.
+* the best trial per method and the full results table;
+* given the output of ``dps-tune wise`` or ``dps-tune soup`` beside the sweeps: WiSE-FT
+  curves from the zero-shot star to each fine-tuned model and soups on the ID-vs-OOD
+  plots, and a table of each method alone, with WiSE-FT and as a soup.
 
 Images are PNGs embedded as base64 ``data:`` URIs and the CSS is inline, so the file
 opens offline and can be mailed or attached as it is.
@@ -34,7 +37,8 @@ from matplotlib.lines import Line2D
 from dps_tune.config import DEFAULT_METRIC, SUPPRESS_MODES, best_of, default_mode
 from dps_tune.errors import UserError, first_line
 from dps_tune.files import write_text
-from dps_tune.sweep.results import Trial, load_trials, method_name, results_table, sweep_meta, trial_status
+from dps_tune.sweep.results import (Trial, ensemble_kind, load_trials, method_name, read_ensemble, results_table,
+                                    sweep_meta, trial_status)
 
 logger = logging.getLogger(__name__)
 
@@ -229,14 +233,53 @@ def _points(experiments: Sequence[Experiment]) -> list[_Point]:
 # ------------------------------------------------------------------------------ plots
 
 
+@dataclass(frozen=True)
+class _Curve:
+    """A WiSE-FT curve of one method: (alpha, metrics) from alpha 0 to 1, and the alpha chosen."""
+
+    method: str
+    points: list[tuple[float, dict[str, float]]]
+    chosen: float
+
+
+@dataclass(frozen=True)
+class _Soup:
+    name: str  # a method, or "mixed"
+    ingredients: int
+    candidates: int
+    metrics: dict[str, float]
+
+
+def _ensembles(summaries: Sequence[Mapping[str, Any]]) -> tuple[list[_Curve], list[_Soup]]:
+    curves, soups = [], []
+    for s in summaries:
+        if s["kind"] == "wise":
+            for method, rec in s.get("methods", {}).items():
+                rows = sorted((r for r in s["rows"] if r["method"] == method and r["checkpoint"] == rec["checkpoint"]),
+                              key=lambda r: r["alpha"])
+                curves.append(_Curve(method, [(float(r["alpha"]), r) for r in rows], float(rec["alpha"])))
+        else:
+            for name, rec in s.get("soups", {}).items():
+                soups.append(_Soup(name, len(rec["ingredients"]), rec["candidates"], rec["metrics"]))
+    return curves, soups
+
+
 def plot_id_ood(points: Sequence[_Point], x_metric: str, y_metric: str,
-                zero_shot: Mapping[str, float] | None) -> Figure | None:
-    """Every trial's last ``y_metric`` against its last ``x_metric``; None when no trial has both."""
+                zero_shot: Mapping[str, float] | None, curves: Sequence[_Curve] = (),
+                soups: Sequence[_Soup] = ()) -> Figure | None:
+    """Every trial's last ``y_metric`` against its last ``x_metric``; None when no trial has both.
+
+    ``curves`` (WiSE-FT) are drawn as lines through their alphas with the chosen alpha
+    ringed; ``soups`` as filled plus markers in their method's colour.
+    """
     data = [(p, p.value(x_metric), p.value(y_metric)) for p in points]
     data = [(p, x, y) for p, x, y in data if x is not None and y is not None]
     if not data:
         return None
-    styles = _styles(p.method for p, _, _ in data)
+    curves = [c for c in curves if all(_finite(m.get(x_metric)) and _finite(m.get(y_metric)) for _, m in c.points)]
+    soups = [s for s in soups if _finite(s.metrics.get(x_metric)) and _finite(s.metrics.get(y_metric))]
+    styles = _styles([*(p.method for p, _, _ in data), *(c.method for c in curves),
+                      *(s.name for s in soups if s.name != "mixed")])
     fig = Figure(figsize=(6.4, 5.4))
     ax = fig.subplots()
     for method, (color, marker) in styles.items():
@@ -248,6 +291,22 @@ def plot_id_ood(points: Sequence[_Point], x_metric: str, y_metric: str,
                            facecolors=color if done else "none", alpha=0.9 if done else 0.7, zorder=3)
     xs_all = [x for _, x, _ in data]
     ys_all = [y for _, _, y in data]
+    for c in curves:
+        color = styles[c.method][0]
+        xs, ys = [m[x_metric] for _, m in c.points], [m[y_metric] for _, m in c.points]
+        ax.plot(xs, ys, color=color, lw=1.4, marker=".", ms=6, alpha=0.85, zorder=2.5)
+        for a, m in c.points:
+            if a == c.chosen:
+                ax.scatter([m[x_metric]], [m[y_metric]], s=150, marker="o", facecolors="none", edgecolors=color,
+                           linewidths=2.2, zorder=5)
+        xs_all += xs
+        ys_all += ys
+    for sp in soups:
+        color = styles[sp.name][0] if sp.name in styles else "black"
+        ax.scatter([sp.metrics[x_metric]], [sp.metrics[y_metric]], s=140, marker="P", color=color,
+                   edgecolors="black", linewidths=0.8, zorder=5)
+        xs_all.append(sp.metrics[x_metric])
+        ys_all.append(sp.metrics[y_metric])
     zs = zero_shot or {}
     has_zs = _finite(zs.get(x_metric)) and _finite(zs.get(y_metric))
     if has_zs:
@@ -279,6 +338,13 @@ def plot_id_ood(points: Sequence[_Point], x_metric: str, y_metric: str,
     if has_zs:
         handles.append(Line2D([], [], ls="", marker="*", markersize=13, markerfacecolor="gold",
                               markeredgecolor="black", label="zero-shot"))
+    if curves:
+        handles.append(Line2D([], [], color="0.3", lw=1.4, marker=".", label="WiSE-FT, alpha 0 to 1"))
+        handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", markeredgecolor="0.3",
+                              markeredgewidth=2, markersize=10, label="alpha chosen on validation"))
+    if soups:
+        handles.append(Line2D([], [], ls="", marker="P", color="0.3", markeredgecolor="black", markersize=10,
+                              label="model soup"))
     handles.append(Line2D([], [], color="0.55", ls="--", label="y = x"))
     if fitted:
         handles.append(Line2D([], [], color="0.3", ls=":", label=f"linear fit ({base_name})"))
@@ -440,6 +506,29 @@ def summary_table(experiments: Sequence[Experiment], zero_shot: Mapping[str, flo
     return pd.DataFrame(rows, columns=columns)
 
 
+def ensemble_table(curves: Sequence[_Curve], soups: Sequence[_Soup],
+                   summaries: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Per method: fine-tuned alone (alpha 1), with WiSE-FT at the chosen alpha, and as a soup."""
+    rows = []
+    select = {s["kind"]: s.get("select", "") for s in summaries}
+    for c in curves:
+        by_alpha = dict(c.points)
+        if 0.0 in by_alpha and not any(r["method"] == "zero-shot" for r in rows):
+            rows.append({"method": "zero-shot", "variant": "alpha 0", **by_alpha[0.0]})
+    for method in _method_order([*(c.method for c in curves), *(s.name for s in soups)]):
+        for c in (c for c in curves if c.method == method):
+            by_alpha = dict(c.points)
+            if 1.0 in by_alpha:
+                rows.append({"method": method, "variant": "fine-tuned (alpha 1)", **by_alpha[1.0]})
+            rows.append({"method": method, "variant": f"WiSE-FT, alpha {c.chosen:g}", "selected by": select.get("wise"),
+                         **by_alpha[c.chosen]})
+        for sp in (s for s in soups if s.name == method):
+            rows.append({"method": method, "variant": f"soup of {sp.ingredients} of {sp.candidates}",
+                         "selected by": select.get("soup"), **sp.metrics})
+    columns = ["method", "variant", "selected by", "id_val_f1", "ood_val_f1", *SUMMARY_METRICS]
+    return pd.DataFrame(rows, columns=columns)
+
+
 def _cell(value: Any) -> tuple[str, bool]:
     """HTML text of a table cell and whether it is a number."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -492,11 +581,17 @@ def render_report(exp_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
         raise UserError("no experiment directory given")
     out = Path(out)
     seen: set[Path] = set()
-    experiments = []
+    experiments, summaries = [], []
     for d in exp_dirs:
         if Path(d).resolve() not in seen:
             seen.add(Path(d).resolve())
-            experiments.append(load_experiment(d))
+            if Path(d).is_dir() and ensemble_kind(d):
+                summaries.append(read_ensemble(d))
+            else:
+                experiments.append(load_experiment(d))
+    if not experiments:
+        raise UserError("no sweep among the directories: the output of wise and soup is drawn beside its sweeps")
+    curves, soups = _ensembles(summaries)
     names = [e.name for e in experiments]
     # Two sweeps of the same name (from different storage roots) are told apart by path.
     experiments = [e if names.count(e.name) == 1 else replace(e, name=str(e.path)) for e in experiments]
@@ -515,12 +610,15 @@ def render_report(exp_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
     for x, y in pairs:
         kind = "f1" if y.endswith("_f1") else "acc"
         scatter_html.append(_figure_html(
-            f"plot-id-ood-{kind}", plot_id_ood(points, x, y, zs),
+            f"plot-id-ood-{kind}", plot_id_ood(points, x, y, zs, curves, soups),
             alt=f"Scatter plot of {metric_label(y)} against {metric_label(x)} for every trial, coloured by method"
                 + (", zero-shot model marked with a star" if zs else ""),
             caption=f"{metric_label(y)} against {metric_label(x)}, each trial at its last report. Hollow markers: "
                     "trials ASHA stopped early (their metrics are from an early epoch)."
-                    + (" Star: the zero-shot model." if zs else ""),
+                    + (" Star: the zero-shot model." if zs else "")
+                    + (" Lines: WiSE-FT from alpha 0 (the zero-shot weights) to 1 (the fine-tuned model), "
+                       "the alpha chosen on validation ringed." if curves else "")
+                    + (" Plus signs: model soups." if soups else ""),
             missing=f"No trial reports both {x} and {y}."))
     masking_html = _figure_html(
         "plot-masking", plot_masking(points, zs),
@@ -541,6 +639,16 @@ def render_report(exp_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
     summary = summary_table(experiments, zs)
     summary_class = ["zero-shot" if m == "zero-shot" else "" for m in summary["method"]]
 
+    ensemble_html = ""
+    if summaries:
+        table = ensemble_table(curves, soups, summaries)
+        ensemble_html = f"""<section id="ensembles">
+<h2>WiSE-FT and model soups</h2>
+<p class="caption">For each method: the fine-tuned checkpoint alone, WiSE-FT at the alpha chosen on validation
+(never on test), and the soup of its checkpoints. From {html.escape(", ".join(s.get("kind", "") for s in summaries))}
+output(s).</p>
+{html_table(table, "ensemble-table", ["zero-shot" if m == "zero-shot" else "" for m in table["method"]])}
+</section>"""
     exp_rows = pd.DataFrame([{
         "experiment": e.name, "path": str(e.path.resolve()), "status": e.meta.get("status", "unknown"),
         "trials": len(e.trials), "selected by": f"{e.metric} ({e.mode})", "max_t": e.meta.get("max_t"),
@@ -579,6 +687,7 @@ trial; ASHA's early stops end early.</li>
 in-distribution performance predicts; the dashed line is y = x.</p>
 <div class="row">{''.join(scatter_html)}</div>
 </section>
+{ensemble_html}
 <section id="masking">
 <h2>OOD metric vs DPS masking</h2>
 {masking_html}

@@ -29,6 +29,9 @@ from dps_tune.sweep.storage import has_weights
 
 SWEEP_FILE = "dps_tune_sweep.json"
 TRIAL_CONFIG_FILE = "dps_tune_config.json"
+# What `dps-tune wise` and `dps-tune soup` write (dps_tune.sweep.ensembles).
+WISE_CSV, WISE_JSON = "wise.csv", "wise.json"
+SOUP_CSV, SOUP_JSON = "soup_steps.csv", "soup.json"
 PARAM_COLUMNS = {"algorithm": "algorithm", "optim.lr": "lr", "optim.wd": "wd", "dps.masking": "masking",
                  "dps.suppress": "suppress"}
 
@@ -230,3 +233,35 @@ def best_per_method(exp_dirs: list[str | os.PathLike], metric: str, mode: str = 
 def _trial_id(trial_dir: Path) -> str:
     history = _read_history(trial_dir / "result.json")
     return str(history[-1].get("trial_id", trial_dir.name)) if history else trial_dir.name
+
+
+def ensemble_kind(path: str | os.PathLike) -> str | None:
+    """``"wise"`` or ``"soup"`` for an output directory of those commands, else None."""
+    p = Path(path)
+    if (p / WISE_JSON).is_file():
+        return "wise"
+    if (p / SOUP_JSON).is_file():
+        return "soup"
+    return None
+
+
+def read_ensemble(path: str | os.PathLike) -> dict[str, Any]:
+    """The summary a ``wise`` or ``soup`` run wrote; for WiSE-FT with every evaluated row under ``rows``."""
+    p = Path(path)
+    kind = ensemble_kind(p)
+    if kind is None:
+        raise UserError(f"{str(p)!r}: neither a sweep nor the output of `dps-tune wise` or `dps-tune soup`")
+    name = WISE_JSON if kind == "wise" else SOUP_JSON
+    try:
+        summary = json.loads((p / name).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{str(p / name)!r}: damaged ({first_line(exc)})") from None
+    if not isinstance(summary, dict):
+        raise UserError(f"{str(p / name)!r}: not a JSON object")
+    summary["kind"] = kind
+    if kind == "wise":
+        rows = pd.read_csv(p / WISE_CSV) if (p / WISE_CSV).is_file() else pd.DataFrame()
+        if "complete" in rows.columns:  # rows a killed run cut short lack it
+            rows = rows[rows["complete"] == 1].drop(columns="complete")
+        summary["rows"] = rows.dropna().to_dict("records") if len(rows) else []
+    return summary

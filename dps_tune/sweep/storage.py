@@ -16,6 +16,7 @@ Every file dps_tune reads from or writes to an experiment goes through this modu
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -117,6 +118,41 @@ def write_fs_text(fs: pafs.FileSystem, path: str, text: str) -> None:
         return
     with fs.open_output_stream(path) as out:  # an object store replaces an object whole
         out.write(text.encode())
+
+
+def checkpoint_dirs(fs: pafs.FileSystem, trial_path: str) -> list[tuple[str, dict, bool]]:
+    """A trial's checkpoints on ``fs``, oldest first: (path, metrics, whether it holds train state).
+
+    A directory whose ``metrics.json`` is missing or damaged is left out.
+    """
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True))
+    except OSError:
+        return []
+    found = []
+    for info in sorted((i for i in infos if i.type == pafs.FileType.Directory), key=lambda i: i.base_name):
+        if not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/metrics.json") as f:
+                metrics = json.loads(f.read().decode())
+        except (OSError, ValueError):
+            continue
+        state = fs.get_file_info(f"{info.path}/{WEIGHT_FILES[1]}").type == pafs.FileType.File
+        found.append((info.path, metrics if isinstance(metrics, dict) else {}, state))
+    return found
+
+
+def delete_file(fs: pafs.FileSystem, path: str) -> bool:
+    """Delete one file on ``fs``; False when it was not there (a checkpoint Ray dropped meanwhile)."""
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:  # not fatal: the file only costs space
+        logger.warning("could not delete %s: %s", path, first_line(exc))
+        return False
+    return True
 
 
 def local_view(location: str | os.PathLike) -> Path:

@@ -19,18 +19,27 @@ def test_demo_runs_the_whole_study(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout
-    for stage in ("[1/5]", "[2/5] CE sweep", "[3/5] DPS sweep", "[4/5] FLYP sweep", "[5/5] comparison"):
+    for stage in ("[1/6]", "[2/6] CE sweep", "[3/6] DPS sweep", "[4/6] FLYP sweep", "[5/6] WiSE-FT",
+                  "[6/6] comparison"):
         assert stage in text, stage
-    table = text[text.index("[5/5]"):]
+    table = text[text.index("[6/6]"):]
     for method in ("zero-shot", "ce", "flyp"):
         assert f"\n{method} " in table, method
     # Both DPS arms, the method and its random control: with tune.seed 0 the two sampled
     # trials draw suppress = top, then random (Optuna's seeded start-up sampling).
     assert "\ndps (top) " in table and "\ndps (random) " in table
+    # WiSE-FT under every method, the greedy soup under CE, both chosen on validation
+    assert table.count("  + wise a=") == 4 and table.count("  greedy soup") == 1
+    wise = json.loads((out / "wise" / "wise.json").read_text())
+    assert set(wise["methods"]) == {"ce", "dps (top)", "dps (random)", "flyp"} and wise["alphas"] == [0, 0.25, 0.5,
+                                                                                                     0.75, 1.0]
+    assert all(Path(m["export"], "model.safetensors").is_file() for m in wise["methods"].values())
+    assert (out / "soup" / "soup_ce" / "model.safetensors").is_file()
     zero_shot = json.loads((out / "zero_shot.json").read_text())
     assert zero_shot["id_test_acc"] > 0.2 and zero_shot["ood_test_acc"] > 0.2  # chance is 0.1
     page = (out / "report.html").read_text()
-    for plot in ("plot-id-ood-acc", "plot-masking", "plot-learning-curves", "summary-table", "results-table"):
+    for plot in ("plot-id-ood-acc", "plot-masking", "plot-learning-curves", "summary-table", "results-table",
+                 "ensemble-table"):
         assert plot in page, plot
     assert (out / "comparison.txt").read_text().strip() in text
     for stage in ("ce", "dps", "flyp"):

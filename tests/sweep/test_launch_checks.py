@@ -111,5 +111,6 @@ def test_a_fractional_gpu_request_becomes_the_trials_memory_share(gpus, share, m
     monkeypatch.setattr(ray_tune, "run_trial", lambda cfg, report, **kw: ran.update(kw))
     monkeypatch.setattr(ray_tune.tune, "get_checkpoint", lambda: None)
     monkeypatch.setattr(ray_tune.tune, "get_context", lambda: type("C", (), {"get_trial_id": lambda self: "t"})())
-    ray_tune.trainable({}, base=config_from_dict(tiny_raw()), ranking=None, gpu_share=seen["gpu_share"])
-    assert ran["memory_fraction"] == share
+    ray_tune.trainable({}, base=config_from_dict(tiny_raw()), ranking=None, gpu_share=seen["gpu_share"],
+                       tune_cfg=seen["tune_cfg"])
+    assert ran["memory_fraction"] == share and ran["keep"].keep == 2  # the checkpoint economy, tune's defaults

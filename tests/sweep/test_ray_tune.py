@@ -32,7 +32,9 @@ def space(tmp: Path, name: str, *, algorithm="ce", search=None, tune=None, **ove
     raw["search"] = search if search is not None else {"lr": {"loguniform": [3e-4, 3e-3]},
                                                        "wd": {"uniform": [0.0, 0.3]}}
     raw["tune"] = {"metric": "id_val_acc", "num_samples": 6, "max_concurrent_trials": 2, "grace_period": 1,
-                   "reduction_factor": 2, "keep_checkpoints": 1, "max_failures": 1, **(tune or {})}
+                   "reduction_factor": 2, "keep_checkpoints": 1, "max_failures": 1,
+                   # train state at every report: the crash and resume tests below count on it
+                   "resume_every": 1, **(tune or {})}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -88,6 +90,8 @@ def test_sweep_end_to_end(ce_sweep, tmp_path):
         best = max(trial.history, key=lambda h: h["id_val_acc"])  # first of equals, as Ray ranks them
         best_steps = {h["step"] for h in trial.history if h["id_val_acc"] == best["id_val_acc"]}
         assert trial.history[-1]["step"] in kept and kept & best_steps and len(kept) <= 2, (trial.trial_id, kept)
+    # every trial finished or was stopped by ASHA: none of them keeps train state
+    assert list(exp.glob("*/checkpoint_*/model.safetensors")) and not list(exp.glob("*/checkpoint_*/train_state.pt"))
 
     # `best --export` reloads through plain open_clip and reproduces its metrics
     dps_tune("best", exp, "--export", tmp_path / "best")
@@ -181,6 +185,36 @@ def test_resume_reruns_trials_that_errored_out(tmp_path):
     for trial in results.load_trials(exp):
         epochs = [json.loads(x)["epoch"] for x in (trial.path / "result.json").read_text().splitlines()]
         assert epochs == [1.0, 2.0, 3.0], epochs  # went on after epoch 2, not from the start
+
+
+def test_economy_writes_weights_for_the_top_k_only_and_an_errored_trial_resumes_from_its_train_state(tmp_path):
+    """Default checkpoint economy, train state every 2 epochs; each trial crashes once after epoch 2."""
+    path = space(tmp_path, "economy", search={"lr": {"uniform": [1e-3, 2e-3]}}, **{"optim.epochs": 4},
+                 tune={"num_samples": 2, "grace_period": 4, "max_failures": 0, "resume_every": 2,
+                       "keep_checkpoints": 1})
+    env = {"DPS_TUNE_INJECT_CRASH_AT_EPOCH": "2", "DPS_TUNE_INJECT_CRASH_MARKER_DIR": str(tmp_path / "markers")}
+    exp = tmp_path / "runs" / "economy"
+    first = dps_tune("sweep", path, "--storage", tmp_path / "runs", "--name", "economy", "--no-dashboard",
+                     env=env, check=False)
+    assert first.returncode == 1, first.stderr[-2000:]
+    for trial in results.load_trials(exp):  # errored at epoch 2: its train state of epoch 2 is kept
+        states = list(trial.path.glob("checkpoint_*/train_state.pt"))
+        assert len(states) == 1 and json.loads((states[0].parent / "metrics.json").read_text())["epoch"] == 2.0
+    again = dps_tune("resume", exp, "--no-dashboard", env=env)
+    assert again.stderr.count("resumes from epoch 2.0") == 2, again.stderr[-3000:]
+    table = results.results_table(exp)
+    assert set(table["status"]) == {"completed"}, table
+    assert not list(exp.glob("*/checkpoint_*/train_state.pt"))  # finished: no train state left
+    for trial in results.load_trials(exp):
+        lines = [json.loads(x) for x in (trial.path / "result.json").read_text().splitlines()]
+        assert [x["epoch"] for x in lines] == [1.0, 2.0, 3.0, 4.0]  # went on from epoch 2
+        best = -1.0
+        for line in lines:  # a checkpoint only where the report could enter the top 1, or at the end
+            wrote = bool(line.get("checkpoint_dir_name"))
+            assert wrote == (line["id_val_acc"] > best or line["epoch"] in (2.0, 4.0)), (trial.trial_id, lines)
+            best = max(best, line["id_val_acc"])
+        kept = [json.loads(p.read_text()) for p in trial.path.glob("checkpoint_*/metrics.json")]
+        assert max(m["id_val_acc"] for m in kept) == max(x["id_val_acc"] for x in lines)
 
 
 def test_killed_driver_resumes(tmp_path):

@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import optuna
 import pytest
 from safetensors.torch import load_file
 
@@ -49,6 +51,15 @@ def test_sweep_results_best_report_and_resume_on_a_file_uri(tmp_path):
     dps_tune("resume", exp_uri, "--no-dashboard")
     assert json.loads((exp / "dps_tune_sweep.json").read_text())["status"] == "finished"
     assert len(list(exp.glob("*/params.json"))) == 2
+
+    # Deleted from the storage and run again under its name: a fresh study, the same searched
+    # values (tune.seed), not the old study's trials feeding the new search.
+    first = sorted(json.loads(p.read_text())["optim.lr"] for p in exp.glob("*/params.json"))
+    shutil.rmtree(exp)
+    dps_tune("sweep", path, "--storage", uri, "--name", "exp", "--no-dashboard")
+    study = optuna.load_study(study_name="exp", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert len(study.trials) == 2
+    assert sorted(json.loads(p.read_text())["optim.lr"] for p in exp.glob("*/params.json")) == first
 
 
 def test_a_storage_uri_that_names_a_file_or_nothing_is_one_line(tmp_path):

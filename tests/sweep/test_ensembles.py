@@ -1,0 +1,166 @@
+"""`dps-tune wise` and `dps-tune soup` on a small finished sweep, through a real local Ray."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import yaml
+
+from conftest import tiny_raw
+from dps_tune import checkpoint, models
+from dps_tune.config import config_from_dict
+from dps_tune.data import datasets as data_mod
+from dps_tune.evaluate import evaluate_splits, tokenize_prompts
+from dps_tune.train import evaluate_start
+
+pytestmark = pytest.mark.slow
+
+WORLD = {"classes": 4, "train_per_class": 12, "eval_per_class": 6, "image_size": 32}
+
+
+def dps_tune(*args, check=True, timeout=600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "dps_tune.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ))
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ens")
+    raw = tiny_raw(**{"data.synthetic": WORLD, "data.batch_size": 16, "optim.epochs": 2, "optim.lr": 1e-3})
+    raw["search"] = {"lr": {"loguniform": [5e-4, 3e-3]}}
+    raw["tune"] = {"metric": "id_val_f1", "num_samples": 3, "max_concurrent_trials": 2, "grace_period": 2,
+                   "keep_checkpoints": 2}
+    space = tmp / "ce.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    dps_tune("sweep", space, "--storage", tmp / "runs", "--name", "ce", "--no-dashboard")
+    return tmp / "runs" / "ce", config_from_dict({k: v for k, v in raw.items() if k not in ("search", "tune")})
+
+
+def reevaluate_in_plain_open_clip(export: Path) -> dict:
+    cfg = checkpoint.read_config(export)
+    open_clip.add_model_config(str(export))
+    name = json.loads((export / "config.json").read_text())["open_clip_model"]
+    model = open_clip.create_model(name, pretrained=str(export / "model.safetensors"))
+    spec = data_mod.load_dataset(cfg.data)
+    prompts = tokenize_prompts(models.get_tokenizer(cfg.model), spec.classnames, spec.templates)
+    loaders = {s: data_mod.eval_loader(r, models.eval_transform(model), batch_size=64, workers=0)
+               for s, r in spec.splits.items()}
+    return evaluate_splits(model, prompts, loaders)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_wise_on_a_sweep_through_ray(sweep, tmp_path):
+    exp, base = sweep
+    out = tmp_path / "wise"
+    proc = dps_tune("wise", exp, "--alphas", "0:1:0.5", "--top-k", "2", "--out", out, "--no-progress")
+    assert "ce + wise a=" in proc.stdout, proc.stdout
+    rows = read_csv(out / "wise.csv")
+    assert len(rows) == 2 * 3 and {r["alpha"] for r in rows} == {"0.0", "0.5", "1.0"}
+    zero_shot = evaluate_start(base)
+    for r in rows:
+        if float(r["alpha"]) == 0.0:  # alpha 0 is the zero-shot model, exactly
+            assert all(float(r[k]) == v for k, v in zero_shot.items()), r
+        if float(r["alpha"]) == 1.0:  # alpha 1 is the checkpoint, exactly as its trial evaluated it
+            recorded = json.loads((Path(r["checkpoint"]) / "metrics.json").read_text())
+            assert all(float(r[k]) == recorded[k] for k in zero_shot), r
+    summary = json.loads((out / "wise.json").read_text())
+    chosen = summary["methods"]["ce"]
+    best = max(float(r["id_val_f1"]) for r in rows)
+    assert chosen["metrics"]["id_val_f1"] == best and chosen["selected_on"] == "id_val_f1"
+    assert chosen["alpha"] in (0.0, 0.5, 1.0)
+    export = Path(chosen["export"])
+    recorded = json.loads((export / "metrics.json").read_text())
+    assert recorded["wise"]["alpha"] == chosen["alpha"] and recorded["wise"]["theta1"] == chosen["checkpoint"]
+    again = reevaluate_in_plain_open_clip(export)
+    assert all(again[k] == recorded[k] for k in again), (again, recorded)
+
+    # A killed run: two rows lost and one cut short. The rerun redoes only those.
+    lines = (out / "wise.csv").read_text().splitlines()
+    (out / "wise.csv").write_text("\n".join(lines[:-3]) + "\n" + lines[-3][: len(lines[-3]) // 2])
+    rerun = dps_tune("wise", exp, "--alphas", "0:1:0.5", "--top-k", "2", "--out", out, "--no-progress",
+                     "--in-process")
+    assert "3 of 6 evaluations found" in rerun.stderr, rerun.stderr[-2000:]
+    rows_again = read_csv(out / "wise.csv")
+    complete = [r for r in rows_again if r["ood_test_f1"]]
+    assert len(complete) == 6 and len({(r["checkpoint"], r["alpha"]) for r in complete}) == 6
+    assert json.loads((out / "wise.json").read_text())["methods"]["ce"]["alpha"] == chosen["alpha"]
+
+
+def test_soup_on_a_sweep_through_ray(sweep, tmp_path):
+    exp, _ = sweep
+    out = tmp_path / "soup"
+    proc = dps_tune("soup", exp, "--out", out, "--no-progress")
+    assert "greedy soups" in proc.stdout
+    summary = json.loads((out / "soup.json").read_text())
+    soup = summary["soups"]["ce"]
+    kept = [json.loads(p.read_text()) for p in exp.glob("*/checkpoint_*/metrics.json")]
+    assert soup["candidates"] == len(kept)
+    assert soup["metrics"]["id_val_f1"] >= max(m["id_val_f1"] for m in kept)  # never below its best ingredient
+    assert soup["ingredients"][0][summary["select"]] == max(m["id_val_f1"] for m in kept)
+    assert abs(sum(i["weight"] for i in soup["ingredients"]) - 1) < 1e-9
+    assert len(soup["steps"]) == len(kept)
+    export = Path(soup["export"])
+    recorded = json.loads((export / "metrics.json").read_text())
+    assert [i["checkpoint"] for i in recorded["soup"]["ingredients"]] == [i["checkpoint"] for i in soup["ingredients"]]
+    again = reevaluate_in_plain_open_clip(export)
+    assert all(again[k] == recorded[k] for k in again)
+
+    uniform = dps_tune("soup", exp, "--uniform", "--out", tmp_path / "uniform", "--no-progress", "--in-process")
+    assert "uniform soups" in uniform.stdout
+    assert len(json.loads((tmp_path / "uniform" / "soup.json").read_text())["soups"]["ce"]["ingredients"]) == len(kept)
+
+    # The report draws the WiSE-FT curve and the soup beside the sweep, and tabulates them.
+    dps_tune("wise", exp, "--alphas", "0,0.5,1", "--out", tmp_path / "wise", "--no-progress", "--in-process")
+    dps_tune("report", exp, tmp_path / "wise", out, "--out", tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert 'id="ensemble-table"' in page and "WiSE-FT, alpha" in page and "soup of" in page
+    from dps_tune.sweep import report
+    from dps_tune.sweep.results import read_ensemble
+
+    curves, soups = report._ensembles([read_ensemble(tmp_path / "wise"), read_ensemble(out)])
+    fig = report.plot_id_ood(report._points([report.load_experiment(exp)]), "id_test_acc", "ood_test_acc", None,
+                             curves, soups)
+    ax = fig.axes[0]
+    wise_line = [ln for ln in ax.lines if len(ln.get_xdata()) == 3]
+    assert len(wise_line) == 1  # alpha 0, 0.5 and 1 of the one CE curve
+    assert list(wise_line[0].get_ydata()) == [m["ood_test_acc"] for _, m in curves[0].points]
+    soup_marks = [c for c in ax.collections if c.get_offsets().shape[0] == 1 and
+                  tuple(c.get_offsets()[0]) == (soups[0].metrics["id_test_acc"], soups[0].metrics["ood_test_acc"])]
+    assert soup_marks
+
+
+def test_bad_ensemble_input_is_one_line_and_writes_nothing(sweep, tmp_path):
+    exp, _ = sweep
+    other = tmp_path / "other"
+    shutil.copytree(exp, other)
+    cfg_path = next(other.glob("*/checkpoint_*/config.json"))
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "pretrained": "random"}))
+    cases = [
+        (["wise", exp, "--alphas", "0:1.5:0.5"], "outside [0, 1]"),
+        (["wise", exp, "--alphas", ","], "empty grid"),
+        (["wise", exp, "--select", "ood_test_acc"], "a test split never selects"),
+        (["wise", exp, "--top-k", "0"], "--top-k 0"),
+        (["wise", exp, other], "start from different weights"),
+        (["soup", exp, "--method", "flyp"], "--method flyp: not among"),
+        (["soup", tmp_path / "nothing"], "no such directory"),
+    ]
+    for args, message in cases:
+        out = tmp_path / "out"
+        proc = dps_tune(*args, "--out", out, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (args, proc.stderr)
+        assert not out.exists(), args
