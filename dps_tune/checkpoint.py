@@ -7,6 +7,8 @@ A checkpoint directory holds
 * ``config.json``: the resolved config of the run, plus ``open_clip_model``: the exact
   open_clip model name that rebuilds the network (``ViT-B-16-quickgelu`` for OpenAI weights);
 * ``metrics.json``: the metrics reported with this checkpoint;
+* ``predictions.safetensors``: labels and predicted classes of every evaluation split
+  (int32), for bootstrap intervals;
 * ``train_state.pt``: optimizer state, loop position and RNG states, read back with
   ``torch.load(weights_only=True)``.
 
@@ -35,6 +37,7 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 STATE_FILE = "train_state.pt"
+PREDICTIONS_FILE = "predictions.safetensors"  # labels and predicted classes per evaluation split
 # In config.json, beside the run's config: the open_clip model name that rebuilds the network.
 OPEN_CLIP_KEY = "open_clip_model"
 FORMAT_VERSION = 1
@@ -52,12 +55,16 @@ class LoopState:
 def save_checkpoint(path: str | os.PathLike, *, model_state: Mapping[str, torch.Tensor], config: Config,
                     metrics: Mapping[str, Any], loop: LoopState | None = None,
                     optimizer_state: Mapping[str, Any] | None = None,
-                    extra_state: Mapping[str, Any] | None = None) -> Path:
+                    extra_state: Mapping[str, Any] | None = None,
+                    predictions: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Path:
     """Write a checkpoint directory atomically; returns its path."""
     with atomic_path(path) as tmp:
         tmp.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE),
                   metadata={"format": "open_clip state_dict", "model": config.model})
+        if predictions:
+            save_file({f"{split}.{what}": t.to(torch.int32).contiguous() for split, pair in predictions.items()
+                       for what, t in zip(("true", "pred"), pair)}, str(tmp / PREDICTIONS_FILE))
         _save_config(config, tmp / CONFIG_FILE)
         save_json(dict(metrics), tmp / METRICS_FILE)
         if loop is not None:
@@ -129,6 +136,20 @@ def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True) -> Load
     return LoadedCheckpoint(path, model_state, config, metrics, state)
 
 
+def read_predictions(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The labels and predicted classes a checkpoint's evaluation recorded, per split ({} if none)."""
+    file = Path(path) / PREDICTIONS_FILE
+    if not file.is_file():
+        return {}
+    try:
+        flat = load_file(str(file))
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {PREDICTIONS_FILE} cannot be read ({first_line(exc)})") from None
+    splits = {k.rsplit(".", 1)[0] for k in flat}
+    return {s: (flat[f"{s}.true"].long(), flat[f"{s}.pred"].long()) for s in sorted(splits)
+            if f"{s}.true" in flat and f"{s}.pred" in flat}
+
+
 def restore_rng(state: Mapping[str, Any]) -> None:
     rng = state.get("rng", {})
     if "torch" in rng:
@@ -138,9 +159,10 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 
 
 def save_export(dst: str | os.PathLike, *, model_state: Mapping[str, torch.Tensor], config: Config,
-                metrics: Mapping[str, Any]) -> Path:
+                metrics: Mapping[str, Any],
+                predictions: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Path:
     """Write new weights (an ensemble, say) as a directory plain open_clip loads, like :func:`export`."""
-    dst = save_checkpoint(dst, model_state=model_state, config=config, metrics=metrics)
+    dst = save_checkpoint(dst, model_state=model_state, config=config, metrics=metrics, predictions=predictions)
     name = models.architecture_name(config.model, config.pretrained)
     save_json(models.architecture_config(config.model, config.pretrained), dst / f"{name}.json")
     return dst
@@ -162,6 +184,9 @@ def export(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     dst.mkdir(parents=True, exist_ok=True)  # other files already in dst are left alone
     with atomic_path(dst / MODEL_FILE) as tmp:
         shutil.copy2(src / MODEL_FILE, tmp)
+    if (src / PREDICTIONS_FILE).is_file():
+        with atomic_path(dst / PREDICTIONS_FILE) as tmp:
+            shutil.copy2(src / PREDICTIONS_FILE, tmp)
     _save_config(cfg, dst / CONFIG_FILE)
     save_json(loaded.metrics, dst / METRICS_FILE)
     save_json(models.architecture_config(cfg.model, cfg.pretrained), dst / f"{name}.json")

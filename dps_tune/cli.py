@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from dps_tune.config import scalar_objective
 from dps_tune.errors import UserError, first_line
 
 logger = logging.getLogger("dps_tune")
@@ -236,10 +237,10 @@ class SweepCommand(Command):
             overrides.append(f"tune.num_samples={args.num_samples}")
         sweep = load_sweep(args.space, overrides)  # every check runs before Ray starts
         if post:
-            from dps_tune.config import check_selection_metric
+            from dps_tune.config import objectives
             from dps_tune.paths import is_remote
 
-            check_selection_metric("tune.metric", sweep.tune.metric)
+            post_metric = objectives(sweep.tune)[0][0]  # with several objectives, the first selects
             if args.storage and is_remote(args.storage):
                 raise UserError(f"--post {args.post}: needs a local --storage (the ensembles read the weights)")
         from dps_tune.sweep import ray_tune
@@ -247,9 +248,9 @@ class SweepCommand(Command):
         try:
             exp_dir = ray_tune.run_sweep(sweep, address=args.address, storage_path=args.storage, name=args.name,
                                          dashboard=not args.no_dashboard, shared_storage=args.shared_storage)
-            status = _print_sweep_summary(exp_dir, sweep.tune.metric, sweep.tune.mode)
+            status = _print_sweep_summary(exp_dir, *scalar_objective(sweep.tune))
             if post:
-                _post_ensembles(exp_dir, post, sweep.tune.metric, args)
+                _post_ensembles(exp_dir, post, post_metric, args)
         finally:
             ray_tune.shutdown()
         return status
@@ -272,7 +273,7 @@ class Resume(Command):
                                             shared_storage=args.shared_storage)
         finally:
             ray_tune.shutdown()
-        return _print_sweep_summary(exp_dir, job.tune.metric, job.tune.mode)
+        return _print_sweep_summary(exp_dir, *scalar_objective(job.tune))
 
 
 def _print_sweep_summary(exp_dir: str, metric: str, mode: str) -> int:
@@ -316,11 +317,36 @@ class Results(Command):
         p.add_argument("--metric", help="sort by this metric (default: the sweep's tune.metric)")
         p.add_argument("--mode", choices=["max", "min"], help="sort order (default: the sweep's tune.mode)")
         p.add_argument("--csv", help="also write the table to this CSV file")
+        view = p.add_mutually_exclusive_group()
+        view.add_argument("--pareto", action="store_true",
+                          help="only the non-dominated trials on the sweep's objectives (ID and OOD validation "
+                               "macro-F1 for a one-metric sweep)")
+        view.add_argument("--bootstrap", action="store_true",
+                          help="each trial's kept checkpoint best on the metric, with 95%% bootstrap intervals of "
+                               "every test metric (1,000 seeded resamples of the evaluation images)")
+        p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
 
     def run(self, args: argparse.Namespace) -> int:
+        from dps_tune.config import DEFAULT_METRIC, default_mode, scalar_objective
         from dps_tune.sweep import results, storage
 
-        table = results.results_table(storage.local_view(args.exp_dir), args.metric, args.mode)
+        if args.resamples < 100:
+            raise UserError(f"--resamples {args.resamples}: at least 100 are needed for a 95% interval")
+        exp = storage.local_view(args.exp_dir)
+        if args.pareto:
+            metrics, modes = results.pareto_objectives(exp)
+            table = results.pareto_table(exp, metrics, modes)
+            print(f"non-dominated trials on {', '.join(f'{m} ({d})' for m, d in zip(metrics, modes))}:")
+        elif args.bootstrap:
+            tune_meta = results.sweep_meta(exp).get("tune")
+            metric, mode = (args.metric, args.mode) if args.metric else (
+                scalar_objective(tune_meta) if tune_meta else (DEFAULT_METRIC, None))
+            mode = mode or default_mode(metric)
+            table = results.bootstrap_table(exp, metric, mode, resamples=args.resamples)
+            print(f"each trial's kept checkpoint best on {metric} ({mode}); 95% bootstrap intervals, "
+                  f"{args.resamples} resamples:")
+        else:
+            table = results.results_table(exp, args.metric, args.mode)
         print(_format_table(table))
         if args.csv:
             table.to_csv(args.csv, index=False)
@@ -349,9 +375,10 @@ class Best(Command):
         if args.metric is not None:
             check_selection_metric("--metric", args.metric)
         exp = storage.local_view(args.exp_dir)
-        meta = results.sweep_meta(exp).get("tune", {})
-        metric = args.metric or meta.get("metric", DEFAULT_METRIC)
-        mode = args.mode or (meta.get("mode") if not args.metric else None) or default_mode(metric)
+        meta = results.sweep_meta(exp).get("tune")
+        own_metric, own_mode = scalar_objective(meta) if meta else (DEFAULT_METRIC, None)
+        metric = args.metric or own_metric
+        mode = args.mode or (own_mode if not args.metric else None) or default_mode(metric)
         path = results.best_checkpoint(exp, metric, mode, args.scope)
         metrics = json.loads((path / checkpoint.METRICS_FILE).read_text())
         print(f"best by {metric} ({mode}, scope {args.scope}): {storage.source(path)}")
@@ -555,6 +582,109 @@ class Soup(Command):
         return 0
 
 
+class Confirm(Command):
+    name = "confirm"
+    help = "retrain each method's selected configuration with N fresh seeds; mean, 95%% intervals, paired differences"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("exp_dirs", nargs="+", metavar="EXP_DIR", help="finished experiments of `dps-tune sweep`")
+        p.add_argument("--seeds", type=int, default=3, help="seeds per method, at least 2 (default 3): 1..N")
+        p.add_argument("--select", default="id_val_f1",
+                       help="validation metric that selects each method's configuration (default id_val_f1)")
+        p.add_argument("--storage", help="where the confirmation experiment goes (default: beside the first EXP_DIR)")
+        p.add_argument("--name", help="its name (default: confirm-TIME)")
+        add_set_option(p, help="override a value of every selected configuration (epochs=..., say); "
+                               "tune.* keys set the run's resources")
+        _add_cluster_options(p)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from dps_tune.config import (check_selection_metric, parse_override, resolve_key, tune_config_from_dict,
+                                     validate_tune, with_overrides)
+        from dps_tune.paths import is_remote
+        from dps_tune.sweep import confirm, reference, results, storage
+
+        if args.seeds < 2:
+            raise UserError(f"--seeds {args.seeds}: at least 2 seeds are needed for an interval")
+        check_selection_metric("--select", args.select)
+        pairs = [parse_override(o) for o in args.set]
+        tune_over = {k[len("tune."):]: v for k, v in pairs if k.startswith("tune.")}
+        cfg_over = {resolve_key(k): v for k, v in pairs if not k.startswith("tune.")}
+        variants = confirm.select_variants(args.exp_dirs, args.select)
+        configs = [with_overrides(v.config, cfg_over) for v in variants]
+        first_meta = results.sweep_meta(storage.local_view(args.exp_dirs[0]))
+        tune_raw = {**first_meta.get("tune", {}), "metric": args.select, "mode": "max", "asha_metric": "",
+                    "keep_checkpoints": 1, "max_t": 0, **tune_over}
+        tune_cfg = tune_config_from_dict(tune_raw)
+        for c in configs:
+            validate_tune(tune_cfg, c)
+        dps_refs = {c.dps.reference for c in configs if c.algorithm == "dps"}
+        if len(dps_refs) > 1:
+            raise UserError(f"the DPS configurations use different references ({', '.join(sorted(dps_refs))}); "
+                            "confirm one DPS stage at a time")
+        ranking = None
+        for c in configs:
+            if c.algorithm == "dps":
+                ranking = reference.resolve(c).ranking
+                break
+        seeds = list(range(1, args.seeds + 1))
+        base = configs[0]
+        overrides = [confirm.overrides(base, c) for c in configs]
+        first = args.exp_dirs[0]
+        storage_path = args.storage or (str(Path(first).resolve().parent) if not is_remote(first) else None)
+        name = args.name or f"confirm-{time.strftime('%Y%m%d-%H%M%S')}"
+        print(f"confirming {len(configs)} configurations x {len(seeds)} seeds (selected on {args.select}):")
+        for v in variants:
+            print(f"  {v.method:<14} trial {v.trial}  {args.select}={v.value:.4f}  {v.checkpoint}")
+        from dps_tune.sweep import ray_tune
+
+        try:
+            exp = ray_tune.run_points(base, overrides, seeds, tune_cfg, ranking=ranking, name=name,
+                                      storage_path=storage_path, address=args.address,
+                                      dashboard=not args.no_dashboard, shared_storage=args.shared_storage,
+                                      meta={"confirm": {"select": args.select, "seeds": seeds,
+                                                        "experiments": [str(e) for e in args.exp_dirs]}})
+        finally:
+            ray_tune.shutdown()
+        view = storage.local_view(exp)
+        summary = confirm.summarize(view)
+        if not is_remote(exp):
+            confirm.write_summary(view, summary, variants)
+        print()
+        print(confirm.format_summary(summary))
+        print(f"\nexperiment: {exp}  (confirm.json, confirm.csv; `dps-tune results {exp}`)")
+        return 0
+
+
+class DashboardCommand(Command):
+    name = "dashboard"
+    help = "a live dashboard of sweeps: optuna-dashboard per experiment and the report, behind a token"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("exp_dirs", nargs="+", metavar="EXP_DIR", help="sweep directories (running or finished)")
+        p.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; see the README's SSH tunnel)")
+        p.add_argument("--port", type=int, default=8788, help="port (default 8788; 0: any free port)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from dps_tune.sweep import dashboard
+
+        if not 0 <= args.port <= 65535:
+            raise UserError(f"--port {args.port}: must be between 0 and 65535")
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"dashboard: listening on {args.host}, not only this machine: anyone who reaches it and has the "
+                  "token sees these sweeps", file=sys.stderr)
+
+        def ready(url: str) -> None:
+            print(f"dashboard: {url}", flush=True)
+            print("(the token is needed once per browser; Ctrl-C stops the server)", file=sys.stderr, flush=True)
+
+        try:
+            dashboard.serve(args.exp_dirs, host=args.host, port=args.port, ready=ready)
+        except KeyboardInterrupt:
+            pass
+        return 0
+
+
 def _shutdown_ray() -> None:
     if "dps_tune.sweep.ray_tune" in sys.modules:
         sys.modules["dps_tune.sweep.ray_tune"].shutdown()
@@ -601,7 +731,7 @@ class Demo(Command):
 
 
 COMMANDS: tuple[Command, ...] = (Train(), Rank(), Prepare(), SweepCommand(), Resume(), Results(), Best(), Report(),
-                                 Wise(), Soup(), Pretrain(), Demo())
+                                 Wise(), Soup(), Confirm(), DashboardCommand(), Pretrain(), Demo())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,8 +55,13 @@ def predict(model: nn.Module, head: torch.Tensor, batches: Iterable, *, bf16: bo
 
 
 def evaluate_splits(model: nn.Module, prompt_tokens: torch.Tensor, loaders: dict[str, Iterable], *,
-                    bf16: bool = False) -> dict[str, float]:
-    """``{split}_acc`` and ``{split}_f1`` for every split in ``loaders``; the head is built once."""
+                    bf16: bool = False, predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                    ) -> dict[str, float]:
+    """``{split}_acc`` and ``{split}_f1`` for every split in ``loaders``; the head is built once.
+
+    ``predictions``, when given, receives ``(labels, predicted classes)`` per split, for
+    bootstrap intervals over the evaluation images.
+    """
     was_training = model.training
     model.eval()
     try:
@@ -65,6 +70,8 @@ def evaluate_splits(model: nn.Module, prompt_tokens: torch.Tensor, loaders: dict
         for split, batches in loaders.items():
             y_true, y_pred = predict(model, head, batches, bf16=bf16)
             out.update(classification_metrics(split, y_true, y_pred))
+            if predictions is not None:
+                predictions[split] = (y_true, y_pred)
         return out
     finally:
         model.train(was_training)

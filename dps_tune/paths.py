@@ -47,7 +47,9 @@ def command_path() -> str:
 
 def tensorboard_hint(logdir: str | os.PathLike) -> str:
     """The TensorBoard command for ``logdir``, with its install step when it is not installed."""
-    command = f"tensorboard --logdir {logdir}"
-    if shutil.which("tensorboard") or Path(sys.executable).with_name("tensorboard").is_file():
-        return command
-    return f"pip install tensorboard && {command}   (not installed yet)"
+    if shutil.which("tensorboard"):
+        return f"tensorboard --logdir {logdir}"
+    beside = Path(sys.executable).with_name("tensorboard")  # .venv/bin, not on this shell's PATH
+    if beside.is_file():
+        return f"{beside} --logdir {logdir}"
+    return f"pip install tensorboard && tensorboard --logdir {logdir}   (not installed yet)"

@@ -38,11 +38,11 @@ def _option_row(action: argparse.Action) -> str:
         name = f"`{action.metavar or action.dest.upper()}`" + (" …" if action.nargs in ("+", "*") else "")
     if action.required or not action.option_strings:
         default = "required"
-    elif action.default is None or action.default is False or action.default == []:
+    elif action.default is None or action.default is False or action.default in ([], ""):
         default = ""
     else:
         default = f"`{action.default}`"
-    text = (action.help or "").replace("|", "\\|")
+    text = (action.help or "").replace("%%", "%").replace("|", "\\|")  # argparse's %-escapes, as printed
     if action.choices:
         text += f" (one of {', '.join(map(str, action.choices))})"
     return f"| {name} | {default} | {text} |"
@@ -52,7 +52,8 @@ def commands() -> str:
     parser = build_parser()
     out = ["## Commands", "", "Global option: `-v`, `--verbose`: log INFO messages from all libraries.", ""]
     for name, sub in _subparsers(parser).items():
-        out += [f"### dps-tune {name}", "", sub.description or "", "", "| option | default | meaning |",
+        out += [f"### dps-tune {name}", "", (sub.description or "").replace("%%", "%"), "",
+                "| option | default | meaning |",
                 "|---|---|---|"]
         out += [_option_row(a) for a in sub._actions if not isinstance(a, argparse._HelpAction)]
         out.append("")
@@ -76,7 +77,7 @@ def _leaf_defaults(obj, prefix: str = "") -> list[tuple[str, str, object]]:
 
 def _key_row(key: str, type_name: str, default: object) -> str:
     """One table row; the default as JSON, which YAML reads back as the same value."""
-    return f"| `{key}` | `{type_name}` | `{json.dumps(default)}` |".replace(" | None`", " \\| None`")
+    return f"| `{key}` | `{type_name.replace('|', chr(92) + '|')}` | `{json.dumps(default)}` |"
 
 
 def config_keys() -> str:

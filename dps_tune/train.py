@@ -165,6 +165,7 @@ def run_trial(
     progress: bool = False,
     memory_fraction: float | None = None,
     keep: retention.Retention | None = None,
+    derive: Callable[[dict[str, float]], dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """Train one trial of ``cfg`` and return the metrics of its last evaluation.
 
@@ -175,7 +176,8 @@ def run_trial(
     process's share of the GPU memory (fractional-GPU trials). ``keep`` decides which
     reports write weights and which write train state (a sweep's checkpoint economy);
     without it every evaluation writes both, if ``train.checkpoint_every_eval``, and the
-    last one always does.
+    last one always does. ``derive(metrics)`` adds metrics computed from the evaluated
+    ones (a sweep's ``objective_mean``) before they are checkpointed and reported.
     """
     if cfg.algorithm == "dps" and ranking is None:
         raise TrainingError("algorithm dps needs the DPS ranking of the pretrained and the reference weights; "
@@ -190,6 +192,7 @@ def run_trial(
     work.mkdir(parents=True, exist_ok=True)
     try:
         trial = _Trial(cfg, rt, ranking, work, memory_fraction, keep)
+        trial.derive = derive
         if resume_from is not None:
             trial.resume(resume_from)
         return trial.run(report, progress)
@@ -252,6 +255,7 @@ class _Trial:
         self.total_steps = o.epochs * self.steps_per_epoch
         self.loop = ckpt.LoopState()
         self.last_metrics: dict[str, float] = {}
+        self.derive: Callable[[dict[str, float]], dict[str, float]] | None = None
 
     def resume(self, path: str | Path) -> None:
         loaded = ckpt.load_checkpoint(path)
@@ -340,7 +344,11 @@ class _Trial:
             "lr": lr_at(max(0, self.loop.step - 1), self.cfg.optim.lr, self.cfg.optim.warmup_steps, self.total_steps),
             "samples_per_s": clock.rate(),
         }
-        metrics.update(evaluate_splits(self.model, self.prompts, self.inputs.eval_loaders(), bf16=self.rt.bf16))
+        self.predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        metrics.update(evaluate_splits(self.model, self.prompts, self.inputs.eval_loaders(), bf16=self.rt.bf16,
+                                       predictions=self.predictions))
+        if self.derive is not None:
+            metrics.update(self.derive(metrics))
         self.last_metrics = metrics
         meter.reset()
         if report is not None:
@@ -365,6 +373,7 @@ class _Trial:
                 loop=self.loop if plan.state else None,
                 optimizer_state=self.optimizer.state_dict() if plan.state else None,
                 extra_state={"objective": self.objective.state_dict()} if plan.state else None,
+                predictions=self.predictions,
             )
         try:
             report(metrics, path)

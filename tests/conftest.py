@@ -71,3 +71,15 @@ def write_yaml(tmp_path):
         return path
 
     return write
+
+
+def run_cli(*args, env=None, check=True, timeout=600):
+    """``python -m dps_tune.cli ARGS`` in a subprocess; asserts exit status 0 unless ``check`` is false."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "dps_tune.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

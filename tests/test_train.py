@@ -123,7 +123,8 @@ def test_checkpoint_round_trip_gives_identical_metrics(tiny_config, tmp_path):
     rec = Recorder(tmp_path)
     run_trial(cfg, rec)
     ck = rec.checkpoints[-1]
-    assert {p.name for p in ck.iterdir()} == {"model.safetensors", "config.json", "metrics.json", "train_state.pt"}
+    assert {p.name for p in ck.iterdir()} == {"model.safetensors", "config.json", "metrics.json", "train_state.pt",
+                                              "predictions.safetensors"}
     assert json.loads((ck / "config.json").read_text())["model"] == "tiny-vit"
     # plain open_clip loads the file, and re-evaluating reproduces the recorded metrics exactly
     model = open_clip.create_model("tiny-vit", pretrained=str(ck / "model.safetensors"))
@@ -135,6 +136,14 @@ def test_checkpoint_round_trip_gives_identical_metrics(tiny_config, tmp_path):
     recorded = load_checkpoint(ck).metrics
     for key, value in again.items():
         assert value == recorded[key], key
+    # the recorded predictions are the ones behind the metrics (what bootstrap intervals resample)
+    from dps_tune.checkpoint import read_predictions
+    from dps_tune.metrics import classification_metrics
+
+    preds = read_predictions(ck)
+    assert set(preds) == set(spec.splits)
+    for split, (y_true, y_pred) in preds.items():
+        assert classification_metrics(split, y_true, y_pred) == {k: recorded[k] for k in (f"{split}_acc", f"{split}_f1")}
 
 
 @pytest.mark.parametrize("eval_every", [0, 3])
@@ -197,3 +206,13 @@ def test_out_of_memory_names_the_batch_size_and_the_gpu_share(tiny_config, monke
     monkeypatch.setattr(train, "train_step", oom)
     with pytest.raises(TrainingError, match=f"CUDA out of memory at data.batch_size=8 {says}; lower the batch"):
         run_trial(tiny_config(), memory_fraction=share)
+
+
+def test_the_same_seed_on_the_same_machine_gives_the_same_metrics(tiny_config):
+    """One trial run twice: identical figures, every split; another seed gives others."""
+    cfg = tiny_config(**{"optim.epochs": 2})
+    first, second = run_trial(cfg), run_trial(cfg)
+    figures = [k for k in first if k.endswith(("_acc", "_f1", "train_loss"))]
+    assert figures and all(first[k] == second[k] for k in figures)
+    other = run_trial(tiny_config(**{"optim.epochs": 2, "seed": 1}))
+    assert any(other[k] != first[k] for k in figures)

@@ -7,8 +7,11 @@
 4. a FLYP sweep;
 5. WiSE-FT of each method's best checkpoint, and a greedy soup of the CE checkpoints,
    evaluated as Ray tasks;
-6. a comparison table (the trial best on ``id_val`` for each method, with its ``id_test``
-   and ``ood_test`` figures, beside zero-shot, WiSE-FT and the soup) and ``report.html``.
+6. a confirmation run: each method's selected configuration retrained with 3 fresh seeds;
+7. a comparison table (the trial best on the selection metric for each method, with its
+   ``id_test`` and ``ood_test`` figures, beside zero-shot, WiSE-FT and the soup), then the
+   confirmed means with 95% t-intervals and the paired DPS(top) − DPS(random) difference,
+   and ``report.html``.
 
 All sweeps share one embedded Ray instance.
 """
@@ -20,12 +23,13 @@ import logging
 import time
 from pathlib import Path
 
-from dps_tune.config import default_mode
+from dps_tune.config import default_mode, objectives
 from dps_tune.demo import pretrain
 from dps_tune.errors import UserError
 from dps_tune.paths import command_path, tensorboard_hint
-from dps_tune.sweep import ensembles, ray_tune, results
+from dps_tune.sweep import confirm, ensembles, ray_tune, results
 from dps_tune.sweep.report import render_report
+from dps_tune.sweep import reference
 from dps_tune.sweep.search_space import Sweep, load_sweep
 from dps_tune.train import evaluate_start
 
@@ -38,6 +42,21 @@ STAGES = (("ce", "demo.yaml"), ("dps", "demo_dps.yaml"), ("flyp", "demo_flyp.yam
 COLUMNS = ("id_val_acc", "id_test_acc", "id_test_f1", "ood_test_acc", "ood_test_f1")
 # WiSE-FT's grid in the demo: five points keep the stage short on a laptop.
 DEMO_ALPHAS = "0:1:0.25"
+CONFIRM_SEEDS = (1, 2, 3)
+STAGES_TOTAL = 7
+
+
+def environment() -> dict[str, str]:
+    """What the demo's figures depend on besides the code's inputs: versions, threads, device."""
+    import platform
+
+    import torch
+
+    import dps_tune
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+    return {"dps_tune": dps_tune.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "cpu_threads": str(torch.get_num_threads()), "device": device}
 
 
 def _say(text: str) -> None:
@@ -65,12 +84,12 @@ def comparison_rows(zero_shot: dict[str, float], exp_dirs: list[Path], metric: s
 
 
 def format_comparison(rows: list[dict]) -> str:
-    head = f"{'method':<14} {'selected trial':<16} " + " ".join(f"{c:>12}" for c in COLUMNS)
+    head = f"{'method':<16} {'selected trial':<16} " + " ".join(f"{c:>12}" for c in COLUMNS)
     lines = [head, "-" * len(head)]
     for r in rows:
         trial = str(r.get("trial", "-"))
         vals = " ".join(f"{r[c]:>12.3f}" if c in r else f"{'':>12}" for c in COLUMNS)
-        lines.append(f"{r['method']:<14} {trial:<16} {vals}")
+        lines.append(f"{r['method']:<16} {trial:<16} {vals}")
     return "\n".join(lines)
 
 
@@ -81,7 +100,7 @@ def _ensembles(out: Path, exp_dirs: list[Path], metric: str) -> tuple[dict, dict
     def mapper(jobs):
         return ray_tune.map_jobs(ensembles.evaluate_job, jobs)
 
-    _say(f"\n[5/6] WiSE-FT (alphas {DEMO_ALPHAS}) of each method's best checkpoint, and a greedy CE soup")
+    _say(f"\n[5/{STAGES_TOTAL}] WiSE-FT (alphas {DEMO_ALPHAS}) of each method's best checkpoint, and a greedy CE soup")
     wise = ensembles.run_wise(exp_dirs, out / "wise", alphas=ensembles.parse_alphas(DEMO_ALPHAS), top_k=1,
                               select=metric, mapper=mapper)
     soup = ensembles.run_soup([exp_dirs[0]], out / "soup", method="ce", select=metric, mapper=mapper)
@@ -90,6 +109,33 @@ def _ensembles(out: Path, exp_dirs: list[Path], metric: str) -> tuple[dict, dict
     _say(f"      WiSE-FT chose {chosen}; the CE soup took {len(ce['ingredients'])} of {ce['candidates']} "
          f"checkpoints ({time.time() - start:.0f} s)")
     return wise, soup
+
+
+def _confirm(out: Path, exp_dirs: list[Path], metric: str, overrides: list[str]) -> tuple[Path, dict]:
+    """Stage 7: each method's selected configuration, retrained with fresh seeds on the demo's Ray."""
+    from dps_tune.config import tune_config_from_dict
+
+    start = time.time()
+    variants = confirm.select_variants(exp_dirs, metric)
+    base = variants[0].config
+    tune_raw = {**results.sweep_meta(exp_dirs[0])["tune"], "metric": metric, "mode": default_mode(metric),
+                "keep_checkpoints": 1, "max_t": 0}
+    tune_raw.update({o.split("=", 1)[0][len("tune."):]: o.split("=", 1)[1] for o in overrides
+                     if o.startswith("tune.") and o.split("=", 1)[0][len("tune."):] in ("cpus_per_trial",
+                                                                                       "gpus_per_trial")})
+    tune_cfg = tune_config_from_dict(tune_raw)
+    dps = next((v.config for v in variants if v.config.algorithm == "dps"), None)
+    ranking = reference.resolve(dps).ranking if dps is not None else None
+    _say(f"\n[6/{STAGES_TOTAL}] confirmation: {len(variants)} selected configurations x {len(CONFIRM_SEEDS)} fresh "
+         f"seeds, full epochs, no early stopping")
+    exp = Path(ray_tune.run_points(base, [confirm.overrides(base, v.config) for v in variants],
+                                   list(CONFIRM_SEEDS), tune_cfg, ranking=ranking, name="confirm",
+                                   storage_path=str(out), dashboard=False,
+                                   meta={"confirm": {"select": metric, "seeds": list(CONFIRM_SEEDS)}}))
+    summary = confirm.summarize(exp)
+    confirm.write_summary(exp, summary, variants)
+    _say(f"      {len(variants) * len(CONFIRM_SEEDS)} trials in {time.time() - start:.0f} s")
+    return exp, summary
 
 
 def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool = True) -> int:
@@ -102,9 +148,12 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
     # once CE is done, so it is checked for real then.
     sweeps = {name: _load_stage(space, out, overrides) for name, space in STAGES}
     base = sweeps["ce"].config
-    metric = sweeps["ce"].tune.metric
+    metric = objectives(sweeps["ce"].tune)[0][0]  # with several objectives, the first selects
 
-    _say(f"[1/6] pretrained tiny CLIP ({base.model}, pretrained={base.pretrained!r})")
+    env = environment()
+    (out / "environment.json").write_text(json.dumps(env, indent=2))
+    _say("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    _say(f"[1/{STAGES_TOTAL}] pretrained tiny CLIP ({base.model}, pretrained={base.pretrained!r})")
     pretrain.ensure_pretrained(base.model)
     zero_shot = evaluate_start(base)
     (out / "zero_shot.json").write_text(json.dumps(zero_shot, indent=2))
@@ -115,7 +164,7 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
         for i, (name, space) in enumerate(STAGES, start=2):
             sweep = _load_stage(space, out / "ce", overrides)
             t = sweep.tune
-            _say(f"\n[{i}/6] {name.upper()} sweep: {t.num_samples} trials, Optuna TPE + ASHA on {t.metric}, "
+            _say(f"\n[{i}/{STAGES_TOTAL}] {name.upper()} sweep: {t.num_samples} trials, Optuna TPE + ASHA on {t.metric}, "
                  f"{t.max_concurrent_trials} at a time, up to {sweep.max_t} epochs each")
             exp = Path(ray_tune.run_sweep(sweep, storage_path=str(out), name=name, dashboard=dashboard))
             exp_dirs.append(exp)
@@ -124,14 +173,20 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
                  f"{(table['status'] == 'early-stopped').sum()} stopped early by ASHA, "
                  f"{(table['status'] == 'error').sum()} failed")
         wise, soup = _ensembles(out, exp_dirs, metric)
+        confirmed = _confirm(out, exp_dirs, metric, overrides)
     finally:
         ray_tune.shutdown()
 
-    _say("\n[6/6] comparison: for each method, the checkpoint best on id_val "
-         f"({metric}), with its test figures; WiSE-FT and the soup chosen on {metric} too")
+    _say(f"\n[7/{STAGES_TOTAL}] comparison: for each method, the checkpoint best on {metric}, with its test "
+         f"figures; WiSE-FT's alpha and the soup chosen on {metric} too")
     rows = comparison_rows(zero_shot, exp_dirs, metric, wise, soup)
     text = format_comparison(rows)
     _say(text)
+    exp_confirm, summary = confirmed
+    confirmed_text = (f"confirmed over seeds {', '.join(map(str, CONFIRM_SEEDS))} (mean [95% t-interval]):\n"
+                      + confirm.format_summary(summary))
+    _say("\n" + confirmed_text)
+    text = text + "\n\n" + confirmed_text
     (out / "comparison.txt").write_text(text + "\n")
     report = render_report([*exp_dirs, out / "wise", out / "soup"], out / "report.html", zero_shot=zero_shot)
     minutes = (time.time() - start) / 60
@@ -142,6 +197,7 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
     _say(f"          {cmd} report {' '.join(map(str, exp_dirs))} {out / 'wise'} {out / 'soup'} "
          f"--out {out / 'report.html'}")
     _say(f"          {tensorboard_hint(out)}")
+    _say(f"          {cmd} results {exp_confirm}")
     _say(f"finished in {minutes:.1f} min")
     return 0
 

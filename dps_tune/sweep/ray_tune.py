@@ -37,13 +37,14 @@ from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from dps_tune import checkpoint as ckpt  # noqa: E402
 from dps_tune import preflight, retention, suppression  # noqa: E402
-from dps_tune.config import (Config, TuneConfig, config_from_dict, merge_dotted, to_dict,  # noqa: E402
-                             tune_config_from_dict, with_overrides)
+from dps_tune.config import (OBJECTIVE_MEAN, Config, TuneConfig, config_from_dict, merge_dotted,  # noqa: E402
+                             objective_mean, objectives, scalar_objective, to_dict, tune_config_from_dict,
+                             with_overrides)
 from dps_tune.errors import LaunchError, UserError, first_line  # noqa: E402
 from dps_tune.files import write_json  # noqa: E402
 from dps_tune.paths import is_remote  # noqa: E402
 from dps_tune.sweep import reference, storage  # noqa: E402
-from dps_tune.sweep.results import SWEEP_FILE, TRIAL_CONFIG_FILE, sweep_meta  # noqa: E402
+from dps_tune.sweep.results import SWEEP_FILE, TRIAL_CONFIG_FILE, flat_params, sweep_meta  # noqa: E402
 from dps_tune.sweep.search_space import SearchSpace, Sweep, parse_search, to_optuna  # noqa: E402
 from dps_tune.train import run_trial  # noqa: E402
 
@@ -100,10 +101,12 @@ def trainable(params: dict[str, Any], *, base: Config, ranking: suppression.Scor
     state (under the economy scheme that need not be the latest one).
     """
     _worker_logging()
-    cfg = with_overrides(base, params)
+    cfg = with_overrides(base, flat_params(params))
     trial_id = tune.get_context().get_trial_id()
     keep = _retention(cfg, tune_cfg)
     newest_state: list[tune.Checkpoint] = []  # the persisted checkpoint whose train state is the newest
+
+    derive = _objective_mean(tune_cfg)
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         metrics = {**metrics, "max_epoch": cfg.optim.epochs}
@@ -122,19 +125,28 @@ def trainable(params: dict[str, Any], *, base: Config, ranking: suppression.Scor
         if latest is not None:
             logger.warning("trial %s: no kept checkpoint holds train state (tune.resume_every_minutes = %g); "
                            "it starts over from epoch 0", trial_id, tune_cfg.resume_every_minutes)
-        run_trial(cfg, report, ranking=ranking, memory_fraction=gpu_share, keep=keep)
+        run_trial(cfg, report, ranking=ranking, memory_fraction=gpu_share, keep=keep, derive=derive)
         return
     newest_state.append(start)
     with start.as_directory() as path:
         logger.info("trial %s resumes from epoch %s (%s)", trial_id, _epoch_of(path), start.path)
-        run_trial(cfg, report, resume_from=path, ranking=ranking, memory_fraction=gpu_share, keep=keep)
+        run_trial(cfg, report, resume_from=path, ranking=ranking, memory_fraction=gpu_share, keep=keep,
+                  derive=derive)
+
+
+def _objective_mean(t: TuneConfig) -> Any:
+    """With several objectives, what adds ``objective_mean`` (ASHA's one number) to every evaluation."""
+    if len(objectives(t)[0]) == 1:
+        return None
+    return lambda metrics: {OBJECTIVE_MEAN: objective_mean(metrics, t)}
 
 
 def _retention(cfg: Config, t: TuneConfig) -> retention.Retention | None:
     if t.checkpoint_scheme == "full":
         return None
     last = min(cfg.optim.epochs, t.max_t) if t.max_t else cfg.optim.epochs
-    return retention.Retention(metric=t.metric, mode=t.mode, keep=t.keep_checkpoints, last_epoch=last,
+    metric, mode = scalar_objective(t)
+    return retention.Retention(metric=metric, mode=mode, keep=t.keep_checkpoints, last_epoch=last,
                                resume_every=t.resume_every, resume_every_minutes=t.resume_every_minutes)
 
 
@@ -169,7 +181,7 @@ class _ResolvedConfigWriter(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         # Through the trial's own storage filesystem: a local disk, file://, s3:// or gs:// alike.
-        text = json.dumps(merge_dotted(self.base, trial.config), indent=2) + "\n"
+        text = json.dumps(merge_dotted(self.base, flat_params(trial.config)), indent=2) + "\n"
         storage.write_fs_text(trial.storage.storage_filesystem, f"{trial.path}/{TRIAL_CONFIG_FILE}", text)
 
 
@@ -185,6 +197,29 @@ class _TrainStateCleaner(tune.Callback):
         for path, _, state in storage.checkpoint_dirs(fs, trial_path):
             if state:
                 storage.delete_file(fs, f"{path}/{ckpt.STATE_FILE}")
+
+
+class _CheckpointRecorder(tune.Callback):
+    """Tells the Optuna study where each trial's newest checkpoint is (a user attribute).
+
+    It finds the Optuna trial by the ``ray_trial_id`` attribute the searcher sets, through
+    the study's file, so it holds nothing that a resumed sweep would have to restore.
+    """
+
+    def __init__(self, db: Path, study_name: str):
+        self.url, self.study_name = f"sqlite:///{db}", study_name
+
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        path = storage.join(trial.path, Path(checkpoint.path).name)
+        try:
+            study = optuna.storages.RDBStorage(self.url)
+            study_id = study.get_study_id_from_name(self.study_name)
+            for t in study.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+                if t.user_attrs.get("ray_trial_id") == trial.trial_id:
+                    study.set_trial_user_attr(t._trial_id, "checkpoint", path)
+        except Exception as exc:  # the study is a record; a failed write must not stop the sweep
+            logger.warning("could not record trial %s's checkpoint in the study: %s", trial.trial_id,
+                           first_line(exc))
 
 
 class _StudyUploader(tune.Callback):
@@ -226,21 +261,48 @@ class PrunedOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         super().on_trial_result(trial_id, result)
-        self._last_step[trial_id] = result.get("training_iteration", 0)
+        if isinstance(self.metric, str):
+            self._last_step[trial_id] = result.get("training_iteration", 0)
+        self._attrs(trial_id, result, "running")
+
+    def _attrs(self, trial_id: str, result: dict | None, status: str) -> None:
+        """Every ID/OOD metric, the epoch and the status as user attributes, for optuna-dashboard."""
+        trial = self._ot_trials.get(trial_id)
+        if trial is None or trial_id in self._completed_trials:
+            return
+        try:
+            for key, value in (result or {}).items():
+                if key.endswith(("_acc", "_f1")) or key in ("epoch", "train_loss", OBJECTIVE_MEAN):
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        trial.set_user_attr(key, float(value))
+            trial.set_user_attr("status", status)
+            trial.set_user_attr("ray_trial_id", trial_id)
+        except Exception as exc:  # the study is a record; a failed write must not stop the sweep
+            logger.warning("could not record trial %s's attributes in the study: %s", trial_id, first_line(exc))
+
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         known = trial_id in self._ot_trials and trial_id not in self._completed_trials
-        if known and result and self.metric in result:
+        single = isinstance(self.metric, str)  # Optuna keeps no learning curves for several objectives
+        if known and result and single and self.metric in result:
             # The result that made ASHA stop the trial (or its last one) never reached
             # on_trial_result: record it, so the study holds the whole learning curve.
             step = result.get("training_iteration", 0)
             if step > self._last_step.get(trial_id, 0):
                 self._ot_trials[trial_id].report(result[self.metric], step)
                 self._last_step[trial_id] = step
+        if known:
+            finish = min(self._max_t, (result or {}).get("max_epoch", self._max_t))
+            status = ("errored" if error else "completed" if (result or {}).get("epoch", 0) >= finish
+                      else "stopped by ASHA")
+            self._attrs(trial_id, result, status)
         if known and not error and result and "epoch" in result:
             finish = min(self._max_t, result.get("max_epoch", self._max_t))
             if result["epoch"] < finish:
-                self._ot_study.tell(self._ot_trials[trial_id], None, state=TrialState.PRUNED)
+                try:
+                    self._ot_study.tell(self._ot_trials[trial_id], None, state=TrialState.PRUNED)
+                except (ValueError, RuntimeError) as exc:  # e.g. a study that refuses pruned trials
+                    logger.warning("could not record trial %s as pruned: %s", trial_id, first_line(exc))
                 self._completed_trials.add(trial_id)
                 return
         super().on_trial_complete(trial_id, result, error)
@@ -310,13 +372,11 @@ def _build_trainable(base: Config, ranking: suppression.Scores | None, tune_cfg:
     return tune.with_resources(fn, {"cpu": tune_cfg.cpus_per_trial, "gpu": tune_cfg.gpus_per_trial})
 
 
-def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | None = None,
-              name: str | None = None, dashboard: bool = True, shared_storage: bool = False) -> str:
-    """Launch a sweep and wait for it; returns where the experiment is (a path, or a URI on remote storage)."""
+def _new_experiment(storage_path: str | None, name: str) -> tuple[str, str, Path]:
+    """The storage root, the experiment's location on it, and the driver's local folder for it; checked."""
     storage_path = storage_path or str(Path("runs").resolve())
     if not is_remote(storage_path):
         storage_path = str(Path(storage_path).expanduser().resolve())
-    name = name or f"{sweep.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     location = storage.join(storage_path, name)
     if not is_remote(storage_path) and Path(storage_path).exists() and not Path(storage_path).is_dir():
         raise LaunchError(f"--storage {storage_path}: a file, not a directory")
@@ -329,7 +389,14 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | N
         # Left from an experiment of this name that is gone from the storage: its Optuna
         # study would feed the new search (and break `tune.seed`'s reproducibility).
         shutil.rmtree(local)
+    return storage_path, location, local
 
+
+def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | None = None,
+              name: str | None = None, dashboard: bool = True, shared_storage: bool = False) -> str:
+    """Launch a sweep and wait for it; returns where the experiment is (a path, or a URI on remote storage)."""
+    name = name or f"{sweep.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage_path, location, local = _new_experiment(storage_path, name)
     _connect(address, dashboard)
     _check_resources(sweep.tune, storage_path, shared_storage)
     resolved = _resolve_dps(sweep.config, sweep.space)
@@ -338,13 +405,18 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | N
     t = sweep.tune
     local.mkdir(parents=True, exist_ok=True)
     searcher = None
+    metrics, modes = objectives(t)
+    scalar, scalar_mode = scalar_objective(t)
     if sweep.space:
         study_storage = optuna.storages.RDBStorage(f"sqlite:///{local / OPTUNA_FILE}")
+        one = len(metrics) == 1
         searcher = ConcurrencyLimiter(
-            PrunedOptunaSearch(space=to_optuna(sweep.space), metric=t.metric, mode=t.mode, seed=t.seed,
-                               study_name=name, storage=study_storage, max_t=sweep.max_t),
+            PrunedOptunaSearch(space=to_optuna(sweep.space), metric=metrics[0] if one else list(metrics),
+                               mode=modes[0] if one else list(modes), seed=t.seed, study_name=name,
+                               storage=study_storage, max_t=sweep.max_t),
             max_concurrent=t.max_concurrent_trials)
-    scheduler = ASHAScheduler(time_attr="epoch", metric=t.metric, mode=t.mode, max_t=sweep.max_t,
+    # ASHA needs one number: the objective itself, or with several, tune.asha_metric.
+    scheduler = ASHAScheduler(time_attr="epoch", metric=scalar, mode=scalar_mode, max_t=sweep.max_t,
                               grace_period=min(t.grace_period, sweep.max_t), reduction_factor=t.reduction_factor)
     write_json(local / SWEEP_FILE, {
         "name": name, "base": to_dict(base), "tune": to_dict(t), "search": sweep.raw_search,
@@ -361,32 +433,68 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | N
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=t.num_samples,
                                     max_concurrent_trials=None if searcher else t.max_concurrent_trials,
                                     reuse_actors=True),
-        run_config=_run_config(name, storage_path, sweep.space.keys, t, base, local, location),
+        run_config=_run_config(name, storage_path, sweep.space.keys, t, base, local, location,
+                               with_study=searcher is not None),
     )
     result = tuner.fit()
     _finish(local, location, result)
     return location
 
 
+def run_points(base: Config, variants: list[dict[str, Any]], seeds: list[int], tune_cfg: TuneConfig, *,
+               ranking: suppression.Scores | None, name: str, storage_path: str | None = None,
+               address: str | None = None, dashboard: bool = True, shared_storage: bool = False,
+               meta: dict[str, Any] | None = None) -> str:
+    """Train every variant (dotted overrides of ``base``) with every seed: one Ray Tune run, a grid.
+
+    No search and no early stopping (`dps-tune confirm`). The experiment directory is
+    a sweep's: ``params.json`` holds ``{"variant": {...}, "seed": N}``.
+    """
+    storage_path, location, local = _new_experiment(storage_path, name)
+    _connect(address, dashboard)
+    _check_resources(tune_cfg, storage_path, shared_storage)
+    local.mkdir(parents=True, exist_ok=True)
+    epochs = max(with_overrides(base, v).optim.epochs for v in variants)
+    write_json(local / SWEEP_FILE, {
+        "name": name, "base": to_dict(base), "tune": to_dict(tune_cfg), "search": {}, "max_t": epochs,
+        "status": "running", "started": time.strftime("%Y-%m-%d %H:%M:%S"), **(meta or {}),
+    })
+    _upload_state(local, location)
+    tuner = tune.Tuner(
+        _build_trainable(base, ranking, tune_cfg),
+        param_space={"variant": tune.grid_search(variants), "seed": tune.grid_search(seeds)},
+        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=tune_cfg.max_concurrent_trials,
+                                    reuse_actors=True),
+        run_config=_run_config(name, storage_path, ["seed"], tune_cfg, base, local, location),
+    )
+    _finish(local, location, tuner.fit())
+    return location
+
+
 def _run_config(name: str, storage_path: str, searched_keys: list[str], t: TuneConfig, base: Config, local: Path,
-                location: str) -> Any:
+                location: str, with_study: bool = False) -> Any:
     filesystem = None
     if storage.mounted(storage_path):  # a filesystem object, not a URI: Ray takes it as such
         filesystem, storage_path = storage.resolve(storage_path)
+    scalar, scalar_mode = scalar_objective(t)
+    columns = dict(PROGRESS_METRICS)
+    if scalar == OBJECTIVE_MEAN:
+        columns[OBJECTIVE_MEAN] = "objective mean"
     reporter = tune.CLIReporter(
-        metric_columns=PROGRESS_METRICS,
+        metric_columns=columns,
         parameter_columns={k: k.rsplit(".", 1)[-1] for k in searched_keys},
-        max_report_frequency=10, metric=t.metric, mode=t.mode, sort_by_metric=True, max_progress_rows=30)
+        max_report_frequency=10, metric=scalar, mode=scalar_mode, sort_by_metric=True, max_progress_rows=30)
     return tune.RunConfig(
         name=name,
         storage_path=storage_path,
         storage_filesystem=filesystem,
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=t.metric,
-                                                checkpoint_score_order=t.mode),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=scalar,
+                                                checkpoint_score_order=scalar_mode),
         failure_config=tune.FailureConfig(max_failures=t.max_failures),
         progress_reporter=reporter,
         callbacks=[_ResolvedConfigWriter(base), _StudyUploader(local, location),
-                   *([_TrainStateCleaner()] if t.checkpoint_scheme == "economy" else [])],
+                   *([_TrainStateCleaner()] if t.checkpoint_scheme == "economy" else []),
+                   *([_CheckpointRecorder(local / OPTUNA_FILE, name)] if with_study else [])],
         verbose=1,
     )
 

@@ -34,17 +34,18 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from dps_tune.config import DEFAULT_METRIC, SUPPRESS_MODES, best_of, default_mode
+from dps_tune.config import DEFAULT_METRIC, SUPPRESS_MODES, best_of, default_mode, scalar_objective
 from dps_tune.errors import UserError, first_line
 from dps_tune.files import write_text
-from dps_tune.sweep.results import (Trial, ensemble_kind, load_trials, method_name, read_ensemble, results_table,
-                                    sweep_meta, trial_status)
+from dps_tune.sweep.results import (Trial, checkpoints, ensemble_kind, load_trials, method_name, pareto_objectives,
+                                    read_ensemble, results_table, sweep_meta, trial_status)
 
 logger = logging.getLogger(__name__)
 
 ZERO_SHOT_FILE = "zero_shot.json"
 DPI = 110
 SUMMARY_METRICS = ("id_test_acc", "id_test_f1", "ood_test_acc", "ood_test_f1")
+CI_COLUMNS = tuple(f"{m} 95% CI" for m in SUMMARY_METRICS)  # seeded bootstrap over the test images
 ARM_TITLES = {"top": "most-moved rows suppressed", "bottom": "least-moved rows suppressed",
               "random": "random rows suppressed (control)"}
 # Fixed colours and markers, so a method looks the same in every plot and every report.
@@ -128,8 +129,7 @@ def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
         raise UserError(f"experiment {str(path)!r}: no such directory")
     meta = sweep_meta(path)
     tune = meta.get("tune") or {}
-    metric = tune.get("metric", DEFAULT_METRIC)
-    mode = tune.get("mode") or default_mode(metric)
+    metric, mode = scalar_objective(tune) if tune else (DEFAULT_METRIC, default_mode(DEFAULT_METRIC))
     trials = load_trials(path)
     return Experiment(meta.get("name") or path.resolve().name, path, meta, trials,
                       results_table(path, metric, mode), metric, mode)
@@ -352,6 +352,63 @@ def plot_id_ood(points: Sequence[_Point], x_metric: str, y_metric: str,
     return fig
 
 
+def plot_pareto(experiments: Sequence[Experiment]) -> Figure | None:
+    """Every trial's last ID-val against OOD-val metric (or the sweep's own two objectives), the front drawn.
+
+    The front is the set of trials no other trial of the same experiment beats on both.
+    """
+    from dps_tune.stats import pareto_front
+
+    metrics, modes = pareto_objectives(experiments[0].path)
+    if len(metrics) != 2:
+        return None
+    x_metric, y_metric = metrics
+    fig = Figure(figsize=(6.4, 5.4))
+    ax = fig.subplots()
+    drawn = False
+    styles = _styles(method_name(t.config) for e in experiments for t in e.trials)
+    for e in experiments:
+        pts = [(t, t.last.get(x_metric), t.last.get(y_metric)) for t in e.trials]
+        pts = [(t, x, y) for t, x, y in pts if _finite(x) and _finite(y)]
+        if not pts:
+            continue
+        drawn = True
+        for t, x, y in pts:
+            color, marker = styles[method_name(t.config)]
+            ax.scatter([x], [y], s=40, marker=marker, color=color, alpha=0.6, zorder=3)
+        front = sorted((pts[i] for i in pareto_front([(x, y) for _, x, y in pts], modes)), key=lambda p: p[1])
+        ax.plot([x for _, x, _ in front], [y for _, _, y in front], color="black", lw=1.2, ls="-", marker="o",
+                markerfacecolor="none", markersize=11, zorder=4)
+    if not drawn:
+        return None
+    ax.set_xlabel(f"{metric_label(x_metric)} (last report, {modes[0]})")
+    ax.set_ylabel(f"{metric_label(y_metric)} (last report, {modes[1]})")
+    ax.set_title("Pareto front on validation: ID against OOD")
+    ax.grid(True, alpha=0.3)
+    handles = [Line2D([], [], ls="", marker=m, color=c, markersize=7, label=name) for name, (c, m) in styles.items()]
+    handles.append(Line2D([], [], color="black", marker="o", markerfacecolor="none", markersize=10,
+                          label="Pareto front (ringed)"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8.5, frameon=False)
+    return fig
+
+
+def _bootstrap_cells(trial: Trial, step: Any) -> dict[str, str]:
+    """95% bootstrap intervals of the test metrics of ``trial``'s checkpoint at ``step``, if it was kept."""
+    from dps_tune.checkpoint import read_predictions
+    from dps_tune.stats import bootstrap_interval
+
+    for path, m in checkpoints(trial.path):
+        if m.get("step") == step:
+            out = {}
+            for split, (y_true, y_pred) in read_predictions(path).items():
+                if split in ("id_test", "ood_test"):
+                    iv = bootstrap_interval(y_true, y_pred)
+                    out[f"{split}_acc 95% CI"] = f"[{iv['acc'].low:.3f}, {iv['acc'].high:.3f}]"
+                    out[f"{split}_f1 95% CI"] = f"[{iv['f1'].low:.3f}, {iv['f1'].high:.3f}]"
+            return out
+    return {}
+
+
 def plot_masking(points: Sequence[_Point], zero_shot: Mapping[str, float] | None) -> Figure | None:
     """OOD test and OOD val metrics against ``dps.masking``, a column per suppression arm; None without DPS."""
     dps = [p for p in points if p.trial.param("algorithm") == "dps" and _finite(p.trial.param("dps.masking"))]
@@ -500,9 +557,10 @@ def summary_table(experiments: Sequence[Experiment], zero_shot: Mapping[str, flo
         value, e, t, h = best_of(members, lambda m: m[0], mode)
         rows.append({"method": method, "experiment": e.name, "trial_id": t.trial_id, "epoch": h.get("epoch"),
                      "selected by": f"{metric} ({mode})", "selection value": value,
-                     **{m: h.get(m) for m in SUMMARY_METRICS}, "trial status": e.status(t)})
+                     **{m: h.get(m) for m in SUMMARY_METRICS}, "trial status": e.status(t),
+                     **_bootstrap_cells(t, h.get("step"))})
     columns = ["method", "experiment", "trial_id", "epoch", "selected by", "selection value", *SUMMARY_METRICS,
-               "trial status"]
+               *CI_COLUMNS, "trial status"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -620,6 +678,13 @@ def render_report(exp_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
                        "the alpha chosen on validation ringed." if curves else "")
                     + (" Plus signs: model soups." if soups else ""),
             missing=f"No trial reports both {x} and {y}."))
+    pareto_html = _figure_html(
+        "plot-pareto", plot_pareto(experiments),
+        alt="Pareto front: every trial's ID validation metric against its OOD validation metric, "
+            "the non-dominated trials ringed and joined",
+        caption="Each trial at its last report. Ringed and joined: the trials no other trial of the same "
+                "experiment beats on both (selection on robustness as well as ID).",
+        missing="No trial reports both validation metrics.")
     masking_html = _figure_html(
         "plot-masking", plot_masking(points, zs),
         alt="OOD test and OOD val metrics against the DPS masking ratio, one panel per suppression arm",
@@ -688,6 +753,10 @@ in-distribution performance predicts; the dashed line is y = x.</p>
 <div class="row">{''.join(scatter_html)}</div>
 </section>
 {ensemble_html}
+<section id="pareto">
+<h2>Pareto front on validation</h2>
+{pareto_html}
+</section>
 <section id="masking">
 <h2>OOD metric vs DPS masking</h2>
 {masking_html}
@@ -700,7 +769,9 @@ in-distribution performance predicts; the dashed line is y = x.</p>
 <h2>Best trial per method</h2>
 <p class="caption">For each method, the evaluation (any epoch of any trial) best by its sweep's selection
 metric on validation data, and its ID and OOD test metrics: the checkpoint that <code>dps-tune best</code>
-and the demo select.</p>
+and the demo select. The 95% intervals are a seeded bootstrap over the test images (1,000 resamples,
+macro-F1 over the labels present in each resample); they show the evaluation's sampling noise, not the
+seed-to-seed spread (<code>dps-tune confirm</code> measures that).</p>
 {html_table(summary, "summary-table", summary_class)}
 </section>
 <section id="results">

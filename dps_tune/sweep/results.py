@@ -19,11 +19,11 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pandas as pd
 
-from dps_tune.config import DEFAULT_METRIC, best_of, default_mode, merge_dotted
+from dps_tune.config import DEFAULT_METRIC, best_of, default_mode, merge_dotted, scalar_objective
 from dps_tune.errors import UserError, first_line
 from dps_tune.sweep.storage import has_weights
 
@@ -33,11 +33,18 @@ TRIAL_CONFIG_FILE = "dps_tune_config.json"
 WISE_CSV, WISE_JSON = "wise.csv", "wise.json"
 SOUP_CSV, SOUP_JSON = "soup_steps.csv", "soup.json"
 PARAM_COLUMNS = {"algorithm": "algorithm", "optim.lr": "lr", "optim.wd": "wd", "dps.masking": "masking",
-                 "dps.suppress": "suppress"}
+                 "dps.suppress": "suppress", "seed": "seed"}
 
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def flat_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's parameters as dotted config keys: a confirmation run's ``variant`` dict is unpacked."""
+    params = dict(params)
+    variant = params.pop("variant", None)
+    return {**(variant if isinstance(variant, Mapping) else {}), **params}
 
 
 def checkpoints(exp_dir: str | os.PathLike) -> list[tuple[Path, dict]]:
@@ -127,7 +134,7 @@ def load_trials(exp_dir: str | os.PathLike) -> list[Trial]:
         tdir = params_path.parent
         history = _read_history(tdir / "result.json")
         trial_id = history[-1].get("trial_id") if history else None
-        config = merge_dotted(base, json.loads(params_path.read_text()))
+        config = merge_dotted(base, flat_params(json.loads(params_path.read_text())))
         trials.append(Trial(trial_id or tdir.name, tdir, config, history, errored=(tdir / "error.txt").exists()))
     if not trials:
         raise UserError(f"experiment {str(exp)!r}: no dps_tune trials in it")
@@ -167,8 +174,10 @@ def trial_status(trial: Trial, max_t: float | None, finished: bool) -> str:
 def results_table(exp_dir: str | os.PathLike, metric: str | None = None, mode: str | None = None) -> pd.DataFrame:
     """One row per trial, sorted by ``metric``: searched parameters, epochs, status, every acc/F1."""
     meta = sweep_meta(exp_dir)
-    metric = metric or meta.get("tune", {}).get("metric", DEFAULT_METRIC)
-    mode = mode or meta.get("tune", {}).get("mode") or default_mode(metric)
+    if metric is None:
+        metric, own_mode = scalar_objective(meta.get("tune", {})) if meta.get("tune") else (DEFAULT_METRIC, None)
+        mode = mode or own_mode
+    mode = mode or default_mode(metric)
     finished = meta.get("status") == "finished"
     rows = []
     for t in load_trials(exp_dir):
@@ -181,7 +190,7 @@ def results_table(exp_dir: str | os.PathLike, metric: str | None = None, mode: s
         row["status"] = trial_status(t, meta.get("max_t"), finished)
         row["early_stopped"] = row["status"] == "early-stopped"
         for key, value in t.last.items():
-            if key.endswith(("_acc", "_f1")):
+            if key.endswith(("_acc", "_f1")) or key == "objective_mean":
                 row[key] = value
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -265,3 +274,63 @@ def read_ensemble(path: str | os.PathLike) -> dict[str, Any]:
             rows = rows[rows["complete"] == 1].drop(columns="complete")
         summary["rows"] = rows.dropna().to_dict("records") if len(rows) else []
     return summary
+
+
+PARETO_DEFAULT = (("id_val_f1", "max"), ("ood_val_f1", "max"))
+
+
+def pareto_objectives(exp_dir: str | os.PathLike) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The sweep's objectives when it has several, else ID and OOD validation macro-F1."""
+    from dps_tune.config import objectives
+
+    metrics, modes = objectives(sweep_meta(exp_dir).get("tune", {}))
+    if len(metrics) > 1:
+        return metrics, modes
+    return tuple(m for m, _ in PARETO_DEFAULT), tuple(d for _, d in PARETO_DEFAULT)
+
+
+def pareto_table(exp_dir: str | os.PathLike, metrics: tuple[str, ...] | None = None,
+                 modes: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """The trials no other trial beats on every objective (each at its last report)."""
+    from dps_tune.stats import pareto_front
+
+    if metrics is None:
+        metrics, modes = pareto_objectives(exp_dir)
+    modes = modes or tuple(default_mode(m) for m in metrics)
+    table = results_table(exp_dir, metrics[0], modes[0])
+    missing = [m for m in metrics if m not in table.columns]
+    if missing:
+        raise UserError(f"experiment {str(exp_dir)!r}: no trial reports {missing[0]!r}")
+    front = pareto_front(table[list(metrics)].to_numpy(dtype=float), modes)
+    return table.iloc[front].reset_index(drop=True)
+
+
+def bootstrap_table(exp_dir: str | os.PathLike, metric: str, mode: str, *, resamples: int = 1000,
+                    seed: int = 0) -> pd.DataFrame:
+    """Per trial, its kept checkpoint best on ``metric``, with 95% bootstrap intervals of every test metric."""
+    from dps_tune.checkpoint import read_predictions
+    from dps_tune.stats import bootstrap_interval
+
+    rows = []
+    for t in load_trials(exp_dir):
+        kept = [(p, m) for p, m in checkpoints(t.path) if _finite(m.get(metric))]
+        if not kept:
+            continue
+        path, m = best_of(kept, lambda x: x[1][metric], mode)
+        row: dict[str, Any] = {"trial_id": t.trial_id, "method": method_name(t.config), "epoch": m.get("epoch"),
+                               metric: m[metric]}
+        preds = read_predictions(path)
+        for split, (y_true, y_pred) in preds.items():
+            if not split.endswith("_test"):
+                continue
+            iv = bootstrap_interval(y_true, y_pred, resamples=resamples, seed=seed)
+            for kind in ("acc", "f1"):
+                row[f"{split}_{kind}"] = iv[kind].mean
+                row[f"{split}_{kind} 95% CI"] = f"[{iv[kind].low:.4f}, {iv[kind].high:.4f}]"
+        if not preds:
+            row["note"] = "no predictions.safetensors (a checkpoint of dps_tune < 0.2)"
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if metric in df.columns:
+        df = df.sort_values(metric, ascending=(mode == "min"), kind="stable")
+    return df.reset_index(drop=True)

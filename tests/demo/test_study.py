@@ -19,10 +19,11 @@ def test_demo_runs_the_whole_study(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout
-    for stage in ("[1/6]", "[2/6] CE sweep", "[3/6] DPS sweep", "[4/6] FLYP sweep", "[5/6] WiSE-FT",
-                  "[6/6] comparison"):
-        assert stage in text, stage
-    table = text[text.index("[6/6]"):]
+    stages = ("[1/7]", "[2/7] CE sweep", "[3/7] DPS sweep", "[4/7] FLYP sweep", "[5/7] WiSE-FT",
+              "[6/7] confirmation", "[7/7] comparison")
+    assert [text.index(s) for s in stages] == sorted(text.index(s) for s in stages)
+    assert text.startswith("environment: dps_tune ") and "torch" in text.splitlines()[0]
+    table = text[text.index("[7/7]"):]
     for method in ("zero-shot", "ce", "flyp"):
         assert f"\n{method} " in table, method
     # Both DPS arms, the method and its random control: with tune.seed 0 the two sampled
@@ -35,6 +36,11 @@ def test_demo_runs_the_whole_study(tmp_path):
                                                                                                      0.75, 1.0]
     assert all(Path(m["export"], "model.safetensors").is_file() for m in wise["methods"].values())
     assert (out / "soup" / "soup_ce" / "model.safetensors").is_file()
+    # the confirmation: every method over the same 3 seeds, its interval, and the paired DPS line
+    confirmed = json.loads((out / "confirm" / "confirm.json").read_text())
+    assert set(confirmed["methods"]) == {"ce", "dps (top)", "dps (random)", "flyp"}
+    assert all(r["seeds"] == [1, 2, 3] for r in confirmed["methods"].values())
+    assert "dps (top) - dps (random)" in table and "ood_test_acc mean [95% CI]" in table
     zero_shot = json.loads((out / "zero_shot.json").read_text())
     assert zero_shot["id_test_acc"] > 0.2 and zero_shot["ood_test_acc"] > 0.2  # chance is 0.1
     page = (out / "report.html").read_text()

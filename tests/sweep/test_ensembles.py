@@ -2,17 +2,14 @@
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import open_clip
 import pytest
 import yaml
 
-from conftest import tiny_raw
+from conftest import run_cli, tiny_raw
 from dps_tune import checkpoint, models
 from dps_tune.config import config_from_dict
 from dps_tune.data import datasets as data_mod
@@ -24,12 +21,8 @@ pytestmark = pytest.mark.slow
 WORLD = {"classes": 4, "train_per_class": 12, "eval_per_class": 6, "image_size": 32}
 
 
-def dps_tune(*args, check=True, timeout=600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "dps_tune.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ))
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def dps_tune(*args, check=True, timeout=600):
+    return run_cli(*args, check=check, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,7 @@ def test_report_shows_every_plot_and_the_tables(experiments, tmp_path):
     page = out.read_text()
 
     imgs = images(page)
-    assert set(imgs) == {"plot-id-ood-acc", "plot-id-ood-f1", "plot-masking", "plot-learning-curves"}
+    assert set(imgs) == {"plot-id-ood-acc", "plot-id-ood-f1", "plot-masking", "plot-learning-curves", "plot-pareto"}
     for img_id, img in imgs.items():
         assert img.format == "PNG" and img.width >= 500 and img.height >= 300, (img_id, img.size)
     assert imgs["plot-learning-curves"].height > imgs["plot-id-ood-acc"].height  # a panel per experiment
@@ -158,7 +158,7 @@ def test_report_shows_every_plot_and_the_tables(experiments, tmp_path):
 
 def test_report_without_dps_trials_says_so(experiments, tmp_path):
     page = report.render_report(experiments[:1], tmp_path / "r.html").read_text()
-    assert set(images(page)) == {"plot-id-ood-acc", "plot-id-ood-f1", "plot-learning-curves"}
+    assert set(images(page)) == {"plot-id-ood-acc", "plot-id-ood-f1", "plot-learning-curves", "plot-pareto"}
     assert 'id="plot-masking-missing"' in page and "No DPS trials" in page
     assert "zero-shot" not in table(page, "results-table")
 
@@ -168,7 +168,7 @@ def test_report_of_a_running_sweep(tmp_path):
     exp = write_experiment(tmp_path, "live", [("ce000001", {"algorithm": "ce"}, 2, 0.8),
                                               ("ce000002", {"algorithm": "ce"}, 0, 0.5)], status="running")
     page = report.render_report([exp], tmp_path / "r.html").read_text()
-    assert set(images(page)) == {"plot-id-ood-acc", "plot-id-ood-f1", "plot-learning-curves"}
+    assert set(images(page)) == {"plot-id-ood-acc", "plot-id-ood-f1", "plot-learning-curves", "plot-pareto"}
     assert table(page, "results-table").count('<tr class="running">') == 2
     assert "<td>ce000001</td>" in table(page, "summary-table")
 

@@ -1,0 +1,126 @@
+"""Answers with error bars, through a real local Ray: a two-objective sweep, confirmation seeds, reproducibility."""
+
+import json
+
+import optuna
+import pytest
+import yaml
+
+from conftest import run_cli, tiny_raw
+from dps_tune.sweep import confirm, results
+
+pytestmark = pytest.mark.slow
+
+WORLD = {"classes": 4, "train_per_class": 12, "eval_per_class": 6, "image_size": 32}
+
+
+def dps_tune(*args, check=True, timeout=600):
+    return run_cli(*args, check=check, timeout=timeout)
+
+
+def write_space(tmp, name, tune, search=None, **overrides):
+    raw = tiny_raw(**{"data.synthetic": WORLD, "data.batch_size": 16, "optim.epochs": 2, "optim.lr": 1e-3,
+                      **overrides})
+    raw["search"] = search or {"lr": {"loguniform": [5e-4, 3e-3]}, "algorithm": {"choice": ["ce", "flyp"]}}
+    raw["tune"] = {"num_samples": 2, "max_concurrent_trials": 2, "grace_period": 2, "keep_checkpoints": 1,
+                   "seed": 3, **tune}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_objective(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mo")
+    space = write_space(tmp, "mo", {"metric": ["id_val_f1", "ood_val_f1"], "mode": ["max", "max"],
+                                    "num_samples": 3})
+    proc = dps_tune("sweep", space, "--storage", tmp / "runs", "--name", "mo", "--no-dashboard")
+    return tmp / "runs" / "mo", proc
+
+
+def test_a_two_objective_sweep_has_a_two_direction_study_and_a_pareto_view(two_objective, tmp_path):
+    exp, proc = two_objective
+    study = optuna.load_study(study_name="mo", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MAXIMIZE"]
+    assert len(study.trials) == 3 and all(t.values is None or len(t.values) == 2 for t in study.trials)
+    # ASHA and the checkpoint ranking ran on the mean of the objectives, reported with every result
+    for t in results.load_trials(exp):
+        for h in t.history:
+            assert h["objective_mean"] == pytest.approx((h["id_val_f1"] + h["ood_val_f1"]) / 2)
+    out = dps_tune("results", exp, "--pareto").stdout
+    assert "non-dominated trials on id_val_f1 (max), ood_val_f1 (max)" in out
+    front = results.pareto_table(exp)
+    table = results.results_table(exp)
+    for _, row in table.iterrows():  # every trial off the front is beaten on both by one on it
+        if row["trial_id"] not in set(front["trial_id"]):
+            assert any((f["id_val_f1"] >= row["id_val_f1"]) and (f["ood_val_f1"] >= row["ood_val_f1"])
+                       for _, f in front.iterrows())
+    # best and the ensembles still select on one metric named on the command line
+    assert "best by ood_val_f1" in dps_tune("best", exp, "--metric", "ood_val_f1").stdout
+    dps_tune("report", exp, "--out", tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert 'id="plot-pareto"' in page and "95% CI" in page
+    boot = dps_tune("results", exp, "--bootstrap", "--resamples", "200").stdout
+    assert "ood_test_acc 95% CI" in boot and "[" in boot
+
+
+def test_confirm_retrains_each_method_with_fresh_seeds_and_pairs_them(two_objective, tmp_path):
+    exp, _ = two_objective
+    proc = dps_tune("confirm", exp, "--seeds", "2", "--select", "id_val_f1", "--storage", tmp_path, "--name", "conf",
+                    "--no-dashboard")
+    conf = tmp_path / "conf"
+    summary = json.loads((conf / "confirm.json").read_text())
+    methods = set(summary["methods"])
+    assert methods <= {"ce", "flyp"} and methods
+    for method, row in summary["methods"].items():
+        assert row["seeds"] == [1, 2]
+        r = row["ood_test_acc"]
+        assert r["low"] <= r["mean"] <= r["high"] and r["n"] == 2
+    table = results.results_table(conf)
+    assert len(table) == 2 * len(methods) and set(table["status"]) == {"completed"}
+    assert sorted(table["seed"]) == sorted([1, 2] * len(methods))
+    if methods == {"ce", "flyp"}:
+        pair = next(p for p in summary["pairs"] if p["metric"] == "ood_test_acc")
+        by = {(r["algorithm"], r["seed"]): r["ood_test_acc"] for _, r in table.iterrows()}
+        diffs = [by[("flyp", s)] - by[("ce", s)] for s in (1, 2)]
+        assert pair["a"] == "flyp" and pair["b"] == "ce" and pair["seeds"] == [1, 2]
+        assert pair["mean"] == pytest.approx(sum(diffs) / 2)
+        assert "paired differences on the same seeds" in proc.stdout
+    # an experiment like any other
+    dps_tune("best", conf, "--export", tmp_path / "best")
+    dps_tune("report", conf, "--out", tmp_path / "conf.html")
+
+
+def test_a_sweep_with_the_same_seed_gives_the_same_values_and_metrics(tmp_path):
+    space = write_space(tmp_path, "rep", {"metric": "id_val_f1"}, search={"lr": {"loguniform": [5e-4, 3e-3]}})
+    runs = []
+    for name in ("a", "b"):
+        dps_tune("sweep", space, "--storage", tmp_path / "runs", "--name", name, "--no-dashboard")
+        trials = results.load_trials(tmp_path / "runs" / name)
+        runs.append(sorted((t.param("optim.lr"), tuple(sorted((k, v) for k, v in t.last.items()
+                                                               if k.endswith(("_acc", "_f1")))))
+                           for t in trials))
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seeds", "1"], "--seeds 1: at least 2"),
+    (["--select", "id_test_acc"], "a test split never selects"),
+])
+def test_bad_confirm_input_is_one_line(two_objective, tmp_path, args, message):
+    exp, _ = two_objective
+    proc = dps_tune("confirm", exp, *args, "--storage", tmp_path, "--name", "x", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_confirm_refuses_an_experiment_nobody_has_reported_in(tmp_path):
+    exp = tmp_path / "empty"
+    exp.mkdir()
+    (exp / "dps_tune_sweep.json").write_text(json.dumps({"name": "empty", "base": tiny_raw(), "tune": {}}))
+    trial = exp / "trainable_0"
+    trial.mkdir()
+    (trial / "params.json").write_text("{}")
+    with pytest.raises(Exception, match="no trial has reported yet"):
+        confirm.select_variants([exp], "id_val_f1")

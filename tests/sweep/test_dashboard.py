@@ -1,0 +1,158 @@
+"""`dps-tune dashboard` in a real headless Chromium (Debian's package, driven by Playwright), on a live sweep."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import yaml
+
+from conftest import tiny_raw
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+WORLD = {"classes": 4, "train_per_class": 100, "eval_per_class": 6, "image_size": 32}
+
+
+def start(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dps_tune.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=dict(os.environ))
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_for(predicate, timeout=300, what=""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def study_json(page, study_id=1) -> dict:
+    response = page.request.get(f"/api/studies/{study_id}?after=0")
+    assert response.ok, response.status
+    return response.json()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (apt-get install chromium)")
+def test_dashboard_in_a_real_browser_on_a_running_sweep(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    raw = tiny_raw(**{"data.synthetic": WORLD, "data.batch_size": 16, "optim.epochs": 4})
+    raw["search"] = {"lr": {"loguniform": [5e-4, 3e-3]}}
+    raw["tune"] = {"metric": "id_val_f1", "num_samples": 3, "max_concurrent_trials": 1, "grace_period": 4}
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    exp = tmp_path / "runs" / "live"
+    sweep = start("sweep", space, "--storage", tmp_path / "runs", "--name", "live", "--no-dashboard")
+    dash = None
+    try:
+        # The dashboard starts while the sweep runs: its study exists, its first trial has reported.
+        wait_for(lambda: (exp / "optuna.db").is_file() and list(exp.glob("*/result.json")), what="the first report")
+        dash = start("dashboard", exp, "--port", "0")
+        line = wait_for(lambda: dash.stdout.readline(), timeout=120, what="the dashboard's URL")
+        assert line.startswith("dashboard: http://127.0.0.1:"), line
+        url = line.split(" ", 1)[1].strip()
+        root = url.split("/?token=")[0]
+        for path in ("/", "/report", "/dashboard", "/api/studies"):  # no token, no page
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(root + path, timeout=30)
+            assert err.value.code == 401
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(root + "/?token=wrong", timeout=30)
+        assert err.value.code == 401
+
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+            context = browser.new_context(base_url=root)
+            page = context.new_page()
+            errors, requests = [], []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: requests.append(r.url))
+
+            page.goto(url)
+            assert page.url.rstrip("/") == root  # the token went into a cookie, out of the address bar
+            assert page.locator("#open-0").inner_text() == "live"
+            page.click("#open-0")
+            page.wait_for_url("**/dashboard**")
+            page.wait_for_selector("text=live", timeout=60_000)  # optuna-dashboard lists the study
+
+            first = study_json(page)
+            assert first["trials"], first
+            for t in first["trials"]:
+                attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
+                if attrs:
+                    assert {"id_val_acc", "id_val_f1", "ood_val_acc", "ood_val_f1", "epoch", "status"} <= set(attrs)
+            finished_before = sum(t["state"] in ("Complete", "Pruned") for t in first["trials"])
+            assert sweep.poll() is None and finished_before < 3, "the sweep ended before the page opened"
+
+            # A trial that finishes while the page is open appears, with nothing restarted.
+            assert sweep.wait(timeout=600) == 0, sweep.stderr.read()[-2000:]
+            page.reload()
+            page.wait_for_selector("text=live", timeout=60_000)
+            last = study_json(page)
+            assert len(last["trials"]) == 3
+            assert sum(t["state"] == "Complete" for t in last["trials"]) == 3 > finished_before
+            for t in last["trials"]:
+                attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
+                assert attrs["status"] == "completed" and float(attrs["epoch"]) == 4.0, attrs
+                assert {"id_test_acc", "ood_test_acc", "id_test_f1", "ood_test_f1"} <= set(attrs)
+                assert str(exp) in attrs["checkpoint"] and "checkpoint_" in attrs["checkpoint"]
+            # ...and the trial list shows each one's status and ID/OOD metrics (its user attributes)
+            page.goto(root + "/dashboard/studies/1/trials")
+            page.get_by_text("Trial 2", exact=True).first.wait_for(timeout=60_000)
+            text = page.inner_text("body")
+            for word in ("Trial 0", "Trial 1", "Trial 2", "completed", "id_test_acc", "ood_test_acc", "ood_val_f1",
+                         "checkpoint_"):
+                assert word in text, word
+
+            # The report renders its images, rebuilt with every trial.
+            page.goto(root + "/report")
+            for img in ("#plot-id-ood-acc", "#plot-learning-curves"):
+                page.wait_for_selector(img)
+                assert page.eval_on_selector(img, "e => e.complete && e.naturalWidth > 300"), img
+            table = page.locator("#results-table").inner_text()
+            assert table.count("completed") == 3
+
+            assert not errors, errors
+            assert all(u.startswith(root) or u.startswith("data:") for u in requests), \
+                [u for u in requests if not u.startswith(root)]
+            browser.close()
+    finally:
+        stop(sweep)
+        if dash is not None:
+            stop(dash)
+
+
+def test_the_dashboard_refuses_what_it_cannot_serve(tmp_path):
+    from conftest import run_cli
+
+    (tmp_path / "plain").mkdir()
+    for args, message in [((tmp_path / "nothing",), "no such directory"),
+                          ((tmp_path / "plain",), "not a dps_tune sweep"),
+                          ((tmp_path / "plain", "--port", "70000"), "--port 70000")]:
+        proc = run_cli("dashboard", *args, check=False, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "dps_tune_sweep.json").write_text(json.dumps({"name": "s", "base": tiny_raw()}))
+    proc = run_cli("dashboard", tmp_path / "sweep", check=False, timeout=60)
+    assert proc.returncode == 2 and "no optuna.db" in proc.stderr
