@@ -1,5 +1,9 @@
 """The ``dps-tune`` command line: one small class per command, its arguments next to its action.
 
+This module holds the parser, ``main`` and the commands that train, sweep and read sweeps;
+:mod:`dps_tune.cli_analysis` holds ``wise``, ``soup``, ``confirm`` and ``dashboard``, and
+:mod:`dps_tune.cli_base` what they all share.
+
 Every command checks its input first (values in :mod:`dps_tune.config`, the world in
 :mod:`dps_tune.preflight`) and only then builds models, starts Ray or creates
 directories. A :class:`~dps_tune.errors.UserError` ends the command with one line on
@@ -17,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from dps_tune.cli_analysis import Confirm, DashboardCommand, Soup, Wise, post_ensembles
+from dps_tune.cli_base import Command, add_cluster_options, add_set_option, format_table, print_sweep_summary
 from dps_tune.config import scalar_objective
 from dps_tune.errors import UserError, first_line
 
@@ -31,25 +37,6 @@ def _setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("dps_tune").setLevel(logging.INFO)
-
-
-def add_set_option(parser: argparse.ArgumentParser, help: str = "override a config value; dotted keys "
-                   "(optim.lr) or unique leaf names (lr); tune.* keys set the tune: block") -> None:
-    """The ``--set KEY=VALUE`` option, repeatable, shared by every command that reads a config."""
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
-
-
-class Command:
-    """A subcommand: :meth:`add_arguments` declares its options, :meth:`run` is its action."""
-
-    name = ""
-    help = ""
-
-    def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        pass
-
-    def run(self, args: argparse.Namespace) -> int:
-        raise NotImplementedError
 
 
 # ------------------------------------------------------------------------- training
@@ -201,15 +188,6 @@ class Prepare(Command):
 # --------------------------------------------------------------------------- sweeps
 
 
-def _add_cluster_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", help="Ray cluster: auto or ray://HOST:10001 (default: $RAY_ADDRESS, else start "
-                                     "a local Ray)")
-    p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard (local Ray only)")
-    p.add_argument("--shared-storage", action="store_true",
-                   help="the experiment's storage is a path every node mounts (NFS); required for a local path "
-                        "on a multi-node cluster")
-
-
 class SweepCommand(Command):
     name = "sweep"
     help = "launch a Ray Tune sweep (Optuna + ASHA) from a search-space file"
@@ -223,7 +201,7 @@ class SweepCommand(Command):
                        help="after the sweep, on the same Ray: WiSE-FT (alphas 0:1:0.1, top 1) and/or a greedy soup, "
                             "selected on tune.metric, into NAME-wise/ and NAME-soup/ beside the experiment")
         add_set_option(p)
-        _add_cluster_options(p)
+        add_cluster_options(p)
 
     def run(self, args: argparse.Namespace) -> int:
         from dps_tune.sweep.search_space import load_sweep
@@ -248,9 +226,9 @@ class SweepCommand(Command):
         try:
             exp_dir = ray_tune.run_sweep(sweep, address=args.address, storage_path=args.storage, name=args.name,
                                          dashboard=not args.no_dashboard, shared_storage=args.shared_storage)
-            status = _print_sweep_summary(exp_dir, *scalar_objective(sweep.tune))
+            status = print_sweep_summary(exp_dir, *scalar_objective(sweep.tune))
             if post:
-                _post_ensembles(exp_dir, post, post_metric, args)
+                post_ensembles(exp_dir, post, post_metric, args)
         finally:
             ray_tune.shutdown()
         return status
@@ -262,7 +240,7 @@ class Resume(Command):
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("exp_dir", help="experiment written by `dps-tune sweep`: a directory or a storage URI")
-        _add_cluster_options(p)
+        add_cluster_options(p)
 
     def run(self, args: argparse.Namespace) -> int:
         from dps_tune.sweep import ray_tune
@@ -273,39 +251,7 @@ class Resume(Command):
                                             shared_storage=args.shared_storage)
         finally:
             ray_tune.shutdown()
-        return _print_sweep_summary(exp_dir, *scalar_objective(job.tune))
-
-
-def _print_sweep_summary(exp_dir: str, metric: str, mode: str) -> int:
-    from dps_tune.paths import command_path, tensorboard_hint
-    from dps_tune.sweep import results, storage
-
-    table = results.results_table(storage.local_view(exp_dir), metric, mode)
-    cmd = command_path()
-    print()
-    print(_format_table(table.head(20)))
-    errored = table[table["status"] == "error"]
-    print(f"\nexperiment: {exp_dir}")
-    print(f"  {cmd} results {exp_dir}")
-    print(f"  {cmd} best {exp_dir} --export best")
-    print(f"  {tensorboard_hint(exp_dir)}")
-    if len(errored):
-        print(f"dps-tune: {len(errored)} trial(s) failed after their retries: "
-              f"{', '.join(errored['trial_id'])} (see error.txt in their directories)", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _format_table(df) -> str:
-    if df.empty:
-        return "(no trials)"
-    show = df.copy()
-    for col in show.columns:
-        if show[col].dtype.kind == "f":
-            show[col] = show[col].map(lambda v: "" if v != v else f"{v:.4g}")
-        else:
-            show[col] = show[col].map(lambda v: "" if v is None else v)
-    return show.to_string(index=False)
+        return print_sweep_summary(exp_dir, *scalar_objective(job.tune))
 
 
 class Results(Command):
@@ -347,7 +293,7 @@ class Results(Command):
                   f"{args.resamples} resamples:")
         else:
             table = results.results_table(exp, args.metric, args.mode)
-        print(_format_table(table))
+        print(format_table(table))
         if args.csv:
             table.to_csv(args.csv, index=False)
             print(f"written to {args.csv}", file=sys.stderr)
@@ -415,279 +361,6 @@ class Report(Command):
                                    y_metric=args.y_metric)
         print(f"report written to {out}")
         return 0
-
-
-# ------------------------------------------------------------------------ ensembles
-
-
-def _add_ensemble_options(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("exp_dirs", nargs="+", metavar="EXP_DIR", help="finished experiments of `dps-tune sweep`")
-    p.add_argument("--select", default="id_val_f1",
-                   help="validation metric that ranks checkpoints and chooses (never a test split); default id_val_f1")
-    p.add_argument("--out", help=f"output directory (default: {what} next to the first EXP_DIR); a killed run "
-                                 "given the same --out redoes no finished evaluation")
-    p.add_argument("--address", help="Ray cluster to evaluate on: auto or ray://HOST:10001 (default: $RAY_ADDRESS, "
-                                     "else a local Ray)")
-    p.add_argument("--in-process", action="store_true",
-                   help="evaluate one after another in this process instead of as Ray tasks")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def _ensemble_mapper(args: argparse.Namespace):
-    from dps_tune.sweep import ensembles
-
-    if args.in_process:
-        return ensembles.map_in_process
-    from dps_tune.sweep import ray_tune
-
-    return lambda jobs: ray_tune.map_jobs(ensembles.evaluate_job, jobs, address=args.address)
-
-
-def _progress_bar(args: argparse.Namespace, desc: str):
-    if args.no_progress:
-        return None, None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(desc=desc, unit="eval", dynamic_ncols=True)
-
-    def update(done: int, total: int | None) -> None:
-        if total is not None:
-            bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    return bar, update
-
-
-def _default_out(args: argparse.Namespace, name: str) -> Path:
-    from dps_tune.paths import is_remote
-
-    if args.out:
-        return Path(args.out)
-    first = args.exp_dirs[0]
-    return Path("runs") / name if is_remote(first) else Path(first).resolve().parent / name
-
-
-def _print_table(rows: list[dict], columns: Sequence[str]) -> None:
-    head = f"{'':<24}" + "".join(f"{c:>13}" for c in columns)
-    print(head)
-    for r in rows:
-        print(f"{r['label']:<24}" + "".join(f"{r[c]:>13.4f}" if isinstance(r.get(c), float) else f"{'':>13}"
-                                             for c in columns))
-
-
-def _post_ensembles(exp_dir: str, post: list[str], metric: str, args: argparse.Namespace) -> None:
-    """``sweep --post wise,soup``: the ensembles of the sweep just run, on its Ray."""
-    from dps_tune.sweep import ensembles, ray_tune
-
-    def mapper(jobs):
-        return ray_tune.map_jobs(ensembles.evaluate_job, jobs, address=args.address)
-
-    exp = Path(exp_dir)
-    if "wise" in post:
-        out = exp.with_name(exp.name + "-wise")
-        summary = ensembles.run_wise([exp], out, alphas=ensembles.parse_alphas("0:1:0.1"), select=metric,
-                                     mapper=mapper)
-        for method, rec in summary["methods"].items():
-            print(f"WiSE-FT {method}: alpha {rec['alpha']:g}, ood_test_acc {rec['metrics'].get('ood_test_acc', 0):.4f}"
-                  f" (fine-tuned {rec['fine_tuned'].get('ood_test_acc', 0):.4f}) -> {rec['export']}")
-    if "soup" in post:
-        out = exp.with_name(exp.name + "-soup")
-        summary = ensembles.run_soup([exp], out, select=metric, mapper=mapper)
-        for name, rec in summary["soups"].items():
-            print(f"greedy soup {name}: {len(rec['ingredients'])} of {rec['candidates']} checkpoints, "
-                  f"ood_test_acc {rec['metrics'].get('ood_test_acc', 0):.4f} -> {rec['export']}")
-
-
-class Wise(Command):
-    name = "wise"
-    help = "WiSE-FT: interpolate each method's best checkpoints with the zero-shot weights, choose alpha on validation"
-
-    def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        _add_ensemble_options(p, "wise/")
-        p.add_argument("--alphas", default="0:1:0.1", help="alpha grid: START:STOP:STEP or a comma list, in [0, 1] "
-                                                          "(default 0:1:0.1)")
-        p.add_argument("--top-k", type=int, default=1, help="checkpoints per method to interpolate (default 1)")
-
-    def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import check_selection_metric
-        from dps_tune.sweep import ensembles
-
-        check_selection_metric("--select", args.select)
-        alphas = ensembles.parse_alphas(args.alphas)
-        if args.top_k < 1:
-            raise UserError(f"--top-k {args.top_k}: must be >= 1")
-        out = _default_out(args, "wise")
-        ensembles.check_candidates(args.exp_dirs, args.select)  # every input check before any work
-        bar, update = _progress_bar(args, "wise")
-        start = time.perf_counter()
-        try:
-            summary = ensembles.run_wise(args.exp_dirs, out, alphas=alphas, top_k=args.top_k, select=args.select,
-                                         mapper=_ensemble_mapper(args), progress=update)
-        finally:
-            if bar is not None:
-                bar.close()
-            _shutdown_ray()
-        cols = ["id_test_acc", "id_test_f1", "ood_test_acc", "ood_test_f1"]
-        rows = []
-        for method, rec in summary["methods"].items():
-            rows.append({"label": f"{method}", **rec["fine_tuned"]})
-            rows.append({"label": f"{method} + wise a={rec['alpha']:g}", **rec["metrics"]})
-        print(f"WiSE-FT, alpha chosen on {args.select} ({time.perf_counter() - start:.0f} s):")
-        _print_table(rows, cols)
-        print(f"written: {out / ensembles.WISE_CSV}, {out / ensembles.WISE_JSON}, {out}/wise_<method>/")
-        return 0
-
-
-class Soup(Command):
-    name = "soup"
-    help = "model soups: average fine-tuned checkpoints of a method (greedy by default, or uniform)"
-
-    def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        _add_ensemble_options(p, "soup/")
-        p.add_argument("--method", help="soup only this method (ce, flyp, 'dps (top)', ...); default: one soup each")
-        recipe = p.add_mutually_exclusive_group()
-        recipe.add_argument("--greedy", dest="greedy", action="store_true", default=True,
-                            help="add a candidate, best first, only if the validation metric improves (default)")
-        recipe.add_argument("--uniform", dest="greedy", action="store_false", help="average every candidate")
-        p.add_argument("--include-stopped", action="store_true", help="also take trials ASHA stopped early")
-        p.add_argument("--mix-methods", action="store_true",
-                       help="one soup of every method's checkpoints (they share the architecture and θ0)")
-
-    def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import check_selection_metric
-        from dps_tune.sweep import ensembles
-
-        check_selection_metric("--select", args.select)
-        out = _default_out(args, "soup")
-        ensembles.check_candidates(args.exp_dirs, args.select, include_stopped=args.include_stopped,
-                                   method=args.method)
-        bar, update = _progress_bar(args, "soup")
-        try:
-            summary = ensembles.run_soup(args.exp_dirs, out, method=args.method, greedy=args.greedy,
-                                         select=args.select, include_stopped=args.include_stopped,
-                                         mix_methods=args.mix_methods, mapper=_ensemble_mapper(args), progress=update)
-        finally:
-            if bar is not None:
-                bar.close()
-            _shutdown_ray()
-        cols = [args.select, "id_test_acc", "ood_test_acc", "ood_test_f1"]
-        rows = []
-        for name, rec in summary["soups"].items():
-            rows.append({"label": f"{name} best ingredient", **rec["best_ingredient"]})
-            rows.append({"label": f"{name} soup of {len(rec['ingredients'])}/{rec['candidates']}", **rec["metrics"]})
-        print(f"{summary['recipe']} soups, selected on {args.select}:")
-        _print_table(rows, cols)
-        print(f"written: {out / ensembles.SOUP_JSON}, {out}/soup_<method>/")
-        return 0
-
-
-class Confirm(Command):
-    name = "confirm"
-    help = "retrain each method's selected configuration with N fresh seeds; mean, 95%% intervals, paired differences"
-
-    def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("exp_dirs", nargs="+", metavar="EXP_DIR", help="finished experiments of `dps-tune sweep`")
-        p.add_argument("--seeds", type=int, default=3, help="seeds per method, at least 2 (default 3): 1..N")
-        p.add_argument("--select", default="id_val_f1",
-                       help="validation metric that selects each method's configuration (default id_val_f1)")
-        p.add_argument("--storage", help="where the confirmation experiment goes (default: beside the first EXP_DIR)")
-        p.add_argument("--name", help="its name (default: confirm-TIME)")
-        add_set_option(p, help="override a value of every selected configuration (epochs=..., say); "
-                               "tune.* keys set the run's resources")
-        _add_cluster_options(p)
-
-    def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import (check_selection_metric, parse_override, resolve_key, tune_config_from_dict,
-                                     validate_tune, with_overrides)
-        from dps_tune.paths import is_remote
-        from dps_tune.sweep import confirm, reference, results, storage
-
-        if args.seeds < 2:
-            raise UserError(f"--seeds {args.seeds}: at least 2 seeds are needed for an interval")
-        check_selection_metric("--select", args.select)
-        pairs = [parse_override(o) for o in args.set]
-        tune_over = {k[len("tune."):]: v for k, v in pairs if k.startswith("tune.")}
-        cfg_over = {resolve_key(k): v for k, v in pairs if not k.startswith("tune.")}
-        variants = confirm.select_variants(args.exp_dirs, args.select)
-        configs = [with_overrides(v.config, cfg_over) for v in variants]
-        first_meta = results.sweep_meta(storage.local_view(args.exp_dirs[0]))
-        tune_raw = {**first_meta.get("tune", {}), "metric": args.select, "mode": "max", "asha_metric": "",
-                    "keep_checkpoints": 1, "max_t": 0, **tune_over}
-        tune_cfg = tune_config_from_dict(tune_raw)
-        for c in configs:
-            validate_tune(tune_cfg, c)
-        dps_refs = {c.dps.reference for c in configs if c.algorithm == "dps"}
-        if len(dps_refs) > 1:
-            raise UserError(f"the DPS configurations use different references ({', '.join(sorted(dps_refs))}); "
-                            "confirm one DPS stage at a time")
-        ranking = None
-        for c in configs:
-            if c.algorithm == "dps":
-                ranking = reference.resolve(c).ranking
-                break
-        seeds = list(range(1, args.seeds + 1))
-        base = configs[0]
-        overrides = [confirm.overrides(base, c) for c in configs]
-        first = args.exp_dirs[0]
-        storage_path = args.storage or (str(Path(first).resolve().parent) if not is_remote(first) else None)
-        name = args.name or f"confirm-{time.strftime('%Y%m%d-%H%M%S')}"
-        print(f"confirming {len(configs)} configurations x {len(seeds)} seeds (selected on {args.select}):")
-        for v in variants:
-            print(f"  {v.method:<14} trial {v.trial}  {args.select}={v.value:.4f}  {v.checkpoint}")
-        from dps_tune.sweep import ray_tune
-
-        try:
-            exp = ray_tune.run_points(base, overrides, seeds, tune_cfg, ranking=ranking, name=name,
-                                      storage_path=storage_path, address=args.address,
-                                      dashboard=not args.no_dashboard, shared_storage=args.shared_storage,
-                                      meta={"confirm": {"select": args.select, "seeds": seeds,
-                                                        "experiments": [str(e) for e in args.exp_dirs]}})
-        finally:
-            ray_tune.shutdown()
-        view = storage.local_view(exp)
-        summary = confirm.summarize(view)
-        if not is_remote(exp):
-            confirm.write_summary(view, summary, variants)
-        print()
-        print(confirm.format_summary(summary))
-        print(f"\nexperiment: {exp}  (confirm.json, confirm.csv; `dps-tune results {exp}`)")
-        return 0
-
-
-class DashboardCommand(Command):
-    name = "dashboard"
-    help = "a live dashboard of sweeps: optuna-dashboard per experiment and the report, behind a token"
-
-    def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("exp_dirs", nargs="+", metavar="EXP_DIR", help="sweep directories (running or finished)")
-        p.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default 127.0.0.1: this machine only; see the README's SSH tunnel)")
-        p.add_argument("--port", type=int, default=8788, help="port (default 8788; 0: any free port)")
-
-    def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.sweep import dashboard
-
-        if not 0 <= args.port <= 65535:
-            raise UserError(f"--port {args.port}: must be between 0 and 65535")
-        if args.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"dashboard: listening on {args.host}, not only this machine: anyone who reaches it and has the "
-                  "token sees these sweeps", file=sys.stderr)
-
-        def ready(url: str) -> None:
-            print(f"dashboard: {url}", flush=True)
-            print("(the token is needed once per browser; Ctrl-C stops the server)", file=sys.stderr, flush=True)
-
-        try:
-            dashboard.serve(args.exp_dirs, host=args.host, port=args.port, ready=ready)
-        except KeyboardInterrupt:
-            pass
-        return 0
-
-
-def _shutdown_ray() -> None:
-    if "dps_tune.sweep.ray_tune" in sys.modules:
-        sys.modules["dps_tune.sweep.ray_tune"].shutdown()
 
 
 # ----------------------------------------------------------------------------- demo

@@ -157,3 +157,21 @@ def test_bad_ensemble_input_is_one_line_and_writes_nothing(sweep, tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (args, proc.stderr)
         assert not out.exists(), args
+
+
+def test_sweep_post_runs_wise_and_soup_on_the_sweeps_ray(tmp_path):
+    raw = tiny_raw(**{"data.synthetic": WORLD, "data.batch_size": 16, "optim.epochs": 2, "optim.lr": 1e-3})
+    raw["search"] = {"lr": {"loguniform": [5e-4, 3e-3]}}
+    raw["tune"] = {"metric": "id_val_f1", "num_samples": 2, "max_concurrent_trials": 2, "grace_period": 2}
+    space = tmp_path / "ce.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    proc = dps_tune("sweep", space, "--storage", tmp_path / "runs", "--name", "ce", "--no-dashboard",
+                    "--post", "wise,soup")
+    assert "WiSE-FT ce: alpha" in proc.stdout and "greedy soup ce:" in proc.stdout
+    wise = json.loads((tmp_path / "runs" / "ce-wise" / "wise.json").read_text())
+    assert len(wise["alphas"]) == 11 and wise["select"] == "id_val_f1"
+    assert len(read_csv(tmp_path / "runs" / "ce-wise" / "wise.csv")) == 11
+    assert (tmp_path / "runs" / "ce-soup" / "soup_ce" / "model.safetensors").is_file()
+    bad = dps_tune("sweep", space, "--storage", tmp_path / "runs", "--name", "x", "--post", "wise,stew", check=False)
+    assert bad.returncode == 2 and "--post wise,stew: 'stew' is not one of wise, soup" in bad.stderr
+    assert not (tmp_path / "runs" / "x").exists()

@@ -1,0 +1,277 @@
+"""The commands that analyse finished sweeps: ``wise``, ``soup``, ``confirm`` and ``dashboard``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from dps_tune.cli_base import Command, add_cluster_options, add_set_option, shutdown_ray
+from dps_tune.errors import UserError
+
+
+def _add_ensemble_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("exp_dirs", nargs="+", metavar="EXP_DIR", help="finished experiments of `dps-tune sweep`")
+    p.add_argument("--select", default="id_val_f1",
+                   help="validation metric that ranks checkpoints and chooses (never a test split); default id_val_f1")
+    p.add_argument("--out", help=f"output directory (default: {what} next to the first EXP_DIR); a killed run "
+                                 "given the same --out redoes no finished evaluation")
+    p.add_argument("--address", help="Ray cluster to evaluate on: auto or ray://HOST:10001 (default: $RAY_ADDRESS, "
+                                     "else a local Ray)")
+    p.add_argument("--in-process", action="store_true",
+                   help="evaluate one after another in this process instead of as Ray tasks")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _ensemble_mapper(args: argparse.Namespace):
+    from dps_tune.sweep import ensembles
+
+    if args.in_process:
+        return ensembles.map_in_process
+    from dps_tune.sweep import ray_tune
+
+    return lambda jobs: ray_tune.map_jobs(ensembles.evaluate_job, jobs, address=args.address)
+
+
+def _progress_bar(args: argparse.Namespace, desc: str):
+    if args.no_progress:
+        return None, None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=desc, unit="eval", dynamic_ncols=True)
+
+    def update(done: int, total: int | None) -> None:
+        if total is not None:
+            bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return bar, update
+
+
+def _default_out(args: argparse.Namespace, name: str) -> Path:
+    from dps_tune.paths import is_remote
+
+    if args.out:
+        return Path(args.out)
+    first = args.exp_dirs[0]
+    return Path("runs") / name if is_remote(first) else Path(first).resolve().parent / name
+
+
+def _print_table(rows: list[dict], columns: Sequence[str]) -> None:
+    head = f"{'':<24}" + "".join(f"{c:>13}" for c in columns)
+    print(head)
+    for r in rows:
+        print(f"{r['label']:<24}" + "".join(f"{r[c]:>13.4f}" if isinstance(r.get(c), float) else f"{'':>13}"
+                                             for c in columns))
+
+
+def post_ensembles(exp_dir: str, post: list[str], metric: str, args: argparse.Namespace) -> None:
+    """``sweep --post wise,soup``: the ensembles of the sweep just run, on its Ray."""
+    from dps_tune.sweep import ensembles, ray_tune
+
+    def mapper(jobs):
+        return ray_tune.map_jobs(ensembles.evaluate_job, jobs, address=args.address)
+
+    exp = Path(exp_dir)
+    if "wise" in post:
+        out = exp.with_name(exp.name + "-wise")
+        summary = ensembles.run_wise([exp], out, alphas=ensembles.parse_alphas("0:1:0.1"), select=metric,
+                                     mapper=mapper)
+        for method, rec in summary["methods"].items():
+            print(f"WiSE-FT {method}: alpha {rec['alpha']:g}, ood_test_acc {rec['metrics'].get('ood_test_acc', 0):.4f}"
+                  f" (fine-tuned {rec['fine_tuned'].get('ood_test_acc', 0):.4f}) -> {rec['export']}")
+    if "soup" in post:
+        out = exp.with_name(exp.name + "-soup")
+        summary = ensembles.run_soup([exp], out, select=metric, mapper=mapper)
+        for name, rec in summary["soups"].items():
+            print(f"greedy soup {name}: {len(rec['ingredients'])} of {rec['candidates']} checkpoints, "
+                  f"ood_test_acc {rec['metrics'].get('ood_test_acc', 0):.4f} -> {rec['export']}")
+
+
+class Wise(Command):
+    name = "wise"
+    help = "WiSE-FT: interpolate each method's best checkpoints with the zero-shot weights, choose alpha on validation"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        _add_ensemble_options(p, "wise/")
+        p.add_argument("--alphas", default="0:1:0.1", help="alpha grid: START:STOP:STEP or a comma list, in [0, 1] "
+                                                          "(default 0:1:0.1)")
+        p.add_argument("--top-k", type=int, default=1, help="checkpoints per method to interpolate (default 1)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from dps_tune.config import check_selection_metric
+        from dps_tune.sweep import ensembles
+
+        check_selection_metric("--select", args.select)
+        alphas = ensembles.parse_alphas(args.alphas)
+        if args.top_k < 1:
+            raise UserError(f"--top-k {args.top_k}: must be >= 1")
+        out = _default_out(args, "wise")
+        ensembles.check_candidates(args.exp_dirs, args.select)  # every input check before any work
+        bar, update = _progress_bar(args, "wise")
+        start = time.perf_counter()
+        try:
+            summary = ensembles.run_wise(args.exp_dirs, out, alphas=alphas, top_k=args.top_k, select=args.select,
+                                         mapper=_ensemble_mapper(args), progress=update)
+        finally:
+            if bar is not None:
+                bar.close()
+            shutdown_ray()
+        cols = ["id_test_acc", "id_test_f1", "ood_test_acc", "ood_test_f1"]
+        rows = []
+        for method, rec in summary["methods"].items():
+            rows.append({"label": f"{method}", **rec["fine_tuned"]})
+            rows.append({"label": f"{method} + wise a={rec['alpha']:g}", **rec["metrics"]})
+        print(f"WiSE-FT, alpha chosen on {args.select} ({time.perf_counter() - start:.0f} s):")
+        _print_table(rows, cols)
+        print(f"written: {out / ensembles.WISE_CSV}, {out / ensembles.WISE_JSON}, {out}/wise_<method>/")
+        return 0
+
+
+class Soup(Command):
+    name = "soup"
+    help = "model soups: average fine-tuned checkpoints of a method (greedy by default, or uniform)"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        _add_ensemble_options(p, "soup/")
+        p.add_argument("--method", help="soup only this method (ce, flyp, 'dps (top)', ...); default: one soup each")
+        recipe = p.add_mutually_exclusive_group()
+        recipe.add_argument("--greedy", dest="greedy", action="store_true", default=True,
+                            help="add a candidate, best first, only if the validation metric improves (default)")
+        recipe.add_argument("--uniform", dest="greedy", action="store_false", help="average every candidate")
+        p.add_argument("--include-stopped", action="store_true", help="also take trials ASHA stopped early")
+        p.add_argument("--mix-methods", action="store_true",
+                       help="one soup of every method's checkpoints (they share the architecture and θ0)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from dps_tune.config import check_selection_metric
+        from dps_tune.sweep import ensembles
+
+        check_selection_metric("--select", args.select)
+        out = _default_out(args, "soup")
+        ensembles.check_candidates(args.exp_dirs, args.select, include_stopped=args.include_stopped,
+                                   method=args.method)
+        bar, update = _progress_bar(args, "soup")
+        try:
+            summary = ensembles.run_soup(args.exp_dirs, out, method=args.method, greedy=args.greedy,
+                                         select=args.select, include_stopped=args.include_stopped,
+                                         mix_methods=args.mix_methods, mapper=_ensemble_mapper(args), progress=update)
+        finally:
+            if bar is not None:
+                bar.close()
+            shutdown_ray()
+        cols = [args.select, "id_test_acc", "ood_test_acc", "ood_test_f1"]
+        rows = []
+        for name, rec in summary["soups"].items():
+            rows.append({"label": f"{name} best ingredient", **rec["best_ingredient"]})
+            rows.append({"label": f"{name} soup of {len(rec['ingredients'])}/{rec['candidates']}", **rec["metrics"]})
+        print(f"{summary['recipe']} soups, selected on {args.select}:")
+        _print_table(rows, cols)
+        print(f"written: {out / ensembles.SOUP_JSON}, {out}/soup_<method>/")
+        return 0
+
+
+class Confirm(Command):
+    name = "confirm"
+    help = "retrain each method's selected configuration with N fresh seeds; mean, 95%% intervals, paired differences"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("exp_dirs", nargs="+", metavar="EXP_DIR", help="finished experiments of `dps-tune sweep`")
+        p.add_argument("--seeds", type=int, default=3, help="seeds per method, at least 2 (default 3): 1..N")
+        p.add_argument("--select", default="id_val_f1",
+                       help="validation metric that selects each method's configuration (default id_val_f1)")
+        p.add_argument("--storage", help="where the confirmation experiment goes (default: beside the first EXP_DIR)")
+        p.add_argument("--name", help="its name (default: confirm-TIME)")
+        add_set_option(p, help="override a value of every selected configuration (epochs=..., say); "
+                               "tune.* keys set the run's resources")
+        add_cluster_options(p)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from dps_tune.config import (check_selection_metric, parse_override, resolve_key, tune_config_from_dict,
+                                     validate_tune, with_overrides)
+        from dps_tune.paths import is_remote
+        from dps_tune.sweep import confirm, reference, results, storage
+
+        if args.seeds < 2:
+            raise UserError(f"--seeds {args.seeds}: at least 2 seeds are needed for an interval")
+        check_selection_metric("--select", args.select)
+        pairs = [parse_override(o) for o in args.set]
+        tune_over = {k[len("tune."):]: v for k, v in pairs if k.startswith("tune.")}
+        cfg_over = {resolve_key(k): v for k, v in pairs if not k.startswith("tune.")}
+        variants = confirm.select_variants(args.exp_dirs, args.select)
+        configs = [with_overrides(v.config, cfg_over) for v in variants]
+        first_meta = results.sweep_meta(storage.local_view(args.exp_dirs[0]))
+        tune_raw = {**first_meta.get("tune", {}), "metric": args.select, "mode": "max", "asha_metric": "",
+                    "keep_checkpoints": 1, "max_t": 0, **tune_over}
+        tune_cfg = tune_config_from_dict(tune_raw)
+        for c in configs:
+            validate_tune(tune_cfg, c)
+        dps_refs = {c.dps.reference for c in configs if c.algorithm == "dps"}
+        if len(dps_refs) > 1:
+            raise UserError(f"the DPS configurations use different references ({', '.join(sorted(dps_refs))}); "
+                            "confirm one DPS stage at a time")
+        ranking = None
+        for c in configs:
+            if c.algorithm == "dps":
+                ranking = reference.resolve(c).ranking
+                break
+        seeds = list(range(1, args.seeds + 1))
+        base = configs[0]
+        overrides = [confirm.overrides(base, c) for c in configs]
+        first = args.exp_dirs[0]
+        storage_path = args.storage or (str(Path(first).resolve().parent) if not is_remote(first) else None)
+        name = args.name or f"confirm-{time.strftime('%Y%m%d-%H%M%S')}"
+        print(f"confirming {len(configs)} configurations x {len(seeds)} seeds (selected on {args.select}):")
+        for v in variants:
+            print(f"  {v.method:<14} trial {v.trial}  {args.select}={v.value:.4f}  {v.checkpoint}")
+        from dps_tune.sweep import ray_tune
+
+        try:
+            exp = ray_tune.run_points(base, overrides, seeds, tune_cfg, ranking=ranking, name=name,
+                                      storage_path=storage_path, address=args.address,
+                                      dashboard=not args.no_dashboard, shared_storage=args.shared_storage,
+                                      meta={"confirm": {"select": args.select, "seeds": seeds,
+                                                        "experiments": [str(e) for e in args.exp_dirs]}})
+        finally:
+            ray_tune.shutdown()
+        view = storage.local_view(exp)
+        summary = confirm.summarize(view)
+        if not is_remote(exp):
+            confirm.write_summary(view, summary, variants)
+        print()
+        print(confirm.format_summary(summary))
+        print(f"\nexperiment: {exp}  (confirm.json, confirm.csv; `dps-tune results {exp}`)")
+        return 0
+
+
+class DashboardCommand(Command):
+    name = "dashboard"
+    help = "a live dashboard of sweeps: optuna-dashboard per experiment and the report, behind a token"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("exp_dirs", nargs="+", metavar="EXP_DIR", help="sweep directories (running or finished)")
+        p.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; see the README's SSH tunnel)")
+        p.add_argument("--port", type=int, default=8788, help="port (default 8788; 0: any free port)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from dps_tune.sweep import dashboard
+
+        if not 0 <= args.port <= 65535:
+            raise UserError(f"--port {args.port}: must be between 0 and 65535")
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"dashboard: listening on {args.host}, not only this machine: anyone who reaches it and has the "
+                  "token sees these sweeps", file=sys.stderr)
+
+        def ready(url: str) -> None:
+            print(f"dashboard: {url}", flush=True)
+            print("(the token is needed once per browser; Ctrl-C stops the server)", file=sys.stderr, flush=True)
+
+        try:
+            dashboard.serve(args.exp_dirs, host=args.host, port=args.port, ready=ready)
+        except KeyboardInterrupt:
+            pass
+        return 0

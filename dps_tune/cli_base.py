@@ -1,0 +1,72 @@
+"""What every ``dps-tune`` command shares: the :class:`Command` base, common options, printing."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_set_option(parser: argparse.ArgumentParser, help: str = "override a config value; dotted keys "
+                   "(optim.lr) or unique leaf names (lr); tune.* keys set the tune: block") -> None:
+    """The ``--set KEY=VALUE`` option, repeatable, shared by every command that reads a config."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+class Command:
+    """A subcommand: :meth:`add_arguments` declares its options, :meth:`run` is its action."""
+
+    name = ""
+    help = ""
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        pass
+
+    def run(self, args: argparse.Namespace) -> int:
+        raise NotImplementedError
+
+
+def add_cluster_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster: auto or ray://HOST:10001 (default: $RAY_ADDRESS, else start "
+                                     "a local Ray)")
+    p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard (local Ray only)")
+    p.add_argument("--shared-storage", action="store_true",
+                   help="the experiment's storage is a path every node mounts (NFS); required for a local path "
+                        "on a multi-node cluster")
+
+
+def print_sweep_summary(exp_dir: str, metric: str, mode: str) -> int:
+    from dps_tune.paths import command_path, tensorboard_hint
+    from dps_tune.sweep import results, storage
+
+    table = results.results_table(storage.local_view(exp_dir), metric, mode)
+    cmd = command_path()
+    print()
+    print(format_table(table.head(20)))
+    errored = table[table["status"] == "error"]
+    print(f"\nexperiment: {exp_dir}")
+    print(f"  {cmd} results {exp_dir}")
+    print(f"  {cmd} best {exp_dir} --export best")
+    print(f"  {tensorboard_hint(exp_dir)}")
+    if len(errored):
+        print(f"dps-tune: {len(errored)} trial(s) failed after their retries: "
+              f"{', '.join(errored['trial_id'])} (see error.txt in their directories)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def format_table(df) -> str:
+    if df.empty:
+        return "(no trials)"
+    show = df.copy()
+    for col in show.columns:
+        if show[col].dtype.kind == "f":
+            show[col] = show[col].map(lambda v: "" if v != v else f"{v:.4g}")
+        else:
+            show[col] = show[col].map(lambda v: "" if v is None else v)
+    return show.to_string(index=False)
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray this process started, if it imported the Ray module at all."""
+    if "dps_tune.sweep.ray_tune" in sys.modules:
+        sys.modules["dps_tune.sweep.ray_tune"].shutdown()
