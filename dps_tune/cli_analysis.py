@@ -51,6 +51,17 @@ def _progress_bar(args: argparse.Namespace, desc: str):
     return bar, update
 
 
+def _with_progress(args: argparse.Namespace, desc: str, work):
+    """``work(mapper, progress)`` under a progress bar; Ray, if it started, is stopped after."""
+    bar, update = _progress_bar(args, desc)
+    try:
+        return work(_ensemble_mapper(args), update)
+    finally:
+        if bar is not None:
+            bar.close()
+        shutdown_ray()
+
+
 def _default_out(args: argparse.Namespace, name: str) -> Path:
     from dps_tune.paths import is_remote
 
@@ -111,15 +122,9 @@ class Wise(Command):
             raise UserError(f"--top-k {args.top_k}: must be >= 1")
         out = _default_out(args, "wise")
         ensembles.check_candidates(args.exp_dirs, args.select)  # every input check before any work
-        bar, update = _progress_bar(args, "wise")
         start = time.perf_counter()
-        try:
-            summary = ensembles.run_wise(args.exp_dirs, out, alphas=alphas, top_k=args.top_k, select=args.select,
-                                         mapper=_ensemble_mapper(args), progress=update)
-        finally:
-            if bar is not None:
-                bar.close()
-            shutdown_ray()
+        summary = _with_progress(args, "wise", lambda mapper, update: ensembles.run_wise(
+            args.exp_dirs, out, alphas=alphas, top_k=args.top_k, select=args.select, mapper=mapper, progress=update))
         cols = ["id_test_acc", "id_test_f1", "ood_test_acc", "ood_test_f1"]
         rows = []
         for method, rec in summary["methods"].items():
@@ -154,15 +159,9 @@ class Soup(Command):
         out = _default_out(args, "soup")
         ensembles.check_candidates(args.exp_dirs, args.select, include_stopped=args.include_stopped,
                                    method=args.method)
-        bar, update = _progress_bar(args, "soup")
-        try:
-            summary = ensembles.run_soup(args.exp_dirs, out, method=args.method, greedy=args.greedy,
-                                         select=args.select, include_stopped=args.include_stopped,
-                                         mix_methods=args.mix_methods, mapper=_ensemble_mapper(args), progress=update)
-        finally:
-            if bar is not None:
-                bar.close()
-            shutdown_ray()
+        summary = _with_progress(args, "soup", lambda mapper, update: ensembles.run_soup(
+            args.exp_dirs, out, method=args.method, greedy=args.greedy, select=args.select,
+            include_stopped=args.include_stopped, mix_methods=args.mix_methods, mapper=mapper, progress=update))
         cols = [args.select, "id_test_acc", "ood_test_acc", "ood_test_f1"]
         rows = []
         for name, rec in summary["soups"].items():
