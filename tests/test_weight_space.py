@@ -31,6 +31,9 @@ def trained(tmp_path_factory):
 def test_alpha_zero_is_zero_shot_and_alpha_one_reproduces_the_recorded_metrics(trained):
     cfg, ck = trained
     ev = weight_space.Evaluator(cfg)
+    for alpha, end in ((0.0, ev.theta0), (1.0, ck.model_state)):  # the ends are the weights, bit for bit
+        state = weight_space.interpolate(ev.theta0, ck.model_state, alpha)
+        assert state.keys() == end.keys() and all(torch.equal(state[k], end[k]) for k in end)
     at0 = ev(weight_space.interpolate(ev.theta0, ck.model_state, 0.0))
     assert at0 == evaluate_start(cfg)
     at1 = ev(weight_space.interpolate(ev.theta0, ck.model_state, 1.0))
