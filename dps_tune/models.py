@@ -167,7 +167,7 @@ def create_model(arch: str, pretrained: str, *, device: str | torch.device = "cp
     try:
         with _quiet_random_init(pretrained == "none"):
             model = open_clip.create_model(arch, **kwargs)
-    except (RuntimeError, FileNotFoundError, OSError, KeyError, ValueError, AssertionError) as exc:
+    except Exception as exc:  # open_clip's loaders raise many kinds (SafetensorError among them)
         first = first_line(exc)
         if isinstance(exc, (AssertionError, KeyError)) or "size mismatch" in first or "Missing key" in first:
             first = f"the weights do not fit this architecture ({first[:300]})"
@@ -209,6 +209,31 @@ def image_size(model: nn.Module) -> int:
 
 def get_tokenizer(arch: str):
     return open_clip.get_tokenizer(arch)
+
+
+def check_weights_readable(path: str | os.PathLike, key: str = "weights file") -> None:
+    """Refuse a weights file whose header cannot be read (cut short, or not weights at all), cheaply.
+
+    ``.safetensors``: the header is parsed, no tensor is read. ``.pt``/``.bin``: loaded
+    memory-mapped with ``weights_only=True`` (a legacy, non-zip file is loaded whole).
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        else:
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # SafetensorError, UnpicklingError, zip errors: all the same to the user
+        raise CheckpointError(f"{key} = {str(path)!r}: not a readable weights file ({type(exc).__name__}: "
+                              f"{first_line(exc, 160)})") from None
 
 
 def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

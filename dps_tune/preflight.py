@@ -42,6 +42,8 @@ def check_config(cfg: Config, *, image_cache_may_be_missing: bool = False) -> No
               "no such directory (build it with `dps-tune prepare`)")
     if cfg.algorithm == "dps":
         _require_file("dps.reference", cfg.dps.reference, directory_ok=True)
+        if cfg.dps.reference is not None and Path(cfg.dps.reference).is_file():
+            models.check_weights_readable(cfg.dps.reference, "dps.reference")
         if cfg.dps.reference_experiment is not None:
             check(Path(cfg.dps.reference_experiment).is_dir(), "dps.reference_experiment",
                   cfg.dps.reference_experiment, "no such directory")
@@ -55,6 +57,7 @@ def check_model(arch: str, pretrained: str, *, key: str = "model", pretrained_ke
         return
     if looks_like_weights_file(pretrained):
         _require_file(pretrained_key, pretrained)
+        models.check_weights_readable(pretrained, pretrained_key)
         return
     tags = models.list_pretrained_tags(arch)
     check(pretrained in tags, pretrained_key, pretrained,
@@ -63,8 +66,10 @@ def check_model(arch: str, pretrained: str, *, key: str = "model", pretrained_ke
 
 
 def check_weights(key: str, path: str) -> None:
-    """``path`` is a weights file or a checkpoint directory."""
+    """``path`` is a readable weights file or a checkpoint directory."""
     _require_file(key, path, directory_ok=True)
+    if Path(path).is_file():
+        models.check_weights_readable(path, key)
 
 
 def _require_file(key: str, value: str | None, *, directory_ok: bool = False) -> None:

@@ -101,3 +101,23 @@ def test_pickled_module_is_refused(tmp_path):
     torch.save(_random_tiny(), tmp_path / "model.pt")  # a whole pickled module, as the paper code writes
     with pytest.raises(CheckpointError, match="cannot be read safely"):
         models.load_weights_file(tmp_path / "model.pt")
+
+
+@pytest.mark.parametrize("name,content", [("cut.safetensors", b"\x08\x00\x00"), ("junk.safetensors", b"garbage" * 9),
+                                          ("junk.pt", b"not a zip file at all"), ("empty.bin", b"")])
+def test_a_corrupt_weights_file_is_one_line_before_any_work(name, content, tmp_path, write_yaml, capsys):
+    from conftest import tiny_raw
+    from dps_tune import cli
+
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    out = tmp_path / "run"
+    assert cli.main(["train", str(write_yaml(tiny_raw(pretrained=str(bad)))), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"pretrained = '{bad}': not a readable weights file" in err[0], err
+    assert not out.exists()  # nothing half-made
+    assert cli.main(["rank", "--model", "tiny-vit", "--pretrained", "none", "--reference", str(bad),
+                     "--out", str(tmp_path / "r.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--reference" in err[0] and "not a readable weights file" in err[0], err
+    assert not (tmp_path / "r.pt").exists()
