@@ -189,10 +189,10 @@ class Confirm(Command):
         add_cluster_options(p)
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import (check_selection_metric, parse_override, resolve_key, tune_config_from_dict,
+        from dps_tune.config import (check_selection_metric, parse_override, resolve_key,
                                      validate_tune, with_overrides)
         from dps_tune.paths import is_remote
-        from dps_tune.sweep import confirm, reference, results, storage
+        from dps_tune.sweep import confirm, results, storage
 
         if args.seeds < 2:
             raise UserError(f"--seeds {args.seeds}: at least 2 seeds are needed for an interval")
@@ -203,20 +203,10 @@ class Confirm(Command):
         variants = confirm.select_variants(args.exp_dirs, args.select)
         configs = [with_overrides(v.config, cfg_over) for v in variants]
         first_meta = results.sweep_meta(storage.local_view(args.exp_dirs[0]))
-        tune_raw = {**first_meta.get("tune", {}), "metric": args.select, "mode": "max", "asha_metric": "",
-                    "keep_checkpoints": 1, "max_t": 0, **tune_over}
-        tune_cfg = tune_config_from_dict(tune_raw)
+        tune_cfg = confirm.run_tune(first_meta.get("tune", {}), args.select, tune_over)
         for c in configs:
             validate_tune(tune_cfg, c)
-        dps_refs = {c.dps.reference for c in configs if c.algorithm == "dps"}
-        if len(dps_refs) > 1:
-            raise UserError(f"the DPS configurations use different references ({', '.join(sorted(dps_refs))}); "
-                            "confirm one DPS stage at a time")
-        ranking = None
-        for c in configs:
-            if c.algorithm == "dps":
-                ranking = reference.resolve(c).ranking
-                break
+        ranking = confirm.dps_ranking(configs)
         seeds = list(range(1, args.seeds + 1))
         base = configs[0]
         overrides = [confirm.overrides(base, c) for c in configs]

@@ -191,8 +191,7 @@ def run_trial(
     work = Path(tempfile.mkdtemp(prefix="dps_tune_") if own_work_dir else work_dir)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        trial = _Trial(cfg, rt, ranking, work, memory_fraction, keep)
-        trial.derive = derive
+        trial = _Trial(cfg, rt, ranking, work, memory_fraction, keep, derive)
         if resume_from is not None:
             trial.resume(resume_from)
         return trial.run(report, progress)
@@ -226,8 +225,10 @@ class _Trial:
     """The state of one running trial: model, inputs, objective, optimizer and loop position."""
 
     def __init__(self, cfg: Config, rt: Runtime, ranking: suppression.Scores | None, work: Path,
-                 memory_fraction: float | None, keep: retention.Retention | None):
+                 memory_fraction: float | None, keep: retention.Retention | None,
+                 derive: Callable[[dict[str, float]], dict[str, float]] | None = None):
         self.cfg, self.rt, self.work, self.memory_fraction, self.keep = cfg, rt, work, memory_fraction, keep
+        self.derive = derive
         tokenizer = models.get_tokenizer(cfg.model)
 
         def make_suppressor() -> suppression.RowSuppressor:
@@ -255,7 +256,6 @@ class _Trial:
         self.total_steps = o.epochs * self.steps_per_epoch
         self.loop = ckpt.LoopState()
         self.last_metrics: dict[str, float] = {}
-        self.derive: Callable[[dict[str, float]], dict[str, float]] | None = None
 
     def resume(self, path: str | Path) -> None:
         loaded = ckpt.load_checkpoint(path)

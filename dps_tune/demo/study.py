@@ -29,7 +29,6 @@ from dps_tune.errors import UserError
 from dps_tune.paths import command_path, tensorboard_hint
 from dps_tune.sweep import confirm, ensembles, ray_tune, results
 from dps_tune.sweep.report import render_report
-from dps_tune.sweep import reference
 from dps_tune.sweep.search_space import Sweep, load_sweep
 from dps_tune.train import evaluate_start
 
@@ -113,19 +112,15 @@ def _ensembles(out: Path, exp_dirs: list[Path], metric: str) -> tuple[dict, dict
 
 def _confirm(out: Path, exp_dirs: list[Path], metric: str, overrides: list[str]) -> tuple[Path, dict]:
     """Stage 7: each method's selected configuration, retrained with fresh seeds on the demo's Ray."""
-    from dps_tune.config import tune_config_from_dict
+    from dps_tune.config import parse_override
 
     start = time.time()
     variants = confirm.select_variants(exp_dirs, metric)
     base = variants[0].config
-    tune_raw = {**results.sweep_meta(exp_dirs[0])["tune"], "metric": metric, "mode": default_mode(metric),
-                "keep_checkpoints": 1, "max_t": 0}
-    tune_raw.update({o.split("=", 1)[0][len("tune."):]: o.split("=", 1)[1] for o in overrides
-                     if o.startswith("tune.") and o.split("=", 1)[0][len("tune."):] in ("cpus_per_trial",
-                                                                                       "gpus_per_trial")})
-    tune_cfg = tune_config_from_dict(tune_raw)
-    dps = next((v.config for v in variants if v.config.algorithm == "dps"), None)
-    ranking = reference.resolve(dps).ranking if dps is not None else None
+    resources = {k[len("tune."):]: v for k, v in map(parse_override, overrides)
+                 if k in ("tune.cpus_per_trial", "tune.gpus_per_trial")}
+    tune_cfg = confirm.run_tune(results.sweep_meta(exp_dirs[0])["tune"], metric, resources)
+    ranking = confirm.dps_ranking([v.config for v in variants])
     _say(f"\n[6/{STAGES_TOTAL}] confirmation: {len(variants)} selected configurations x {len(CONFIRM_SEEDS)} fresh "
          f"seeds, full epochs, no early stopping")
     exp = Path(ray_tune.run_points(base, [confirm.overrides(base, v.config) for v in variants],

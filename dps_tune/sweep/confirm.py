@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -25,10 +26,10 @@ from typing import Any, Sequence
 
 from dps_tune import checkpoint as ckpt
 from dps_tune import stats
-from dps_tune.config import Config, default_mode, to_dict
+from dps_tune.config import Config, TuneConfig, default_mode, to_dict, tune_config_from_dict
 from dps_tune.errors import UserError
 from dps_tune.files import write_json, write_text
-from dps_tune.sweep import results, storage
+from dps_tune.sweep import reference, results, storage
 
 CONFIRM_JSON, CONFIRM_CSV = "confirm.json", "confirm.csv"
 METRICS = ("id_val_f1", "id_test_acc", "id_test_f1", "ood_val_f1", "ood_test_acc", "ood_test_f1")
@@ -88,6 +89,22 @@ def seed_points(variants: Sequence[Variant], seeds: Sequence[int]) -> tuple[Conf
     """The run's base config (the first variant) and one parameter dict per (variant, seed)."""
     base = variants[0].config
     return base, [{**overrides(base, v.config), "seed": s} for v in variants for s in seeds]
+
+
+def run_tune(sweep_tune: dict[str, Any], select: str, overrides: dict[str, Any] | None = None) -> TuneConfig:
+    """The confirmation run's tune block: the sweep's resources, one metric, one kept checkpoint, no early stop."""
+    return tune_config_from_dict({**sweep_tune, "metric": select, "mode": default_mode(select), "asha_metric": "",
+                                  "keep_checkpoints": 1, "max_t": 0, **(overrides or {})})
+
+
+def dps_ranking(configs: Sequence[Config]) -> Any:
+    """The DPS ranking the configurations share (None without DPS); several references are refused."""
+    dps = [c for c in configs if c.algorithm == "dps"]
+    refs = {c.dps.reference for c in dps}
+    if len(refs) > 1:
+        raise UserError(f"the DPS configurations use different references ({', '.join(sorted(map(str, refs)))}); "
+                        "confirm one DPS stage at a time")
+    return reference.resolve(dps[0]).ranking if dps else None
 
 
 def summarize(exp_dir: str | os.PathLike, metrics: Sequence[str] = METRICS) -> dict[str, Any]:
@@ -154,8 +171,6 @@ def write_summary(exp_dir: str | os.PathLike, summary: dict[str, Any], variants:
                 rows.append([method, m, r["mean"], r["std"], r["low"], r["high"], r["n"]])
     for p in summary["pairs"]:
         rows.append([f"{p['a']} - {p['b']}", p["metric"], p["mean"], "", p["low"], p["high"], p["n"]])
-    import io
-
     buf = io.StringIO()
     csv.writer(buf).writerows(rows)
     write_text(exp / CONFIRM_CSV, buf.getvalue())
