@@ -18,7 +18,7 @@ never leaves a half-written checkpoint that looks complete.
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import shutil
 from dataclasses import dataclass
@@ -26,20 +26,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from dps_tune import models
 from dps_tune.config import Config, config_from_dict, save_json, to_dict
 from dps_tune.errors import CheckpointError, first_line
-from dps_tune.files import atomic_path
+from dps_tune.files import atomic_path, read_json_object
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
-STATE_FILE = "train_state.pt"
-PREDICTIONS_FILE = "predictions.safetensors"  # labels and predicted classes per evaluation split
-# In config.json, beside the run's config: the open_clip model name that rebuilds the network.
-OPEN_CLIP_KEY = "open_clip_model"
+from dps_tune.layout import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, OPEN_CLIP_KEY, PREDICTIONS_FILE,  # noqa: F401
+                             STATE_FILE)
+
 FORMAT_VERSION = 1
 
 
@@ -57,7 +53,26 @@ def save_checkpoint(path: str | os.PathLike, *, model_state: Mapping[str, torch.
                     optimizer_state: Mapping[str, Any] | None = None,
                     extra_state: Mapping[str, Any] | None = None,
                     predictions: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Path:
-    """Write a checkpoint directory atomically; returns its path."""
+    """Write a checkpoint directory atomically; returns its path.
+
+    A disk that fills up meanwhile (``ENOSPC``, or a quota) is one :class:`CheckpointError`
+    line: the half-written directory is removed and a previous checkpoint at ``path`` stays
+    as it was.
+    """
+    try:
+        _write_checkpoint(Path(path), model_state, config, metrics, loop, optimizer_state, extra_state, predictions)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise CheckpointError(f"checkpoint {str(path)!r}: the disk is full ({exc.strerror}); nothing was replaced, "
+                              "the previous checkpoint is intact") from None
+    return Path(path)
+
+
+def _write_checkpoint(path: Path, model_state: Mapping[str, torch.Tensor], config: Config, metrics: Mapping[str, Any],
+                      loop: LoopState | None, optimizer_state: Mapping[str, Any] | None,
+                      extra_state: Mapping[str, Any] | None,
+                      predictions: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None) -> None:
     with atomic_path(path) as tmp:
         tmp.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE),
@@ -81,7 +96,6 @@ def save_checkpoint(path: str | os.PathLike, *, model_state: Mapping[str, torch.
                 **(extra_state or {}),
             }
             torch.save(state, tmp / STATE_FILE)
-    return Path(path)
 
 
 def _save_config(config: Config, path: Path) -> None:
@@ -106,12 +120,7 @@ class LoadedCheckpoint:
 def read_config(path: str | os.PathLike) -> Config:
     path = Path(path)
     cfg_path = path / CONFIG_FILE if path.is_dir() else path
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint config {str(cfg_path)!r}: cannot be read ({first_line(exc)})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"checkpoint config {str(cfg_path)!r}: not a JSON object")
+    raw = read_json_object(cfg_path, f"checkpoint {str(cfg_path.parent)!r}")
     raw.pop(OPEN_CLIP_KEY, None)
     return config_from_dict(raw)
 
@@ -120,13 +129,10 @@ def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True) -> Load
     path = Path(path)
     if not (path / MODEL_FILE).is_file():
         raise CheckpointError(f"checkpoint {str(path)!r}: no {MODEL_FILE} in it")
-    try:
-        model_state = load_file(str(path / MODEL_FILE))
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r}: {MODEL_FILE} cannot be read ({first_line(exc)})") from None
+    model_state = models.read_safetensors(path / MODEL_FILE, f"checkpoint {path}")
     config = read_config(path)
     metrics_path = path / METRICS_FILE
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = read_json_object(metrics_path, f"checkpoint {str(path)!r}") if metrics_path.is_file() else {}
     state = None
     if with_state and (path / STATE_FILE).is_file():
         try:
@@ -141,10 +147,7 @@ def read_predictions(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, t
     file = Path(path) / PREDICTIONS_FILE
     if not file.is_file():
         return {}
-    try:
-        flat = load_file(str(file))
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r}: {PREDICTIONS_FILE} cannot be read ({first_line(exc)})") from None
+    flat = models.read_safetensors(file, f"checkpoint {path}")
     splits = {k.rsplit(".", 1)[0] for k in flat}
     return {s: (flat[f"{s}.true"].long(), flat[f"{s}.pred"].long()) for s in sorted(splits)
             if f"{s}.true" in flat and f"{s}.pred" in flat}

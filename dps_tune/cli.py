@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from dps_tune.cli_analysis import Confirm, DashboardCommand, Soup, Wise, post_ensembles
-from dps_tune.cli_base import Command, add_cluster_options, add_set_option, format_table, print_sweep_summary
+from dps_tune.cli_analysis import Confirm, DashboardCommand, Soup, Wise, finish_confirmation, post_ensembles
+from dps_tune.cli_base import (Command, Parser, add_cluster_options, add_set_option, check_address, check_name,
+                               check_out_dir, check_out_file, format_table, print_sweep_summary)
 from dps_tune.config import scalar_objective
 from dps_tune.errors import UserError, first_line
 
@@ -54,19 +55,26 @@ class Train(Command):
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune import preflight
         from dps_tune.config import load_config, save_json
-        from dps_tune.sweep import reference
-        from dps_tune.train import run_trial
+        from dps_tune.files import highest_missing
 
         cfg = load_config(args.config, args.set)
-        preflight.check_config(cfg)
+        if args.out is not None:
+            check_out_dir("--out", args.out)
         if args.resume is not None and not (Path(args.resume) / "train_state.pt").is_file():
             raise UserError(f"--resume {args.resume}: not a checkpoint directory with a training state "
                             "(train_state.pt)")
+        from dps_tune import preflight  # torch and open_clip from here on
+        from dps_tune.sweep import reference
+        from dps_tune.train import run_trial
+
+        preflight.check_config(cfg)
+        if args.resume is not None:
+            preflight.check_train_state("--resume", args.resume)
         resolved = reference.resolve(cfg)
         cfg = resolved.config
         out = Path(args.out or f"runs/train-{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
+        made = highest_missing(out)
         out.mkdir(parents=True, exist_ok=True)
         save_json(cfg, out / "config.json")
         final = out / "checkpoint"
@@ -83,6 +91,11 @@ class Train(Command):
             try:
                 run_trial(cfg, report, ranking=resolved.ranking, resume_from=args.resume, work_dir=out / ".work",
                           progress=not args.no_progress)
+            except UserError:
+                if made is not None and not final.exists() and not (out / "metrics.jsonl").stat().st_size:
+                    # refused before its first report (bad data, say): leave no run behind
+                    shutil.rmtree(made, ignore_errors=True)
+                raise
             finally:
                 shutil.rmtree(out / ".work", ignore_errors=True)
         print(f"checkpoint: {final}", file=sys.stderr)
@@ -110,12 +123,13 @@ class Rank(Command):
         p.add_argument("--out", required=True, help="output file (torch.load(weights_only=True) compatible)")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune import models, preflight, suppression
+        if not 0 <= args.masking < 1:
+            raise UserError(f"--masking {args.masking}: must be in [0, 1)")
+        check_out_file("--out", args.out)
+        from dps_tune import models, preflight, suppression  # torch and open_clip from here on
 
         preflight.check_model(args.model, args.pretrained, key="--model", pretrained_key="--pretrained")
         preflight.check_weights("--reference", args.reference)
-        if not 0 <= args.masking < 1:
-            raise UserError(f"--masking {args.masking}: must be in [0, 1)")
         theta1 = models.load_weights_file(args.reference)
         theta0 = models.pretrained_state_dict(args.model, args.pretrained, seed=args.seed)
         start = time.perf_counter()
@@ -153,10 +167,7 @@ class Prepare(Command):
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune import preflight
         from dps_tune.config import load_config
-        from dps_tune.data import cache_writer
-        from dps_tune.data.datasets import load_dataset
 
         cfg = load_config(args.config, args.set)
         target = args.out or cfg.data.image_cache
@@ -166,6 +177,11 @@ class Prepare(Command):
             raise UserError(f"--size {args.size}: must be >= 1")
         if args.workers is not None and args.workers < 0:
             raise UserError(f"--workers {args.workers}: must be >= 0")
+        check_out_dir("--out" if args.out else "data.image_cache", target)
+        from dps_tune import preflight  # torch from here on
+        from dps_tune.data import cache_writer
+        from dps_tune.data.datasets import load_dataset
+
         preflight.check_config(cfg, image_cache_may_be_missing=True)  # prepare is what creates the cache
         out = Path(target).expanduser().resolve()
         result = cache_writer.prepare(load_dataset(cfg.data), out, size=args.size, workers=args.workers,
@@ -204,6 +220,7 @@ class SweepCommand(Command):
         add_cluster_options(p)
 
     def run(self, args: argparse.Namespace) -> int:
+        from dps_tune.paths import is_remote
         from dps_tune.sweep.search_space import load_sweep
 
         post = [x.strip() for x in args.post.split(",") if x.strip()]
@@ -213,14 +230,17 @@ class SweepCommand(Command):
         overrides = list(args.set)
         if args.num_samples is not None:
             overrides.append(f"tune.num_samples={args.num_samples}")
+        check_name(args.name)
+        if args.storage and not is_remote(args.storage):
+            check_out_dir("--storage", args.storage)
         sweep = load_sweep(args.space, overrides)  # every check runs before Ray starts
         if post:
             from dps_tune.config import objectives
-            from dps_tune.paths import is_remote
 
             post_metric = objectives(sweep.tune)[0][0]  # with several objectives, the first selects
             if args.storage and is_remote(args.storage):
                 raise UserError(f"--post {args.post}: needs a local --storage (the ensembles read the weights)")
+        check_address(args.address)
         from dps_tune.sweep import ray_tune
 
         try:
@@ -243,6 +263,12 @@ class Resume(Command):
         add_cluster_options(p)
 
     def run(self, args: argparse.Namespace) -> int:
+        from dps_tune.paths import is_remote
+        from dps_tune.sweep import results
+
+        if not is_remote(args.exp_dir):
+            results.open_experiment(args.exp_dir)  # the cheap checks, before Ray and torch are imported
+        check_address(args.address)
         from dps_tune.sweep import ray_tune
 
         job = ray_tune.load_resumable(args.exp_dir)  # checked before Ray starts
@@ -251,7 +277,10 @@ class Resume(Command):
                                             shared_storage=args.shared_storage)
         finally:
             ray_tune.shutdown()
-        return print_sweep_summary(exp_dir, *scalar_objective(job.tune))
+        status = print_sweep_summary(exp_dir, *scalar_objective(job.tune))
+        if "confirm" in job.meta:  # a confirmation run, killed and resumed: its summary as `confirm` writes it
+            finish_confirmation(exp_dir, job.meta["confirm"].get("selected", []))
+        return status
 
 
 class Results(Command):
@@ -274,17 +303,17 @@ class Results(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from dps_tune.config import DEFAULT_METRIC, default_mode, scalar_objective
-        from dps_tune.sweep import results, storage
+        from dps_tune.sweep import results
 
         if args.resamples < 100:
             raise UserError(f"--resamples {args.resamples}: at least 100 are needed for a 95% interval")
-        exp = storage.local_view(args.exp_dir)
+        exp, meta = results.open_experiment(args.exp_dir)
         if args.pareto:
             metrics, modes = results.pareto_objectives(exp)
             table = results.pareto_table(exp, metrics, modes)
             print(f"non-dominated trials on {', '.join(f'{m} ({d})' for m, d in zip(metrics, modes))}:")
         elif args.bootstrap:
-            tune_meta = results.sweep_meta(exp).get("tune")
+            tune_meta = meta.get("tune")
             metric, mode = (args.metric, args.mode) if args.metric else (
                 scalar_objective(tune_meta) if tune_meta else (DEFAULT_METRIC, None))
             mode = mode or default_mode(metric)
@@ -293,6 +322,11 @@ class Results(Command):
                   f"{args.resamples} resamples:")
         else:
             table = results.results_table(exp, args.metric, args.mode)
+        if args.metric and args.metric not in table.columns:
+            raise UserError(f"--metric {args.metric}: no trial of {args.exp_dir} reports it; the metrics are "
+                            f"{', '.join(c for c in table.columns if c.endswith(('_acc', '_f1', '_loss')))}")
+        if args.csv:
+            check_out_file("--csv", args.csv)
         print(format_table(table))
         if args.csv:
             table.to_csv(args.csv, index=False)
@@ -314,22 +348,25 @@ class Best(Command):
         p.add_argument("--export", metavar="DIR", help="write model.safetensors, config.json, metrics.json here")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune import checkpoint
         from dps_tune.config import DEFAULT_METRIC, check_selection_metric, default_mode
         from dps_tune.sweep import results, storage
 
         if args.metric is not None:
             check_selection_metric("--metric", args.metric)
-        exp = storage.local_view(args.exp_dir)
-        meta = results.sweep_meta(exp).get("tune")
+        if args.export:
+            check_out_dir("--export", args.export)
+        exp, sweep = results.open_experiment(args.exp_dir)
+        meta = sweep.get("tune")
         own_metric, own_mode = scalar_objective(meta) if meta else (DEFAULT_METRIC, None)
         metric = args.metric or own_metric
         mode = args.mode or (own_mode if not args.metric else None) or default_mode(metric)
         path = results.best_checkpoint(exp, metric, mode, args.scope)
-        metrics = json.loads((path / checkpoint.METRICS_FILE).read_text())
+        metrics = results.checkpoint_json(path)
         print(f"best by {metric} ({mode}, scope {args.scope}): {storage.source(path)}")
         print("  " + "  ".join(f"{k}={metrics[k]:.4f}" for k in sorted(metrics) if k.endswith(("_acc", "_f1"))))
         if args.export:
+            from dps_tune import checkpoint  # torch from here on
+
             out = checkpoint.export(storage.fetch_weights(path), args.export)
             print(f"exported model.safetensors, config.json, metrics.json to {out}")
         return 0
@@ -351,9 +388,16 @@ class Report(Command):
                        help="OOD axis of the ID-vs-OOD plot (default: ood_test_acc); the macro-F1 twin is also drawn")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.sweep import report, storage
+        from dps_tune.config import check, metric_names
+        from dps_tune.sweep import report, results
 
-        exps = [storage.local_view(e) for e in args.exp_dirs]
+        for key, metric in (("--x-metric", args.x_metric), ("--y-metric", args.y_metric)):
+            check(metric in metric_names(), key, metric, f"must be one of {', '.join(metric_names())}")
+        check_out_file("--out", args.out)
+        if args.zero_shot is not None and not Path(args.zero_shot).exists():
+            raise UserError(f"--zero-shot {args.zero_shot}: no such file or directory")
+        exps = [Path(e) if Path(e).is_dir() and results.ensemble_kind(e) else results.open_experiment(e)[0]
+                for e in args.exp_dirs]
         zero_shot = args.zero_shot or report.find_zero_shot(exps)
         if zero_shot is not None and not args.zero_shot:
             print(f"zero-shot metrics: {zero_shot}", file=sys.stderr)
@@ -372,7 +416,8 @@ class Pretrain(Command):
             "and print its zero-shot accuracy")
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default="tiny-rn", help="architecture: tiny-rn (the demo's) or tiny-vit")
+        p.add_argument("--model", default="tiny-rn", choices=["tiny-rn", "tiny-vit"],
+                       help="architecture: tiny-rn (the demo's) or tiny-vit")
         p.add_argument("--force", action="store_true", help="rebuild even if the cached weights exist")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -398,6 +443,8 @@ class Demo(Command):
         p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard")
 
     def run(self, args: argparse.Namespace) -> int:
+        if args.out:
+            check_out_dir("--out", args.out)
         from dps_tune.demo import study
 
         return study.main(args.out, overrides=args.set, dashboard=not args.no_dashboard)
@@ -408,8 +455,8 @@ COMMANDS: tuple[Command, ...] = (Train(), Rank(), Prepare(), SweepCommand(), Res
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dps-tune",
-                                     description="Robust fine-tuning of CLIP (CE, FLYP, DPS), swept with Ray Tune.")
+    parser = Parser(prog="dps-tune",
+                    description="Robust fine-tuning of CLIP (CE, FLYP, DPS), swept with Ray Tune.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log INFO messages from all libraries")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
@@ -420,7 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a usage error already printed as one line (2)
+        return exc.code if isinstance(exc.code, int) else 2
     _setup_logging(args.verbose)
     try:
         return args.run(args)

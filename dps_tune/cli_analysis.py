@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from dps_tune.cli_base import Command, add_cluster_options, add_set_option, shutdown_ray
+from dps_tune.cli_base import (Command, add_cluster_options, add_set_option, check_address, check_name, check_out_dir,
+                               shutdown_ray)
 from dps_tune.errors import UserError
 
 
@@ -66,6 +67,7 @@ def _default_out(args: argparse.Namespace, name: str) -> Path:
     from dps_tune.paths import is_remote
 
     if args.out:
+        check_out_dir("--out", args.out)
         return Path(args.out)
     first = args.exp_dirs[0]
     return Path("runs") / name if is_remote(first) else Path(first).resolve().parent / name
@@ -81,7 +83,7 @@ def _print_table(rows: list[dict], columns: Sequence[str]) -> None:
 
 def post_ensembles(exp_dir: str, post: list[str], metric: str, args: argparse.Namespace) -> None:
     """``sweep --post wise,soup``: the ensembles of the sweep just run, on its Ray."""
-    from dps_tune.sweep import ensembles, ray_tune
+    from dps_tune.sweep import candidates, ensembles, ray_tune
 
     def mapper(jobs):
         return ray_tune.map_jobs(ensembles.evaluate_job, jobs, address=args.address)
@@ -89,7 +91,7 @@ def post_ensembles(exp_dir: str, post: list[str], metric: str, args: argparse.Na
     exp = Path(exp_dir)
     if "wise" in post:
         out = exp.with_name(exp.name + "-wise")
-        summary = ensembles.run_wise([exp], out, alphas=ensembles.parse_alphas("0:1:0.1"), select=metric,
+        summary = ensembles.run_wise([exp], out, alphas=candidates.parse_alphas("0:1:0.1"), select=metric,
                                      mapper=mapper)
         for method, rec in summary["methods"].items():
             print(f"WiSE-FT {method}: alpha {rec['alpha']:g}, ood_test_acc {rec['metrics'].get('ood_test_acc', 0):.4f}"
@@ -114,14 +116,17 @@ class Wise(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from dps_tune.config import check_selection_metric
-        from dps_tune.sweep import ensembles
+        from dps_tune.sweep import candidates
 
         check_selection_metric("--select", args.select)
-        alphas = ensembles.parse_alphas(args.alphas)
+        alphas = candidates.parse_alphas(args.alphas)
         if args.top_k < 1:
             raise UserError(f"--top-k {args.top_k}: must be >= 1")
         out = _default_out(args, "wise")
-        ensembles.check_candidates(args.exp_dirs, args.select)  # every input check before any work
+        candidates.check_candidates(args.exp_dirs, args.select)  # every input check before torch is imported
+        if not args.in_process:
+            check_address(args.address)
+        from dps_tune.sweep import ensembles
         start = time.perf_counter()
         summary = _with_progress(args, "wise", lambda mapper, update: ensembles.run_wise(
             args.exp_dirs, out, alphas=alphas, top_k=args.top_k, select=args.select, mapper=mapper, progress=update))
@@ -153,12 +158,15 @@ class Soup(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from dps_tune.config import check_selection_metric
-        from dps_tune.sweep import ensembles
+        from dps_tune.sweep import candidates
 
         check_selection_metric("--select", args.select)
         out = _default_out(args, "soup")
-        ensembles.check_candidates(args.exp_dirs, args.select, include_stopped=args.include_stopped,
-                                   method=args.method)
+        candidates.check_candidates(args.exp_dirs, args.select, include_stopped=args.include_stopped,
+                                    method=args.method)  # every input check before torch is imported
+        if not args.in_process:
+            check_address(args.address)
+        from dps_tune.sweep import ensembles
         summary = _with_progress(args, "soup", lambda mapper, update: ensembles.run_soup(
             args.exp_dirs, out, method=args.method, greedy=args.greedy, select=args.select,
             include_stopped=args.include_stopped, mix_methods=args.mix_methods, mapper=mapper, progress=update))
@@ -189,21 +197,26 @@ class Confirm(Command):
         add_cluster_options(p)
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import (check_selection_metric, parse_override, resolve_key,
+        from dps_tune.config import (check_selection_metric, config_from_dict, parse_override, resolve_key,
                                      validate_tune, with_overrides)
         from dps_tune.paths import is_remote
-        from dps_tune.sweep import confirm, results, storage
+        from dps_tune.sweep import confirm, results
 
         if args.seeds < 2:
             raise UserError(f"--seeds {args.seeds}: at least 2 seeds are needed for an interval")
         check_selection_metric("--select", args.select)
+        check_name(args.name)
+        if args.storage and not is_remote(args.storage):
+            check_out_dir("--storage", args.storage)
+        check_address(args.address)
         pairs = [parse_override(o) for o in args.set]
         tune_over = {k[len("tune."):]: v for k, v in pairs if k.startswith("tune.")}
         cfg_over = {resolve_key(k): v for k, v in pairs if not k.startswith("tune.")}
+        first_meta = results.open_experiment(args.exp_dirs[0])[1]
+        tune_cfg = confirm.run_tune(first_meta.get("tune", {}), args.select, tune_over)
+        validate_tune(tune_cfg, config_from_dict(first_meta["base"]))  # again below, with each selected config
         variants = confirm.select_variants(args.exp_dirs, args.select)
         configs = [with_overrides(v.config, cfg_over) for v in variants]
-        first_meta = results.sweep_meta(storage.local_view(args.exp_dirs[0]))
-        tune_cfg = confirm.run_tune(first_meta.get("tune", {}), args.select, tune_over)
         for c in configs:
             validate_tune(tune_cfg, c)
         ranking = confirm.dps_ranking(configs)
@@ -223,17 +236,26 @@ class Confirm(Command):
                                       storage_path=storage_path, address=args.address,
                                       dashboard=not args.no_dashboard, shared_storage=args.shared_storage,
                                       meta={"confirm": {"select": args.select, "seeds": seeds,
-                                                        "experiments": [str(e) for e in args.exp_dirs]}})
+                                                        "experiments": [str(e) for e in args.exp_dirs],
+                                                        "selected": confirm.selected(variants)}})
         finally:
             ray_tune.shutdown()
-        view = storage.local_view(exp)
-        summary = confirm.summarize(view)
-        if not is_remote(exp):
-            confirm.write_summary(view, summary, variants)
-        print()
-        print(confirm.format_summary(summary))
-        print(f"\nexperiment: {exp}  (confirm.json, confirm.csv; `dps-tune results {exp}`)")
+        finish_confirmation(exp, confirm.selected(variants))
         return 0
+
+
+def finish_confirmation(exp: str, chosen: list[dict]) -> None:
+    """Summarise a finished confirmation run (after `confirm`, or after `resume` of a killed one) and print it."""
+    from dps_tune.paths import is_remote
+    from dps_tune.sweep import confirm, storage
+
+    view = storage.local_view(exp)
+    summary = confirm.summarize(view)
+    if not is_remote(exp):
+        confirm.write_summary(view, summary, chosen)
+    print()
+    print(confirm.format_summary(summary))
+    print(f"\nexperiment: {exp}  (confirm.json, confirm.csv; `dps-tune results {exp}`)")
 
 
 class DashboardCommand(Command):
@@ -251,11 +273,11 @@ class DashboardCommand(Command):
 
         if not 0 <= args.port <= 65535:
             raise UserError(f"--port {args.port}: must be between 0 and 65535")
-        if args.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"dashboard: listening on {args.host}, not only this machine: anyone who reaches it and has the "
-                  "token sees these sweeps", file=sys.stderr)
 
         def ready(url: str) -> None:
+            if args.host not in ("127.0.0.1", "localhost", "::1"):
+                print(f"dashboard: listening on {args.host}, not only this machine: anyone who reaches it and has "
+                      "the token sees these sweeps", file=sys.stderr)
             print(f"dashboard: {url}", flush=True)
             print("(the token is needed once per browser; Ctrl-C stops the server)", file=sys.stderr, flush=True)
 

@@ -3,7 +3,61 @@
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
+from pathlib import Path
+
+from dps_tune.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``dps-tune CMD: error: ...``) and exit 2, like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def check_name(name: str | None) -> None:
+    """An experiment name is one directory name: no separator, not . or .."""
+    if name is not None and (not name.strip() or "/" in name or os.sep in name or name in (".", "..")):
+        raise UserError(f"--name {name}: must be a single directory name (no '/', not '.' or '..')")
+
+
+def check_address(address: str | None) -> None:
+    """An explicit Ray address (``--address`` or ``$RAY_ADDRESS``) accepts connections, checked before Ray starts.
+
+    ``ray.init`` retries an address nobody listens on for a long while; one TCP connect
+    answers at once. ``auto`` and ``local`` are left to Ray.
+    """
+    source = "--address" if address else "RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None or address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"{source} {address}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise UserError(f"{source} {address}: nothing accepts connections there ({exc.strerror or exc}); "
+                        "is the cluster up (`ray status` on its head node)?") from None
+
+
+def check_out_dir(key: str, path: str) -> None:
+    """An output directory may be missing (it is created) or a directory, never a file."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"{key} {path}: a file, not a directory")
+
+
+def check_out_file(key: str, path: str) -> None:
+    """An output file may be missing or a file, never a directory; its folder must not be a file."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{key} {path}: is a directory; give a file name")
+    parent = next((a for a in p.absolute().parents if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"{key} {path}: cannot create its directory ({parent} is a file)")
 
 
 def add_set_option(parser: argparse.ArgumentParser, help: str = "override a config value; dotted keys "

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
-from dps_tune.errors import ConfigError
+from dps_tune.errors import ConfigError, first_line
 from dps_tune.files import write_json
 from dps_tune.paths import is_remote, looks_like_weights_file
 
@@ -391,6 +391,8 @@ def validate(cfg: Config) -> None:
     check(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be >= 1")
     check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
     check(len(d.csv_separator) == 1, "data.csv_separator", d.csv_separator, "must be one character")
+    check(len(d.eval_splits) > 0, "data.eval_splits", list(d.eval_splits),
+          f"must name at least one of {', '.join(SPLITS)} (every trial is evaluated and selected on them)")
     for split in d.eval_splits:
         check_choice("data.eval_splits", split, SPLITS)
     for split, _ in d.eval_csvs:
@@ -493,12 +495,14 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r}: no such file")
     try:
         raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r}: not a readable YAML text file ({first_line(exc, 120)})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"config file {str(path)!r}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if raw is None:
-        raw = {}
+        raise ConfigError(f"config file {str(path)!r}: empty (a config needs at least its model and data)")
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
     return raw

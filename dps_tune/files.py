@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+from dps_tune.errors import UserError, first_line
+
 
 # Matches every temporary name :func:`temporary_sibling` makes: strays of a killed writer.
 TEMP_GLOB = ".*.tmp-*"
@@ -51,10 +53,32 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def highest_missing(path: str | os.PathLike) -> Path | None:
+    """The outermost directory that creating ``path`` (with its parents) would make; None if it exists.
+
+    Removing it undoes the ``mkdir(parents=True)`` of a command that was refused after it.
+    """
+    path = Path(path).absolute()
+    return next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def read_json_object(path: str | os.PathLike, where: str) -> dict[str, Any]:
+    """The JSON object in ``path``: one :class:`UserError` naming ``where`` and the file when it is cut
+    short, not JSON or not an object (every JSON file dps_tune reads back goes through here)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{where}: {path.name} is unreadable ({first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: {path.name} is not a JSON object")
+    return data
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

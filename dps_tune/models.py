@@ -19,6 +19,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
 from dps_tune.errors import CheckpointError, first_line
+from dps_tune.layout import read_safetensors_header
 
 logger = logging.getLogger(__name__)
 
@@ -220,10 +221,7 @@ def check_weights_readable(path: str | os.PathLike, key: str = "weights file") -
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                f.keys()
+            read_safetensors_header(path, key)
         else:
             try:
                 torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -231,8 +229,26 @@ def check_weights_readable(path: str | os.PathLike, key: str = "weights file") -
                 if "mmap" not in str(exc):
                     raise
                 torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # SafetensorError, UnpicklingError, zip errors: all the same to the user
+    except CheckpointError:
+        raise
+    except Exception as exc:  # UnpicklingError, zip errors: all the same to the user
         raise CheckpointError(f"{key} = {str(path)!r}: not a readable weights file ({type(exc).__name__}: "
+                              f"{first_line(exc, 160)})") from None
+
+
+def read_safetensors(path: str | os.PathLike, key: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file ``path``: the one place dps_tune loads one.
+
+    The header is checked first against the file's size (:func:`~dps_tune.layout.read_safetensors_header`,
+    also used without torch), so a file cut short is one :class:`CheckpointError` line naming ``key``.
+    """
+    read_safetensors_header(path, key)
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # a damaged tensor body, an unknown dtype, ...
+        raise CheckpointError(f"{key} = {str(path)!r}: cannot be read ({type(exc).__name__}: "
                               f"{first_line(exc, 160)})") from None
 
 
@@ -247,13 +263,10 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         path = path / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"weights file {str(path)!r}: no such file")
+    if path.suffix == ".safetensors":
+        return {strip_wrapper_prefix(k): v for k, v in read_safetensors(path, "weights file").items()}
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, pickle with code in it, ...
         raise CheckpointError(f"weights file {str(path)!r}: cannot be read safely ({type(exc).__name__}: "
                               f"{first_line(exc, 200)})") from None

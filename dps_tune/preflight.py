@@ -40,6 +40,9 @@ def check_config(cfg: Config, *, image_cache_may_be_missing: bool = False) -> No
     if d.image_cache is not None and not image_cache_may_be_missing:
         check(Path(d.image_cache).is_dir(), "data.image_cache", d.image_cache,
               "no such directory (build it with `dps-tune prepare`)")
+        from dps_tune.data.cache_reader import ImageCache
+
+        ImageCache.open(d.image_cache)  # its manifest and every shard's size and header, not the pixels
     if cfg.algorithm == "dps":
         _require_file("dps.reference", cfg.dps.reference, directory_ok=True)
         if cfg.dps.reference is not None and Path(cfg.dps.reference).is_file():
@@ -70,6 +73,11 @@ def check_weights(key: str, path: str) -> None:
     _require_file(key, path, directory_ok=True)
     if Path(path).is_file():
         models.check_weights_readable(path, key)
+
+
+def check_train_state(key: str, directory: str) -> None:
+    """``directory/train_state.pt`` is a training state torch can read (not a copy cut short)."""
+    models.check_weights_readable(str(Path(directory) / "train_state.pt"), key)
 
 
 def _require_file(key: str, value: str | None, *, directory_ok: bool = False) -> None:

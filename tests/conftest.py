@@ -83,3 +83,12 @@ def run_cli(*args, env=None, check=True, timeout=600):
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The size of the bad-input matrix, in every run's output (tests/test_input_matrix.py)."""
+    import sys
+
+    matrix = sys.modules.get("test_input_matrix")
+    if matrix is not None:
+        terminalreporter.write_line(matrix.summary())

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from conftest import tiny_raw
+from dps_tune.config import config_from_dict, to_dict
+from dps_tune.sweep.results import SWEEP_FILE
 
 # WILDS split name, number of images, label pool
 IWILDCAM_SPLITS = [("train", 12, [0, 1, 2]), ("id_val", 4, [0, 1]), ("id_test", 4, [1, 2]),
@@ -37,3 +42,56 @@ def make_iwildcam(root: Path, size: tuple[int, int] = (48, 36), english_csv: boo
         eng.append("99999,Unknown")
         (root / "labels.csv").write_text("\n".join(eng) + "\n")
     return base
+
+
+MAX_T = 4
+SPLITS = ("id_val", "id_test", "ood_val", "ood_test")
+
+
+def write_experiment(root: Path, name: str, trials: list[tuple], *,
+                     metric: str = "id_val_f1", status: str = "finished") -> Path:
+    """A finished sweep as ray_tune.run_sweep leaves it: ``(trial_id, overrides, epochs run, quality[, twist])``.
+
+    ``twist`` makes splits and epochs disagree, so a selection on the wrong thing picks
+    another trial: ``{"shift": {split: delta}}`` moves one split's accuracy, and
+    ``{"peak": e}`` makes the trial decline after epoch ``e`` (its best evaluation is not its last).
+    """
+    exp = root / name
+    exp.mkdir(parents=True)
+    (exp / SWEEP_FILE).write_text(json.dumps({
+        "name": name, "base": to_dict(config_from_dict(tiny_raw())),
+        "tune": {"metric": metric, "mode": "max", "grace_period": 1, "reduction_factor": 2, "max_t": 0},
+        "search": {}, "space_file": f"{name}.yaml", "max_t": MAX_T, "status": status, "errors": 0,
+    }))
+    for i, (trial_id, overrides, epochs, quality, *twist) in enumerate(trials):
+        twist = twist[0] if twist else {}
+        cfg = to_dict(config_from_dict(tiny_raw(**{"optim.epochs": MAX_T, **overrides})))
+        tdir = exp / f"trainable_{trial_id}_{i:05d}"
+        tdir.mkdir()
+        (tdir / "params.json").write_text(json.dumps({"optim.epochs": MAX_T, **overrides}))
+        lines, rows = [], []
+        for epoch in range(1, epochs + 1):
+            peak = twist.get("peak", MAX_T)
+            progress = epoch if epoch <= peak else max(0, 2 * peak - epoch)
+            row = {"epoch": float(epoch), "step": 4 * epoch, "train_loss": 1.5 / epoch, "lr": 1e-3,
+                   "samples_per_s": 100.0, "max_epoch": MAX_T, "trial_id": trial_id, "training_iteration": epoch,
+                   "done": False, "config": {k: v for k, v in overrides.items() if k != "algorithm"}}
+            for j, split in enumerate(SPLITS):
+                ood = split.startswith("ood")
+                acc = 0.35 + quality * progress / MAX_T * (0.35 if ood else 0.55) - 0.01 * j
+                acc += twist.get("shift", {}).get(split, 0.0)
+                row[f"{split}_acc"] = round(acc, 4)
+                row[f"{split}_f1"] = round(acc - 0.04, 4)
+            lines.append(json.dumps(row))
+            rows.append(row)
+        (tdir / "result.json").write_text("\n".join(lines) + "\n")
+        if not rows:
+            continue
+        # The kept checkpoint is the best report by the sweep's metric, as keep_checkpoints=1 keeps it.
+        row = max(rows, key=lambda r: r[metric])
+        ckpt = tdir / "checkpoint_000000"
+        ckpt.mkdir()
+        (ckpt / "model.safetensors").write_bytes(b"")
+        (ckpt / "config.json").write_text(json.dumps(cfg))
+        (ckpt / "metrics.json").write_text(json.dumps({k: v for k, v in row.items() if k != "config"}))
+    return exp

@@ -51,3 +51,41 @@ def test_train_resume_continues_an_interrupted_run_exactly(tmp_path, write_yaml,
     assert b.loop.epoch == 2 and all(torch.equal(a.model_state[k], b.model_state[k]) for k in a.model_state)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [4, 8]  # epoch 1 before the interrupt, epoch 2 after the resume
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path, write_yaml, monkeypatch, capsys):
+    """ENOSPC in the middle of epoch 2's checkpoint: one line, exit 2, epoch 1's checkpoint whole, no stray files."""
+    import errno
+
+    import torch
+
+    from conftest import tiny_raw
+    from dps_tune import checkpoint, cli
+
+    path = write_yaml(tiny_raw(**{"optim.epochs": 2}))
+    real_save = checkpoint.save_file
+    calls = []
+
+    def fills_the_disk(tensors, filename, *args, **kwargs):
+        calls.append(filename)
+        if "checkpoint_00000008" in filename:  # epoch 2 (4 steps an epoch): half a file, then the disk is full
+            with open(filename, "wb") as fh:
+                fh.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", fills_the_disk)
+    out = tmp_path / "run"
+    assert cli.main(["train", str(path), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the disk is full" in err[-1] and "previous checkpoint is intact" in err[-1], err
+    assert any("checkpoint_00000008" in c for c in calls)
+    monkeypatch.undo()
+    kept = checkpoint.load_checkpoint(out / "checkpoint")
+    assert kept.loop.epoch == 1 and kept.loop.step == 4
+    assert json.loads((out / "checkpoint" / "metrics.json").read_text())["step"] == 4
+    assert all(torch.isfinite(v).all() for v in kept.model_state.values() if v.is_floating_point())
+    assert not list(out.rglob(".*.tmp-*")) and not (out / ".work").exists()
+    # and the run goes on from it once there is room again
+    assert cli.main(["train", str(path), "--out", str(out), "--resume", str(out / "checkpoint"), "--no-progress"]) == 0
+    assert checkpoint.load_checkpoint(out / "checkpoint").loop.epoch == 2

@@ -121,3 +121,21 @@ def test_a_corrupt_weights_file_is_one_line_before_any_work(name, content, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--reference" in err[0] and "not a readable weights file" in err[0], err
     assert not (tmp_path / "r.pt").exists()
+
+
+def test_the_safetensors_header_check_reads_what_safetensors_writes_and_refuses_every_cut(tmp_path):
+    """The torch-free check behind every weights command: whole files pass, every shorter prefix is refused."""
+    from safetensors.torch import save_file
+
+    from dps_tune.layout import read_safetensors_header
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(3, 4), "b": torch.ones(5, dtype=torch.int64)}, str(path), metadata={"m": "x"})
+    header = read_safetensors_header(path, "k")
+    assert set(header) == {"a", "b", "__metadata__"} and header["b"]["dtype"] == "I64"
+    assert set(models.read_safetensors(path, "k")) == {"a", "b"}
+    data = path.read_bytes()
+    for cut in sorted({*range(0, len(data), 5), len(data) - 1}):
+        path.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=r"^k = .*(cut short|not a readable weights file)"):
+            read_safetensors_header(path, "k")

@@ -82,7 +82,7 @@ def test_mismatches_and_bad_alphas_are_refused(trained):
 @pytest.mark.parametrize("text,expected", [("0:1:0.25", [0, 0.25, 0.5, 0.75, 1.0]), ("0:1:0.1", None),
                                            ("1,0,0.5", [0, 0.5, 1.0])])
 def test_alpha_grids(text, expected):
-    from dps_tune.sweep.ensembles import parse_alphas
+    from dps_tune.sweep.candidates import parse_alphas
 
     got = parse_alphas(text)
     if expected is None:
@@ -95,7 +95,7 @@ def test_alpha_grids(text, expected):
                                           ("1:0:0.1", "start <= stop"), ("a,b", "START:STOP:STEP"),
                                           ("-0.1,0.5", "outside [0, 1]")])
 def test_bad_alpha_grids(text, message):
-    from dps_tune.sweep.ensembles import parse_alphas
+    from dps_tune.sweep.candidates import parse_alphas
 
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_alphas(text)

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 from dps_tune.config import default_mode, objectives
 from dps_tune.demo import pretrain
 from dps_tune.errors import UserError
+from dps_tune.files import highest_missing
 from dps_tune.paths import command_path, tensorboard_hint
-from dps_tune.sweep import confirm, ensembles, ray_tune, results
+from dps_tune.sweep import candidates, confirm, ensembles, ray_tune, results
 from dps_tune.sweep.report import render_report
 from dps_tune.sweep.search_space import Sweep, load_sweep
 from dps_tune.train import evaluate_start
@@ -100,7 +102,7 @@ def _ensembles(out: Path, exp_dirs: list[Path], metric: str) -> tuple[dict, dict
         return ray_tune.map_jobs(ensembles.evaluate_job, jobs)
 
     _say(f"\n[5/{STAGES_TOTAL}] WiSE-FT (alphas {DEMO_ALPHAS}) of each method's best checkpoint, and a greedy CE soup")
-    wise = ensembles.run_wise(exp_dirs, out / "wise", alphas=ensembles.parse_alphas(DEMO_ALPHAS), top_k=1,
+    wise = ensembles.run_wise(exp_dirs, out / "wise", alphas=candidates.parse_alphas(DEMO_ALPHAS), top_k=1,
                               select=metric, mapper=mapper)
     soup = ensembles.run_soup([exp_dirs[0]], out / "soup", method="ce", select=metric, mapper=mapper)
     chosen = ", ".join(f"{m} a={r['alpha']:g}" for m, r in wise["methods"].items())
@@ -126,9 +128,10 @@ def _confirm(out: Path, exp_dirs: list[Path], metric: str, overrides: list[str])
     exp = Path(ray_tune.run_points(base, [confirm.overrides(base, v.config) for v in variants],
                                    list(CONFIRM_SEEDS), tune_cfg, ranking=ranking, name="confirm",
                                    storage_path=str(out), dashboard=False,
-                                   meta={"confirm": {"select": metric, "seeds": list(CONFIRM_SEEDS)}}))
+                                   meta={"confirm": {"select": metric, "seeds": list(CONFIRM_SEEDS),
+                                                     "selected": confirm.selected(variants)}}))
     summary = confirm.summarize(exp)
-    confirm.write_summary(exp, summary, variants)
+    confirm.write_summary(exp, summary, confirm.selected(variants))
     _say(f"      {len(variants) * len(CONFIRM_SEEDS)} trials in {time.time() - start:.0f} s")
     return exp, summary
 
@@ -138,10 +141,16 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
     overrides = list(overrides or [])
     start = time.time()
     out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
     # Validate every stage before any work; the DPS reference (the CE sweep) exists only
     # once CE is done, so it is checked for real then.
-    sweeps = {name: _load_stage(space, out, overrides) for name, space in STAGES}
+    made = highest_missing(out)
+    out.mkdir(parents=True, exist_ok=True)  # the DPS stage's reference_experiment: it must exist to be checked
+    try:
+        sweeps = {name: _load_stage(space, out, overrides) for name, space in STAGES}
+    except UserError:
+        if made is not None:  # refused before any work: leave nothing behind
+            shutil.rmtree(made, ignore_errors=True)
+        raise
     base = sweeps["ce"].config
     metric = objectives(sweeps["ce"].tune)[0][0]  # with several objectives, the first selects
 

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from dps_tune import checkpoint as ckpt
-from dps_tune import stats
 from dps_tune.config import Config, TuneConfig, default_mode, to_dict, tune_config_from_dict
 from dps_tune.errors import UserError
 from dps_tune.files import write_json, write_text
-from dps_tune.sweep import reference, results, storage
+from dps_tune.sweep import results, storage
+
+# checkpoint, stats and reference import torch: they are imported where they are used, so
+# `dps-tune confirm` refuses bad input before torch is imported.
 
 CONFIRM_JSON, CONFIRM_CSV = "confirm.json", "confirm.csv"
 METRICS = ("id_val_f1", "id_test_acc", "id_test_f1", "ood_val_f1", "ood_test_acc", "ood_test_f1")
@@ -53,18 +54,15 @@ def select_variants(exp_dirs: Sequence[str | os.PathLike], metric: str) -> list[
         raise UserError("no experiment directory given")
     views = []
     for exp in exp_dirs:
-        view = storage.local_view(exp)
-        if not view.is_dir():
-            raise UserError(f"experiment {str(exp)!r}: no such directory")
-        if "base" not in results.sweep_meta(view):
-            raise UserError(f"experiment {str(exp)!r}: not a dps_tune sweep (no complete {results.SWEEP_FILE})")
-        views.append(view)
+        views.append(results.open_experiment(exp)[0])
     finished = [v for v in views if any(t.history for t in results.load_trials(v))]
     if not finished:
         raise UserError(f"{', '.join(map(str, exp_dirs))}: no trial has reported yet; nothing to confirm")
     best = results.best_per_method(finished, metric, default_mode(metric))
     if not best:
         raise UserError(f"--select {metric}: no kept checkpoint of {', '.join(map(str, exp_dirs))} reports it")
+    from dps_tune import checkpoint as ckpt
+
     return [Variant(b["method"], ckpt.read_config(b["checkpoint"]), storage.source(b["checkpoint"]), b["trial"],
                     float(b[metric])) for b in best]
 
@@ -104,11 +102,17 @@ def dps_ranking(configs: Sequence[Config]) -> Any:
     if len(refs) > 1:
         raise UserError(f"the DPS configurations use different references ({', '.join(sorted(map(str, refs)))}); "
                         "confirm one DPS stage at a time")
-    return reference.resolve(dps[0]).ranking if dps else None
+    if not dps:
+        return None
+    from dps_tune.sweep import reference
+
+    return reference.resolve(dps[0]).ranking
 
 
 def summarize(exp_dir: str | os.PathLike, metrics: Sequence[str] = METRICS) -> dict[str, Any]:
     """Per-method intervals and the paired differences of a confirmation run's trials."""
+    from dps_tune import stats
+
     per_method: dict[str, dict[int, dict[str, float]]] = {}
     for t in results.load_trials(exp_dir):
         if not t.history or t.last.get("epoch", 0) < (t.param("optim.epochs") or 0):
@@ -159,10 +163,14 @@ def format_summary(summary: dict[str, Any], metrics: Sequence[str] = ("id_test_a
     return "\n".join(lines)
 
 
-def write_summary(exp_dir: str | os.PathLike, summary: dict[str, Any], variants: Sequence[Variant] = ()) -> None:
+def selected(variants: Sequence[Variant]) -> list[dict[str, Any]]:
+    """What the run records of its selection (in its sweep file, so ``resume`` can write the summary too)."""
+    return [{"method": v.method, "checkpoint": v.checkpoint, "trial": v.trial, "value": v.value} for v in variants]
+
+
+def write_summary(exp_dir: str | os.PathLike, summary: dict[str, Any], chosen: Sequence[dict[str, Any]] = ()) -> None:
     exp = Path(exp_dir)
-    write_json(exp / CONFIRM_JSON, {**summary, "selected": [
-        {"method": v.method, "checkpoint": v.checkpoint, "trial": v.trial, "value": v.value} for v in variants]})
+    write_json(exp / CONFIRM_JSON, {**summary, "selected": list(chosen)})
     rows = [["method", "metric", "mean", "std", "low", "high", "n"]]
     for method, row in summary["methods"].items():
         for m in METRICS:

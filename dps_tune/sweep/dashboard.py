@@ -17,6 +17,7 @@ without it the answer is 401. The pages load nothing from outside the server.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import html
@@ -24,6 +25,7 @@ import logging
 import os
 import secrets
 import socketserver
+import sqlite3
 import threading
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
@@ -34,7 +36,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from dps_tune.errors import UserError
 from dps_tune.sweep import report as report_mod
-from dps_tune.sweep.results import SWEEP_FILE, sweep_meta
+from dps_tune.sweep.results import SWEEP_FILE, open_experiment, sweep_meta
 
 logger = logging.getLogger(__name__)
 
@@ -52,21 +54,26 @@ class Experiment:
     db: Path
 
 
+def _check_study_file(db: Path) -> None:
+    """``db`` is an SQLite file holding Optuna's tables (opened read-only: nothing is created beside it)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            conn.execute("SELECT count(*) FROM studies").fetchone()
+    except sqlite3.Error as exc:
+        raise UserError(f"experiment {str(db.parent)!r}: optuna.db is not a readable Optuna study ({exc})") from None
+
+
 def find_experiments(exp_dirs: Sequence[str | os.PathLike]) -> list[Experiment]:
     """The experiments to serve; each must be a sweep directory with an Optuna study."""
     if not exp_dirs:
         raise UserError("no experiment directory given")
     found = []
     for d in exp_dirs:
-        path = Path(d)
-        if not path.is_dir():
-            raise UserError(f"experiment {str(d)!r}: no such directory")
-        meta = sweep_meta(path)
-        if "base" not in meta:
-            raise UserError(f"experiment {str(d)!r}: not a dps_tune sweep (no complete {SWEEP_FILE})")
+        path, meta = open_experiment(d)
         db = path / "optuna.db"
         if not db.is_file():
             raise UserError(f"experiment {str(d)!r}: no optuna.db (a sweep without a search: space has no study)")
+        _check_study_file(db)
         found.append(Experiment(meta.get("name") or path.name, path.resolve(), db))
     return found
 
@@ -219,6 +226,11 @@ class _QuietHandler(WSGIRequestHandler):
         logger.debug("%s - %s", self.address_string(), format % args)
 
 
+def _not_ready(environ: dict, start_response: Callable) -> list[bytes]:  # replaced before the first request
+    start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+    return [b"starting"]
+
+
 def serve(exp_dirs: Sequence[str | os.PathLike], *, host: str = "127.0.0.1", port: int = 0,
           token: str | None = None, work_dir: Path | None = None,
           ready: Callable[[str], None] | None = None) -> None:
@@ -226,13 +238,13 @@ def serve(exp_dirs: Sequence[str | os.PathLike], *, host: str = "127.0.0.1", por
     import tempfile
 
     experiments = find_experiments(exp_dirs)
-    token = token or secrets.token_urlsafe(24)
-    work = work_dir or Path(tempfile.mkdtemp(prefix="dps_tune_dashboard_"))
-    app = Dashboard(experiments, token, work)
     try:
-        server = make_server(host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler)
+        server = make_server(host, port, _not_ready, server_class=_ThreadingServer, handler_class=_QuietHandler)
     except OSError as exc:
         raise UserError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
+    token = token or secrets.token_urlsafe(24)
+    work = work_dir or Path(tempfile.mkdtemp(prefix="dps_tune_dashboard_"))  # only once the port is ours
+    server.set_app(Dashboard(experiments, token, work))
     url = f"http://{host if ':' not in host else f'[{host}]'}:{server.server_port}/?token={token}"
     if ready:
         ready(url)

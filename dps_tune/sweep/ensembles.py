@@ -27,9 +27,7 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -38,12 +36,11 @@ from dps_tune import weight_space
 from dps_tune.config import best_of, check_selection_metric, config_from_dict, default_mode
 from dps_tune.errors import UserError
 from dps_tune.files import write_json
-from dps_tune.sweep import results, storage
+from dps_tune.sweep import storage
+from dps_tune.sweep.candidates import Candidate, check_candidates, load_candidates
 from dps_tune.sweep.results import SOUP_CSV, SOUP_JSON, WISE_CSV, WISE_JSON
 
 logger = logging.getLogger(__name__)
-
-METHOD_ORDER = ("ce", "flyp", "dps (top)", "dps (random)", "dps (bottom)")
 
 # A mapper runs jobs and yields (job, metrics) as each finishes: Ray tasks, or this process.
 Mapper = Callable[[list[dict]], Iterable[tuple[dict, dict]]]
@@ -81,106 +78,11 @@ def map_in_process(jobs: list[dict]) -> Iterable[tuple[dict, dict]]:
         yield job, evaluate_job(job)
 
 
-# ------------------------------------------------------------------- candidates
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A kept checkpoint that may enter an ensemble."""
-
-    path: Path
-    method: str
-    trial: str
-    status: str
-    metrics: dict[str, Any]
-    config: dict[str, Any]
-
-    @property
-    def theta0(self) -> tuple[str, str]:
-        return self.config["model"], self.config["pretrained"]
-
-
-def parse_alphas(text: str) -> list[float]:
-    """``0:1:0.1`` (start:stop:step, stop included) or ``0,0.5,1``; each in [0, 1]."""
-    try:
-        if ":" in text:
-            start, stop, step = (float(x) for x in text.split(":"))
-            if step <= 0 or stop < start:
-                raise UserError(f"--alphas {text}: needs start <= stop and a step > 0")
-            n = int(math.floor((stop - start) / step + 1e-9))
-            alphas = [round(start + i * step, 10) for i in range(n + 1)]
-        else:
-            alphas = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--alphas {text}: expected START:STOP:STEP or a comma-separated list of numbers") from None
-    if not alphas:
-        raise UserError(f"--alphas {text}: an empty grid")
-    bad = [a for a in alphas if not (0.0 <= a <= 1.0)]
-    if bad:
-        raise UserError(f"--alphas {text}: alpha {bad[0]} is outside [0, 1]")
-    return sorted(set(alphas))
-
-
-def load_candidates(exp_dirs: Sequence[str | os.PathLike], metric: str, *, include_stopped: bool = True,
-                    ) -> dict[str, list[Candidate]]:
-    """Per method, the kept checkpoints that report ``metric``, best first; checked to share one θ0."""
-    if not exp_dirs:
-        raise UserError("no experiment directory given")
-    mode = default_mode(metric)
-    found: dict[str, list[Candidate]] = {}
-    seen_metric = False
-    for exp in exp_dirs:
-        view = storage.local_view(exp)
-        if not view.is_dir():
-            raise UserError(f"experiment {str(exp)!r}: no such directory")
-        meta = results.sweep_meta(view)
-        if "base" not in meta:
-            raise UserError(f"experiment {str(exp)!r}: not a dps_tune sweep (no complete {results.SWEEP_FILE})")
-        finished = meta.get("status") == "finished"
-        for trial in results.load_trials(view):
-            status = results.trial_status(trial, meta.get("max_t"), finished)
-            for path, metrics in results.checkpoints(trial.path):
-                if metric in metrics:
-                    seen_metric = True
-                if status == "early-stopped" and not include_stopped:
-                    continue
-                if status not in ("completed", "early-stopped") or not results._finite(metrics.get(metric)):
-                    continue
-                config = json.loads((path / ckpt.CONFIG_FILE).read_text())
-                config.pop(ckpt.OPEN_CLIP_KEY, None)
-                method = results.method_name(config)
-                found.setdefault(method, []).append(Candidate(path, method, trial.trial_id, status, metrics, config))
-
-    if not seen_metric:
-        raise UserError(f"--select {metric}: no checkpoint of {', '.join(map(str, exp_dirs))} reports it")
-    if not found:
-        what = "finished trial" if include_stopped else "completed trial (ASHA-stopped ones need --include-stopped)"
-        raise UserError(f"{', '.join(map(str, exp_dirs))}: no {what} with a kept checkpoint to take")
-    thetas = {c.theta0 for cs in found.values() for c in cs}
-    if len(thetas) > 1:
-        listed = ", ".join(f"{m}/{p}" for m, p in sorted(thetas))
-        raise UserError(f"the experiments start from different weights ({listed}); "
-                        "ensembles need one θ0 and one architecture: pass experiments of one model")
-    sign = 1.0 if mode == "max" else -1.0
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    return {m: sorted(found[m], key=lambda c: -sign * c.metrics[metric])
-            for m in sorted(found, key=lambda m: (order.get(m, len(order)), m))}
-
-
 def _fetched(c: Candidate) -> Candidate:
     """``c`` with its weights on this disk (a mirror of remote storage holds a stand-in)."""
     if (c.path / ckpt.MODEL_FILE).is_file():
         return c
     return Candidate(storage.fetch_weights(c.path), c.method, c.trial, c.status, c.metrics, c.config)
-
-
-def check_candidates(exp_dirs: Sequence[str | os.PathLike], select: str, *, include_stopped: bool = True,
-                     method: str | None = None) -> dict[str, list[Candidate]]:
-    """:func:`load_candidates`, and ``method`` among them: what a command checks before any work."""
-    groups = load_candidates(exp_dirs, select, include_stopped=include_stopped)
-    if method is not None and method not in groups:
-        raise UserError(f"--method {method}: not among the experiments' methods ({', '.join(groups)})")
-    return groups
 
 
 def slug(method: str) -> str:

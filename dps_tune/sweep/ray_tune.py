@@ -44,7 +44,7 @@ from dps_tune.errors import LaunchError, UserError, first_line  # noqa: E402
 from dps_tune.files import write_json  # noqa: E402
 from dps_tune.paths import is_remote  # noqa: E402
 from dps_tune.sweep import reference, storage  # noqa: E402
-from dps_tune.sweep.results import SWEEP_FILE, TRIAL_CONFIG_FILE, flat_params, sweep_meta  # noqa: E402
+from dps_tune.sweep.results import SWEEP_FILE, TRIAL_CONFIG_FILE, flat_params, open_experiment, sweep_meta  # noqa: E402
 from dps_tune.sweep.search_space import SearchSpace, Sweep, parse_search, to_optuna  # noqa: E402
 from dps_tune.train import run_trial  # noqa: E402
 
@@ -373,23 +373,35 @@ def _build_trainable(base: Config, ranking: suppression.Scores | None, tune_cfg:
 
 
 def _new_experiment(storage_path: str | None, name: str) -> tuple[str, str, Path]:
-    """The storage root, the experiment's location on it, and the driver's local folder for it; checked."""
+    """The storage root, the experiment's location on it, and the driver's local folder for it; checked.
+
+    Side-effect free: :func:`_claim` runs under the experiment's lock and repeats the check.
+    """
     storage_path = storage_path or str(Path("runs").resolve())
     if not is_remote(storage_path):
         storage_path = str(Path(storage_path).expanduser().resolve())
     location = storage.join(storage_path, name)
     if not is_remote(storage_path) and Path(storage_path).exists() and not Path(storage_path).is_dir():
         raise LaunchError(f"--storage {storage_path}: a file, not a directory")
+    if not is_remote(location) and Path(location).exists() and not Path(location).is_dir():
+        raise LaunchError(f"--name {name}: {location} is a file, not an experiment directory")
     if storage.exists(storage.join(location, SWEEP_FILE)):
         raise LaunchError(f"experiment {location} exists already: continue it with `dps-tune resume {location}` "
                           "or pass another --name")
     # The driver's own files: in the experiment on a local disk, staged locally for a URI.
     local = storage.staging_dir(location) if is_remote(location) else Path(location)
+    return storage_path, location, local
+
+
+def _claim(location: str, local: Path) -> None:
+    """Under the experiment's lock: nobody launched it meanwhile; stale staging of a gone experiment removed."""
+    if storage.exists(storage.join(location, SWEEP_FILE)):
+        raise LaunchError(f"experiment {location} exists already: continue it with `dps-tune resume {location}` "
+                          "or pass another --name")
     if is_remote(location) and local.exists():
         # Left from an experiment of this name that is gone from the storage: its Optuna
         # study would feed the new search (and break `tune.seed`'s reproducibility).
         shutil.rmtree(local)
-    return storage_path, location, local
 
 
 def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | None = None,
@@ -397,6 +409,13 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | N
     """Launch a sweep and wait for it; returns where the experiment is (a path, or a URI on remote storage)."""
     name = name or f"{sweep.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage_path, location, local = _new_experiment(storage_path, name)
+    with storage.driving(location):
+        _claim(location, local)
+        return _run_sweep(sweep, storage_path, location, local, name, address, dashboard, shared_storage)
+
+
+def _run_sweep(sweep: Sweep, storage_path: str, location: str, local: Path, name: str, address: str | None,
+               dashboard: bool, shared_storage: bool) -> str:
     _connect(address, dashboard)
     _check_resources(sweep.tune, storage_path, shared_storage)
     resolved = _resolve_dps(sweep.config, sweep.space)
@@ -451,6 +470,15 @@ def run_points(base: Config, variants: list[dict[str, Any]], seeds: list[int], t
     a sweep's: ``params.json`` holds ``{"variant": {...}, "seed": N}``.
     """
     storage_path, location, local = _new_experiment(storage_path, name)
+    with storage.driving(location):
+        _claim(location, local)
+        return _run_points(base, variants, seeds, tune_cfg, ranking, name, storage_path, location, local, address,
+                           dashboard, shared_storage, meta)
+
+
+def _run_points(base: Config, variants: list[dict[str, Any]], seeds: list[int], tune_cfg: TuneConfig,
+                ranking: suppression.Scores | None, name: str, storage_path: str, location: str, local: Path,
+                address: str | None, dashboard: bool, shared_storage: bool, meta: dict[str, Any] | None) -> str:
     _connect(address, dashboard)
     _check_resources(tune_cfg, storage_path, shared_storage)
     local.mkdir(parents=True, exist_ok=True)
@@ -529,28 +557,38 @@ class Resumable:
 def load_resumable(exp: str | os.PathLike) -> Resumable:
     """Read what resuming ``exp`` (a path or a URI) needs, checking it before Ray starts."""
     location = str(exp) if is_remote(exp) else str(Path(exp).resolve())
-    view = storage.local_view(location)
-    if not view.is_dir():
-        raise UserError(f"experiment {location!r}: no such directory")
-    meta = sweep_meta(view)
-    if "base" not in meta or "tune" not in meta:
-        raise UserError(f"experiment {location!r}: not a dps_tune sweep (no complete {SWEEP_FILE})")
+    view, meta = open_experiment(location)
+    if "tune" not in meta:
+        raise UserError(f"experiment {location!r}: {SWEEP_FILE} has no tune block; it cannot be resumed")
     cfg = config_from_dict(meta["base"])
     preflight.check_config(cfg)
     space = parse_search(meta.get("search") or {}, cfg)
+    restore_at, filesystem = _restore_point(location)
+    if not tune.Tuner.can_restore(restore_at, storage_filesystem=filesystem):
+        raise UserError(f"experiment {location!r}: Ray has no experiment state to restore (a sweep that never "
+                        "started a trial, or a directory copied without its experiment_state files)")
     return Resumable(location, meta, cfg, tune_config_from_dict(meta["tune"]), space)
+
+
+def _restore_point(location: str) -> tuple[str, Any]:
+    """Where Ray restores ``location`` from, and the filesystem object for a mounted one (else None)."""
+    if storage.mounted(location):
+        filesystem, path = storage.resolve(location)
+        return path, filesystem
+    return location, None
 
 
 def resume_sweep(exp: str | os.PathLike | Resumable, *, address: str | None = None, dashboard: bool = True,
                  shared_storage: bool = False) -> str:
     """Continue an interrupted sweep: unfinished and errored trials go on from their last checkpoints."""
     job = exp if isinstance(exp, Resumable) else load_resumable(exp)
+    with storage.driving(job.location):
+        return _resume(job, address, dashboard, shared_storage)
+
+
+def _resume(job: Resumable, address: str | None, dashboard: bool, shared_storage: bool) -> str:
     location, meta, cfg, tune_cfg, space = job.location, dict(job.meta), job.config, job.tune, job.space
-    restore_at, filesystem = location, None
-    if storage.mounted(location):
-        filesystem, restore_at = storage.resolve(location)
-    if not tune.Tuner.can_restore(restore_at, storage_filesystem=filesystem):
-        raise UserError(f"experiment {location!r}: Ray has no experiment state to restore")
+    restore_at, filesystem = _restore_point(location)
     local = storage.staging_dir(location) if is_remote(location) else Path(location)
     if is_remote(location):  # the restored searcher writes to the study where the sweep left it
         storage.download(storage.join(location, OPTUNA_FILE), local / OPTUNA_FILE)

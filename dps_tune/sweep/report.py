@@ -38,7 +38,7 @@ from dps_tune.config import DEFAULT_METRIC, SUPPRESS_MODES, best_of, default_mod
 from dps_tune.errors import UserError, first_line
 from dps_tune.files import write_text
 from dps_tune.sweep.results import (Trial, checkpoints, ensemble_kind, load_trials, method_name, pareto_objectives,
-                                    read_ensemble, results_table, sweep_meta, trial_status)
+                                    open_experiment, read_ensemble, results_table, trial_status)
 
 logger = logging.getLogger(__name__)
 
@@ -124,10 +124,7 @@ def _finite(x: Any) -> bool:
 
 def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
     """Read one sweep directory; a missing directory or one without trials is a :class:`UserError`."""
-    path = Path(exp_dir)
-    if not path.is_dir():
-        raise UserError(f"experiment {str(path)!r}: no such directory")
-    meta = sweep_meta(path)
+    path, meta = open_experiment(exp_dir)
     tune = meta.get("tune") or {}
     metric, mode = scalar_objective(tune) if tune else (DEFAULT_METRIC, default_mode(DEFAULT_METRIC))
     trials = load_trials(path)

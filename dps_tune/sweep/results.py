@@ -25,7 +25,10 @@ import pandas as pd
 
 from dps_tune.config import DEFAULT_METRIC, best_of, default_mode, merge_dotted, scalar_objective
 from dps_tune.errors import UserError, first_line
-from dps_tune.sweep.storage import has_weights
+from dps_tune.files import read_json_object
+from dps_tune.layout import METRICS_FILE
+from dps_tune.paths import is_remote
+from dps_tune.sweep.storage import has_weights, local_view
 
 SWEEP_FILE = "dps_tune_sweep.json"
 TRIAL_CONFIG_FILE = "dps_tune_config.json"
@@ -65,6 +68,19 @@ def checkpoints(exp_dir: str | os.PathLike) -> list[tuple[Path, dict]]:
     return found
 
 
+def checkpoint_json(ckpt: str | os.PathLike, name: str = METRICS_FILE) -> dict[str, Any]:
+    """A checkpoint's ``metrics.json`` (or ``config.json``); one :class:`UserError` line naming it when damaged."""
+    return read_json_object(Path(ckpt) / name, f"checkpoint {str(ckpt)!r}")
+
+
+def _json_ok(path: Path) -> bool:
+    try:
+        read_json_object(path, str(path))
+        return True
+    except UserError:
+        return False
+
+
 def best_checkpoint(exp_dir: str | os.PathLike, metric: str, mode: str = "max", scope: str = "all") -> Path:
     """The kept checkpoint with the best ``metric`` under ``exp_dir``.
 
@@ -82,7 +98,10 @@ def best_checkpoint(exp_dir: str | os.PathLike, metric: str, mode: str = "max", 
         return kept[-1]
     scored = [(m[metric], p) for p, m in checkpoints(exp_dir) if _finite(m.get(metric))]
     if not scored:
-        raise UserError(f"experiment {str(exp_dir)!r}: no checkpoint reports {metric!r}")
+        damaged = [p for p in sorted(Path(exp_dir).rglob(METRICS_FILE)) if has_weights(p.parent) and not _json_ok(p)]
+        why = (f"; {len(damaged)} checkpoint(s) have an unreadable {METRICS_FILE}, e.g. {damaged[0]}"
+               if damaged else "")
+        raise UserError(f"experiment {str(exp_dir)!r}: no checkpoint reports {metric!r}{why}")
     return best_of(scored, lambda t: t[0], mode)[1]
 
 
@@ -123,12 +142,8 @@ def _read_history(path: Path) -> list[dict[str, Any]]:
 
 def load_trials(exp_dir: str | os.PathLike) -> list[Trial]:
     """Every trial of a sweep directory, in trial-id order."""
-    exp = Path(exp_dir)
-    if not exp.is_dir():
-        raise UserError(f"experiment {str(exp)!r}: no such directory")
-    base = sweep_meta(exp).get("base")
-    if base is None:
-        raise UserError(f"experiment {str(exp)!r}: not a dps_tune sweep (no {SWEEP_FILE})")
+    exp, meta = open_experiment(exp_dir)
+    base = meta["base"]
     trials = []
     for params_path in sorted(exp.glob("*/params.json")):
         tdir = params_path.parent
@@ -150,13 +165,31 @@ def sweep_meta(exp_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(exp_dir) / SWEEP_FILE
     if not path.is_file():
         return {}
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"experiment {str(path.parent)!r}: {SWEEP_FILE} is damaged ({first_line(exc)})") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"experiment {str(path.parent)!r}: {SWEEP_FILE} is not a JSON object")
-    return meta
+    return read_json_object(path, f"experiment {str(path.parent)!r}")
+
+
+def open_experiment(location: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """The experiment at ``location`` (a path or a URI): its local folder and its sweep file, checked.
+
+    The one place that decides what an experiment is, for every command that reads one:
+    a missing path, a file, a directory without a sweep file and a sweep file cut short
+    each end in one :class:`UserError` naming ``location``.
+    """
+    where = str(location)
+    if not is_remote(where):
+        path = Path(where)
+        if not path.exists():
+            raise UserError(f"experiment {where!r}: no such directory")
+        if not path.is_dir():
+            raise UserError(f"experiment {where!r}: a file, not an experiment directory")
+    view = local_view(where)
+    meta = sweep_meta(view)
+    if not meta:
+        raise UserError(f"experiment {where!r}: not a dps_tune experiment (no {SWEEP_FILE}; give a directory "
+                        "that `dps-tune sweep` or `dps-tune confirm` wrote)")
+    if not isinstance(meta.get("base"), dict) or not isinstance(meta.get("tune", {}), dict):
+        raise UserError(f"experiment {where!r}: {SWEEP_FILE} is incomplete (no base config)")
+    return view, meta
 
 
 def trial_status(trial: Trial, max_t: float | None, finished: bool) -> str:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from dps_tune import preflight
 from dps_tune.config import Config, ConfigFile, TuneConfig, load_file, resolve_key, with_overrides
 from dps_tune.errors import ConfigError
 
@@ -177,5 +176,7 @@ def load_sweep(path: str | os.PathLike, overrides: Iterable[str] | Mapping[str, 
     if searched_epochs and not parsed.tune.max_t:
         raise ConfigError("search.optim.epochs: set tune.max_t when the number of epochs is searched")
     for cfg in [parsed.config, *edges]:
+        from dps_tune import preflight  # open_clip's registry: torch from here on
+
         preflight.check_config(cfg)
     return Sweep(parsed.config, space, parsed.tune, parsed.path, dict(parsed.search))

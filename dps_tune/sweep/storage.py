@@ -15,16 +15,18 @@ Every file dps_tune reads from or writes to an experiment goes through this modu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow.fs as pafs
 
 from dps_tune.errors import UserError, first_line
-from dps_tune.files import atomic_path
+from dps_tune.files import atomic_path, file_lock
 from dps_tune.paths import cache_dir, is_remote
 
 logger = logging.getLogger(__name__)
@@ -83,6 +85,23 @@ def exists(location: str) -> bool:
 def staging_dir(location: str) -> Path:
     """A local folder that stands for the remote experiment ``location`` while a driver writes it."""
     return cache_dir() / "staging" / _key(location)
+
+
+@contextlib.contextmanager
+def driving(location: str) -> Iterator[None]:
+    """Hold the right to drive the experiment at ``location`` (launch, run or resume it) on this machine.
+
+    An advisory lock under the cache directory, not in the experiment: a second
+    ``dps-tune sweep --name N`` (or ``resume``) of the same experiment while the first
+    runs is refused at once, before it touches anything, and a refused launch leaves
+    nothing in the storage. The lock goes with the process, however it ends.
+    """
+    lock = cache_dir() / "locks" / f"{_key(location)}.lock"
+    with file_lock(lock, blocking=False) as held:
+        if not held:
+            raise UserError(f"experiment {location}: another dps-tune process on this machine is running it; "
+                            "wait for it to end, or pass another --name")
+        yield
 
 
 def upload(local: Path, location: str) -> None:

@@ -111,6 +111,47 @@ def test_prepare_resumes_after_an_interrupted_run(tmp_path, monkeypatch):
     assert result.content_hash == fresh.content_hash
 
 
+def test_prepare_killed_mid_shard_resumes_without_redoing_or_trusting_the_partial_shard(tmp_path, write_yaml):
+    """SIGKILL (no cleanup at all) while the second shard is being decoded, then `prepare` again."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    make_iwildcam(tmp_path)
+    config = write_yaml(tiny_raw(**{"data.dataset": "iwildcam", "data.root": str(tmp_path)}))
+    out = tmp_path / "cache"
+    eight_rows = 8 * cache_writer._shard_bytes(1, 16)  # shards of 8 images at --size 16
+    killer = Path(__file__).resolve().parents[1] / "kill_after.py"
+
+    def prepare(kill_at: int, calls_file=None):
+        return subprocess.run(
+            [sys.executable, str(killer), "dps_tune.data.cache_writer:decode_square", str(kill_at),
+             "--attr", f"dps_tune.data.cache_writer:SHARD_BYTES={eight_rows}", "--",
+             "prepare", str(config), "--out", str(out), "--size", "16", "--workers", "0", "--no-progress"],
+            capture_output=True, text=True, timeout=300,
+            env={**os.environ, **({"CALLS_FILE": str(calls_file)} if calls_file else {})})
+
+    killed = prepare(13)  # images 1-8 make shard 0; the kill comes in the middle of shard 1
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["complete"] and [s is not None for s in manifest["shards"]][:2] == [True, False]
+    # Shard 1 died half-filled, under a temporary name that nothing reads.
+    assert list(out.glob(".shard-00001.npy.tmp-*")) and not (out / "shard-00001.npy").exists()
+    with pytest.raises(DataError, match="incomplete"):  # a trial refuses it as it stands
+        cache_reader.ImageCache.open(out)
+
+    calls = tmp_path / "calls"
+    again = prepare(0, calls)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"({NUM_IWILDCAM - 8} decoded now, 8 from an earlier run)" in again.stdout, again.stdout
+    assert int(calls.read_text()) == NUM_IWILDCAM - 8  # shard 0 was not decoded again
+    assert not list(out.glob(".*.tmp-*"))  # what the kill left half-written is gone
+    fresh = cache_writer.prepare(_iwildcam_spec(tmp_path), tmp_path / "fresh", size=16, workers=0, progress=False,
+                                 shard_rows=8)
+    assert np.array_equal(_all_rows(out), _all_rows(tmp_path / "fresh"))
+    assert json.loads((out / "manifest.json").read_text())["content_hash"] == fresh.content_hash
+
+
 def test_prepare_rebuilds_a_damaged_shard_with_verify(tmp_path):
     make_iwildcam(tmp_path)
     spec = _iwildcam_spec(tmp_path)

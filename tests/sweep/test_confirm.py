@@ -124,3 +124,46 @@ def test_confirm_refuses_an_experiment_nobody_has_reported_in(tmp_path):
     (trial / "params.json").write_text("{}")
     with pytest.raises(Exception, match="no trial has reported yet"):
         confirm.select_variants([exp], "id_val_f1")
+
+
+def test_a_killed_confirmation_is_finished_by_resume_without_redoing_training(two_objective, tmp_path):
+    """SIGKILL of `confirm` (the driver and its Ray) mid-run; `resume` finishes it and writes its summary."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exp, _ = two_objective
+    conf = tmp_path / "conf"
+    proc = subprocess.Popen([sys.executable, "-m", "dps_tune.cli", "confirm", str(exp), "--seeds", "3",
+                             "--storage", str(tmp_path), "--name", "conf", "--no-dashboard",
+                             "--set", "tune.resume_every=1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(conf.glob("*/checkpoint_*"))) < 2:
+        time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(list(conf.glob("*/checkpoint_*"))) >= 2, "no checkpoint appeared before the deadline"
+    assert not (conf / "confirm.json").exists()
+    saved = {}
+    for metrics in conf.glob("*/checkpoint_*/metrics.json"):
+        name = metrics.parent.parent.name
+        saved[name] = max(json.loads(metrics.read_text())["step"], saved.get(name, 0))
+    time.sleep(2)
+
+    again = dps_tune("resume", conf, "--no-dashboard")
+    assert "paired differences" in again.stdout or "seeds" in again.stdout, again.stdout[-2000:]
+    summary = json.loads((conf / "confirm.json").read_text())
+    assert summary["methods"] and summary["selected"]
+    for row in summary["methods"].values():
+        assert row["seeds"] == [1, 2, 3]
+    table = results.results_table(conf)
+    assert set(table["status"]) == {"completed"} and len(table) == 3 * len(summary["methods"])
+    for trial in results.load_trials(conf):
+        raw = [json.loads(line)["step"] for line in (trial.path / "result.json").read_text().splitlines()
+               if line.strip()]
+        for step in raw:
+            if step <= saved.get(trial.path.name, 0):  # trained before the kill: reported once, not redone
+                assert raw.count(step) == 1, (trial.trial_id, raw)

@@ -148,7 +148,7 @@ def test_the_dashboard_refuses_what_it_cannot_serve(tmp_path):
 
     (tmp_path / "plain").mkdir()
     for args, message in [((tmp_path / "nothing",), "no such directory"),
-                          ((tmp_path / "plain",), "not a dps_tune sweep"),
+                          ((tmp_path / "plain",), "not a dps_tune experiment"),
                           ((tmp_path / "plain", "--port", "70000"), "--port 70000")]:
         proc = run_cli("dashboard", *args, check=False, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

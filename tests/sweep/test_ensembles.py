@@ -135,6 +135,49 @@ def test_soup_on_a_sweep_through_ray(sweep, tmp_path):
     assert soup_marks
 
 
+@pytest.mark.parametrize("command,csv_name,extra", [("wise", "wise.csv", ["--alphas", "0:1:0.25"]),
+                                                    ("soup", "soup_steps.csv", [])])
+def test_a_killed_ensemble_run_is_finished_by_a_rerun_that_redoes_nothing(sweep, tmp_path, command, csv_name, extra):
+    """SIGKILL before the third evaluation, then the same command: it evaluates only what is missing."""
+    import os
+    import subprocess
+    import sys
+
+    exp, _ = sweep
+    killer = Path(__file__).resolve().parents[1] / "kill_after.py"
+    out, whole = tmp_path / command, tmp_path / "whole"
+
+    def run(kill_at: int, calls=None):
+        return subprocess.run([sys.executable, str(killer), "dps_tune.sweep.ensembles:evaluate_job", str(kill_at),
+                               "--", command, str(exp), *extra, "--out", str(out), "--in-process", "--no-progress"],
+                              capture_output=True, text=True, timeout=600,
+                              env={**os.environ, **({"CALLS_FILE": str(calls)} if calls else {})})
+
+    dps_tune(command, exp, *extra, "--out", whole, "--in-process", "--no-progress")
+    total = len(read_csv(whole / csv_name))
+    assert total >= 3
+    killed = run(3)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert len([r for r in read_csv(out / csv_name) if r["complete"] == "1"]) == 2
+    assert not (out / f"{command}.json").exists()  # nothing claims the run finished
+
+    calls = tmp_path / "calls"
+    again = run(0, calls)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert int(calls.read_text()) == total - 2  # the two finished evaluations were not redone
+    rows = read_csv(out / csv_name)
+    key = (lambda r: (r["checkpoint"], r["alpha"])) if command == "wise" else (lambda r: r["key"])
+    assert len(rows) == total and len({key(r) for r in rows}) == total
+    a, b = json.loads((out / f"{command}.json").read_text()), json.loads((whole / f"{command}.json").read_text())
+    if command == "wise":
+        assert a["methods"]["ce"]["alpha"] == b["methods"]["ce"]["alpha"]
+        assert a["methods"]["ce"]["metrics"] == b["methods"]["ce"]["metrics"]
+    else:
+        assert [i["checkpoint"] for i in a["soups"]["ce"]["ingredients"]] == \
+            [i["checkpoint"] for i in b["soups"]["ce"]["ingredients"]]
+        assert a["soups"]["ce"]["metrics"] == b["soups"]["ce"]["metrics"]
+
+
 def test_bad_ensemble_input_is_one_line_and_writes_nothing(sweep, tmp_path):
     exp, _ = sweep
     other = tmp_path / "other"

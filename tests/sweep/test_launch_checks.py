@@ -114,3 +114,18 @@ def test_a_fractional_gpu_request_becomes_the_trials_memory_share(gpus, share, m
     ray_tune.trainable({}, base=config_from_dict(tiny_raw()), ranking=None, gpu_share=seen["gpu_share"],
                        tune_cfg=seen["tune_cfg"])
     assert ran["memory_fraction"] == share and ran["keep"].keep == 2  # the checkpoint economy, tune's defaults
+
+
+def test_a_sweep_whose_experiment_another_process_drives_is_refused_before_ray(tmp_path, write_yaml, capsys):
+    """The experiment's lock is held (as by a sweep still starting Ray): one line, nothing created, Ray untouched."""
+    from dps_tune.sweep import storage
+
+    raw = tiny_raw()
+    raw["search"] = {"lr": {"loguniform": [1e-4, 1e-3]}}
+    runs = tmp_path / "runs"
+    with storage.driving(str((runs / "busy").resolve())):
+        assert cli.main(["sweep", str(write_yaml(raw)), "--storage", str(runs), "--name", "busy"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another dps-tune process" in err[0] and "busy" in err[0], err
+    assert not runs.exists()
+    assert not ray_tune.ray.is_initialized()

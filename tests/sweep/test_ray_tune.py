@@ -257,6 +257,34 @@ def test_killed_driver_resumes(tmp_path):
                 assert raw.count(step) == 1, (trial.trial_id, raw)
 
 
+def test_the_same_name_launched_twice_at_once_refuses_the_second_and_spares_the_first(tmp_path):
+    """Two `dps-tune sweep --name twice` at once: the second exits 2 in one line, touching nothing; the first ends well."""
+    from dps_tune.paths import cache_dir
+    from dps_tune.sweep import storage
+
+    path = space(tmp_path, "twice", tune={"num_samples": 2}, **{"optim.epochs": 2})
+    runs = tmp_path / "runs"
+    exp = runs / "twice"
+    first = subprocess.Popen([sys.executable, "-m", "dps_tune.cli", "sweep", str(path), "--storage", str(runs),
+                              "--name", "twice", "--no-dashboard"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    lock = cache_dir() / "locks" / f"{storage._key(str(exp))}.lock"
+    deadline = time.time() + 120
+    while not lock.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert lock.exists(), "the first launch never took the experiment's lock"
+    # While the first is starting Ray, or already training: either way the second is refused.
+    second = dps_tune("sweep", path, "--storage", runs, "--name", "twice", "--no-dashboard", check=False)
+    err = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(err) == 1 and str(exp) in err[0], second.stderr
+    assert "another dps-tune process" in err[0] or "exists already" in err[0]
+    out, errs = first.communicate(timeout=600)
+    assert first.returncode == 0, errs[-3000:]
+    table = results.results_table(exp)
+    assert len(table) == 2 and set(table["status"]) <= {"completed", "early-stopped"}, table
+    assert json.loads((exp / "dps_tune_sweep.json").read_text())["status"] == "finished"
+
+
 @pytest.mark.parametrize("problem,message", [
     ({"search": {"nonsense": {"uniform": [0, 1]}}}, "search: unknown key 'nonsense'"),
     ({"search": {"lr": {"loguniform": [0, 1]}}}, "loguniform needs low > 0"),

@@ -1,0 +1,85 @@
+"""Run ``dps-tune`` commands in forked children of one light process; for the input matrix.
+
+Starting Python and importing torch for each of a hundred cases would take minutes, and
+the matrix also checks that most bad input is refused before torch or Ray is imported.
+This process imports only :mod:`dps_tune.cli` (no torch), then forks once per case: a
+child starts from that light state, so ``"torch" in sys.modules`` after the command says
+whether the command itself imported it.
+
+Protocol, one JSON object per line: the test writes ``{"argv", "cwd", "env", "out",
+"timeout"}`` on stdin; the child's stdout and stderr go to ``out/stdout`` and
+``out/stderr`` and its verdict to ``out/result.json``; this process answers
+``{"timed_out": bool}`` once the child has ended (killed with its process group after
+``timeout`` seconds).
+
+``--preload a,b`` imports those modules too, before any fork: the server for the cases
+that must read weights preloads torch and open_clip, so they do not pay for them each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+from dps_tune.cli import main  # the one import that is paid once
+
+
+def _child(case: dict) -> None:
+    os.setpgid(0, 0)  # so a timeout kills whatever the command started
+    os.chdir(case["cwd"])
+    os.environ.update(case["env"])
+    out = case["out"]
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        os.dup2(os.open(os.path.join(out, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    try:
+        code = main(case["argv"])
+    except SystemExit as exc:  # argparse
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # a traceback is a finding: keep it on stderr
+        import traceback
+
+        traceback.print_exc()
+        code = 99
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(os.path.join(out, "result.json"), "w") as fh:
+        json.dump({"code": code, "torch": "torch" in sys.modules, "ray": "ray" in sys.modules}, fh)
+    os._exit(0)
+
+
+def serve() -> None:
+    for line in sys.stdin:
+        case = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            _child(case)
+        deadline = time.monotonic() + case["timeout"]
+        timed_out = False
+        while True:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                timed_out = True
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.01)
+        print(json.dumps({"timed_out": timed_out}), flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--preload":
+        import importlib
+
+        for name in sys.argv[2].split(","):
+            importlib.import_module(name)
+    serve()
