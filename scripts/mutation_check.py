@@ -68,6 +68,15 @@ MUTS = [
  ("greedy soup keeps a candidate that does not improve", "dps_tune/weight_space.py",
   "        accepted = sign * value > sign * best", "        accepted = True",
   "tests/test_weight_space.py::test_greedy_soup_never_falls_below_its_best_ingredient"),
+ ("a safetensors file cut short passes the header check", "dps_tune/layout.py",
+  "    if 8 + n + end > size:", "    if False:",
+  "tests/test_models.py::test_the_safetensors_header_check_reads_what_safetensors_writes_and_refuses_every_cut"),
+ ("a second driver of a running experiment is let through", "dps_tune/sweep/storage.py",
+  "        if not held:", "        if False:",
+  "tests/sweep/test_launch_checks.py::test_a_sweep_whose_experiment_another_process_drives_is_refused_before_ray"),
+ ("a train refused by its data leaves its run directory", "dps_tune/cli.py",
+  "                    shutil.rmtree(made, ignore_errors=True)", "                    pass",
+  "tests/test_input_matrix.py::test_bad_input_is_one_line_exit_2_and_leaves_nothing[train/csv/corrupt]"),
 ]
 only = sys.argv[1:]
 missed = 0
