@@ -233,6 +233,7 @@ class SweepCommand(Command):
         check_name(args.name)
         if args.storage and not is_remote(args.storage):
             check_out_dir("--storage", args.storage)
+        check_address(args.address)  # one TCP connect, before the search space's open_clip checks
         sweep = load_sweep(args.space, overrides)  # every check runs before Ray starts
         if post:
             from dps_tune.config import objectives
@@ -240,7 +241,6 @@ class SweepCommand(Command):
             post_metric = objectives(sweep.tune)[0][0]  # with several objectives, the first selects
             if args.storage and is_remote(args.storage):
                 raise UserError(f"--post {args.post}: needs a local --storage (the ensembles read the weights)")
-        check_address(args.address)
         from dps_tune.sweep import ray_tune
 
         try:

@@ -224,8 +224,7 @@ def _cases() -> list[Case]:
         ["exp", "resume"], space(), heavy=True)
     add("sweep/name/has-a-slash", ["sweep", "bad.yaml", "--storage", "runs", "--name", "a/../../b"],
         ["--name", "a/../../b"], space())
-    add("sweep/address/connection-refused", sweep + ["--address", CLOSED], ["--address", CLOSED], space(),
-        heavy=True)
+    add("sweep/address/connection-refused", sweep + ["--address", CLOSED], ["--address", CLOSED], space())
 
     # --- resume ---------------------------------------------------------------------
     add("resume/missing", ["resume", NO_EXP], [NO_EXP])
