@@ -32,7 +32,6 @@ from dps_tune import models
 from dps_tune.config import Config, config_from_dict, save_json, to_dict
 from dps_tune.errors import CheckpointError, first_line
 from dps_tune.files import atomic_path, read_json_object
-
 from dps_tune.layout import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, OPEN_CLIP_KEY, PREDICTIONS_FILE,  # noqa: F401
                              STATE_FILE)
 

@@ -56,7 +56,7 @@ class Train(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from dps_tune.config import load_config, save_json
-        from dps_tune.files import highest_missing
+        from dps_tune.files import new_directory
 
         cfg = load_config(args.config, args.set)
         if args.out is not None:
@@ -74,12 +74,14 @@ class Train(Command):
         resolved = reference.resolve(cfg)
         cfg = resolved.config
         out = Path(args.out or f"runs/train-{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
-        made = highest_missing(out)
-        out.mkdir(parents=True, exist_ok=True)
-        save_json(cfg, out / "config.json")
         final = out / "checkpoint"
+        reported = out / "metrics.jsonl"
 
-        with (out / "metrics.jsonl").open("a") as metrics_log:
+        # Refused before its first report (bad data found late, say): no run is left behind.
+        with new_directory(out, keep=lambda: final.exists() or reported.stat().st_size > 0), \
+                reported.open("a") as metrics_log:
+            save_json(cfg, out / "config.json")
+
             def report(metrics: dict, checkpoint_dir: Path | None) -> None:
                 line = json.dumps(metrics)
                 print(line, flush=True)
@@ -91,11 +93,6 @@ class Train(Command):
             try:
                 run_trial(cfg, report, ranking=resolved.ranking, resume_from=args.resume, work_dir=out / ".work",
                           progress=not args.no_progress)
-            except UserError:
-                if made is not None and not final.exists() and not (out / "metrics.jsonl").stat().st_size:
-                    # refused before its first report (bad data, say): leave no run behind
-                    shutil.rmtree(made, ignore_errors=True)
-                raise
             finally:
                 shutil.rmtree(out / ".work", ignore_errors=True)
         print(f"checkpoint: {final}", file=sys.stderr)

@@ -63,6 +63,16 @@ def _with_progress(args: argparse.Namespace, desc: str, work):
         shutdown_ray()
 
 
+def _check_candidates_and_cluster(args: argparse.Namespace, **kwargs) -> None:
+    """The last input checks of ``wise`` and ``soup``, before torch is imported: the experiments' candidates
+    (and their weights' headers), then the Ray cluster unless evaluating in this process."""
+    from dps_tune.sweep import candidates
+
+    candidates.check_candidates(args.exp_dirs, args.select, **kwargs)
+    if not args.in_process:
+        check_address(args.address)
+
+
 def _default_out(args: argparse.Namespace, name: str) -> Path:
     from dps_tune.paths import is_remote
 
@@ -123,9 +133,7 @@ class Wise(Command):
         if args.top_k < 1:
             raise UserError(f"--top-k {args.top_k}: must be >= 1")
         out = _default_out(args, "wise")
-        candidates.check_candidates(args.exp_dirs, args.select)  # every input check before torch is imported
-        if not args.in_process:
-            check_address(args.address)
+        _check_candidates_and_cluster(args)
         from dps_tune.sweep import ensembles
         start = time.perf_counter()
         summary = _with_progress(args, "wise", lambda mapper, update: ensembles.run_wise(
@@ -158,14 +166,10 @@ class Soup(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from dps_tune.config import check_selection_metric
-        from dps_tune.sweep import candidates
 
         check_selection_metric("--select", args.select)
         out = _default_out(args, "soup")
-        candidates.check_candidates(args.exp_dirs, args.select, include_stopped=args.include_stopped,
-                                    method=args.method)  # every input check before torch is imported
-        if not args.in_process:
-            check_address(args.address)
+        _check_candidates_and_cluster(args, include_stopped=args.include_stopped, method=args.method)
         from dps_tune.sweep import ensembles
         summary = _with_progress(args, "soup", lambda mapper, update: ensembles.run_soup(
             args.exp_dirs, out, method=args.method, greedy=args.greedy, select=args.select,

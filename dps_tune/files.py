@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from dps_tune.errors import UserError, first_line
 
@@ -53,13 +53,23 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def highest_missing(path: str | os.PathLike) -> Path | None:
-    """The outermost directory that creating ``path`` (with its parents) would make; None if it exists.
+@contextlib.contextmanager
+def new_directory(path: str | os.PathLike, *, keep: Callable[[], bool] = lambda: False) -> Iterator[Path]:
+    """``mkdir -p path`` for the block; a :class:`UserError` in it removes what the mkdir made, unless ``keep()``.
 
-    Removing it undoes the ``mkdir(parents=True)`` of a command that was refused after it.
+    So a command refused after it created its output directory (by bad data found late,
+    say) leaves nothing behind; ``keep`` says when there is something worth keeping.
     """
-    path = Path(path).absolute()
-    return next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
+    path = Path(path)
+    absolute = path.absolute()
+    made = next((p for p in reversed([absolute, *absolute.parents]) if not p.exists()), None)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except UserError:
+        if made is not None and not keep():
+            shutil.rmtree(made, ignore_errors=True)
+        raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -74,8 +74,8 @@ MUTS = [
  ("a second driver of a running experiment is let through", "dps_tune/sweep/storage.py",
   "        if not held:", "        if False:",
   "tests/sweep/test_launch_checks.py::test_a_sweep_whose_experiment_another_process_drives_is_refused_before_ray"),
- ("a train refused by its data leaves its run directory", "dps_tune/cli.py",
-  "                    shutil.rmtree(made, ignore_errors=True)", "                    pass",
+ ("a train refused by its data leaves its run directory", "dps_tune/files.py",
+  "            shutil.rmtree(made, ignore_errors=True)", "            pass",
   "tests/test_input_matrix.py::test_bad_input_is_one_line_exit_2_and_leaves_nothing[train/csv/corrupt]"),
 ]
 only = sys.argv[1:]

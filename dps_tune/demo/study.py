@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
 from dps_tune.config import default_mode, objectives
 from dps_tune.demo import pretrain
 from dps_tune.errors import UserError
-from dps_tune.files import highest_missing
+from dps_tune.files import new_directory
 from dps_tune.paths import command_path, tensorboard_hint
 from dps_tune.sweep import candidates, confirm, ensembles, ray_tune, results
 from dps_tune.sweep.report import render_report
@@ -143,14 +142,8 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
     out = out.resolve()
     # Validate every stage before any work; the DPS reference (the CE sweep) exists only
     # once CE is done, so it is checked for real then.
-    made = highest_missing(out)
-    out.mkdir(parents=True, exist_ok=True)  # the DPS stage's reference_experiment: it must exist to be checked
-    try:
+    with new_directory(out):  # the DPS stage's reference_experiment: it must exist to be checked
         sweeps = {name: _load_stage(space, out, overrides) for name, space in STAGES}
-    except UserError:
-        if made is not None:  # refused before any work: leave nothing behind
-            shutil.rmtree(made, ignore_errors=True)
-        raise
     base = sweeps["ce"].config
     metric = objectives(sweeps["ce"].tune)[0][0]  # with several objectives, the first selects
 

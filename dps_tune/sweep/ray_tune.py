@@ -9,6 +9,7 @@ on the driver.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -17,7 +18,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 # Set before Ray reads them. The legacy progress reporter is the one that takes our ID/OOD
 # columns; frequent experiment-state saves mean a killed driver loses (almost) nothing.
@@ -375,7 +376,8 @@ def _build_trainable(base: Config, ranking: suppression.Scores | None, tune_cfg:
 def _new_experiment(storage_path: str | None, name: str) -> tuple[str, str, Path]:
     """The storage root, the experiment's location on it, and the driver's local folder for it; checked.
 
-    Side-effect free: :func:`_claim` runs under the experiment's lock and repeats the check.
+    Side-effect free, so a refused launch leaves nothing, not even a lock file;
+    :func:`_launching` takes the lock and repeats the check under it.
     """
     storage_path = storage_path or str(Path("runs").resolve())
     if not is_remote(storage_path):
@@ -385,79 +387,78 @@ def _new_experiment(storage_path: str | None, name: str) -> tuple[str, str, Path
         raise LaunchError(f"--storage {storage_path}: a file, not a directory")
     if not is_remote(location) and Path(location).exists() and not Path(location).is_dir():
         raise LaunchError(f"--name {name}: {location} is a file, not an experiment directory")
-    if storage.exists(storage.join(location, SWEEP_FILE)):
-        raise LaunchError(f"experiment {location} exists already: continue it with `dps-tune resume {location}` "
-                          "or pass another --name")
+    _refuse_existing(location)
     # The driver's own files: in the experiment on a local disk, staged locally for a URI.
     local = storage.staging_dir(location) if is_remote(location) else Path(location)
     return storage_path, location, local
 
 
-def _claim(location: str, local: Path) -> None:
-    """Under the experiment's lock: nobody launched it meanwhile; stale staging of a gone experiment removed."""
+def _refuse_existing(location: str) -> None:
     if storage.exists(storage.join(location, SWEEP_FILE)):
         raise LaunchError(f"experiment {location} exists already: continue it with `dps-tune resume {location}` "
                           "or pass another --name")
-    if is_remote(location) and local.exists():
-        # Left from an experiment of this name that is gone from the storage: its Optuna
-        # study would feed the new search (and break `tune.seed`'s reproducibility).
-        shutil.rmtree(local)
+
+
+@contextlib.contextmanager
+def _launching(storage_path: str | None, name: str) -> Iterator[tuple[str, str, Path]]:
+    """:func:`_new_experiment`, held under the experiment's lock for the whole run (:func:`storage.driving`)."""
+    storage_path, location, local = _new_experiment(storage_path, name)
+    with storage.driving(location):
+        _refuse_existing(location)  # another launch may have got there between the check and the lock
+        if is_remote(location) and local.exists():
+            # Left from an experiment of this name that is gone from the storage: its Optuna
+            # study would feed the new search (and break `tune.seed`'s reproducibility).
+            shutil.rmtree(local)
+        yield storage_path, location, local
 
 
 def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | None = None,
               name: str | None = None, dashboard: bool = True, shared_storage: bool = False) -> str:
     """Launch a sweep and wait for it; returns where the experiment is (a path, or a URI on remote storage)."""
     name = name or f"{sweep.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage_path, location, local = _new_experiment(storage_path, name)
-    with storage.driving(location):
-        _claim(location, local)
-        return _run_sweep(sweep, storage_path, location, local, name, address, dashboard, shared_storage)
+    with _launching(storage_path, name) as (storage_path, location, local):
+        _connect(address, dashboard)
+        _check_resources(sweep.tune, storage_path, shared_storage)
+        resolved = _resolve_dps(sweep.config, sweep.space)
+        base = resolved.config
 
-
-def _run_sweep(sweep: Sweep, storage_path: str, location: str, local: Path, name: str, address: str | None,
-               dashboard: bool, shared_storage: bool) -> str:
-    _connect(address, dashboard)
-    _check_resources(sweep.tune, storage_path, shared_storage)
-    resolved = _resolve_dps(sweep.config, sweep.space)
-    base = resolved.config
-
-    t = sweep.tune
-    local.mkdir(parents=True, exist_ok=True)
-    searcher = None
-    metrics, modes = objectives(t)
-    scalar, scalar_mode = scalar_objective(t)
-    if sweep.space:
-        study_storage = optuna.storages.RDBStorage(f"sqlite:///{local / OPTUNA_FILE}")
-        one = len(metrics) == 1
-        searcher = ConcurrencyLimiter(
-            PrunedOptunaSearch(space=to_optuna(sweep.space), metric=metrics[0] if one else list(metrics),
-                               mode=modes[0] if one else list(modes), seed=t.seed, study_name=name,
-                               storage=study_storage, max_t=sweep.max_t),
-            max_concurrent=t.max_concurrent_trials)
-    # ASHA needs one number: the objective itself, or with several, tune.asha_metric.
-    scheduler = ASHAScheduler(time_attr="epoch", metric=scalar, mode=scalar_mode, max_t=sweep.max_t,
-                              grace_period=min(t.grace_period, sweep.max_t), reduction_factor=t.reduction_factor)
-    write_json(local / SWEEP_FILE, {
-        "name": name, "base": to_dict(base), "tune": to_dict(t), "search": sweep.raw_search,
-        "space_file": str(sweep.path), "max_t": sweep.max_t, "status": "running",
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-    })
-    _upload_state(local, location)
-    tuner = tune.Tuner(
-        _build_trainable(base, resolved.ranking, t),
-        param_space={},
-        # reuse_actors: a finished trial's worker process takes the next trial, so torch and
-        # open_clip are imported once per worker, not once per trial.
-        # The ConcurrencyLimiter bounds concurrency when there is a searcher; Tune otherwise.
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=t.num_samples,
-                                    max_concurrent_trials=None if searcher else t.max_concurrent_trials,
-                                    reuse_actors=True),
-        run_config=_run_config(name, storage_path, sweep.space.keys, t, base, local, location,
-                               with_study=searcher is not None),
-    )
-    result = tuner.fit()
-    _finish(local, location, result)
-    return location
+        t = sweep.tune
+        local.mkdir(parents=True, exist_ok=True)
+        searcher = None
+        metrics, modes = objectives(t)
+        scalar, scalar_mode = scalar_objective(t)
+        if sweep.space:
+            study_storage = optuna.storages.RDBStorage(f"sqlite:///{local / OPTUNA_FILE}")
+            one = len(metrics) == 1
+            searcher = ConcurrencyLimiter(
+                PrunedOptunaSearch(space=to_optuna(sweep.space), metric=metrics[0] if one else list(metrics),
+                                   mode=modes[0] if one else list(modes), seed=t.seed, study_name=name,
+                                   storage=study_storage, max_t=sweep.max_t),
+                max_concurrent=t.max_concurrent_trials)
+        # ASHA needs one number: the objective itself, or with several, tune.asha_metric.
+        scheduler = ASHAScheduler(time_attr="epoch", metric=scalar, mode=scalar_mode, max_t=sweep.max_t,
+                                  grace_period=min(t.grace_period, sweep.max_t), reduction_factor=t.reduction_factor)
+        write_json(local / SWEEP_FILE, {
+            "name": name, "base": to_dict(base), "tune": to_dict(t), "search": sweep.raw_search,
+            "space_file": str(sweep.path), "max_t": sweep.max_t, "status": "running",
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        })
+        _upload_state(local, location)
+        tuner = tune.Tuner(
+            _build_trainable(base, resolved.ranking, t),
+            param_space={},
+            # reuse_actors: a finished trial's worker process takes the next trial, so torch and
+            # open_clip are imported once per worker, not once per trial.
+            # The ConcurrencyLimiter bounds concurrency when there is a searcher; Tune otherwise.
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=t.num_samples,
+                                        max_concurrent_trials=None if searcher else t.max_concurrent_trials,
+                                        reuse_actors=True),
+            run_config=_run_config(name, storage_path, sweep.space.keys, t, base, local, location,
+                                   with_study=searcher is not None),
+        )
+        result = tuner.fit()
+        _finish(local, location, result)
+        return location
 
 
 def run_points(base: Config, variants: list[dict[str, Any]], seeds: list[int], tune_cfg: TuneConfig, *,
@@ -469,34 +470,25 @@ def run_points(base: Config, variants: list[dict[str, Any]], seeds: list[int], t
     No search and no early stopping (`dps-tune confirm`). The experiment directory is
     a sweep's: ``params.json`` holds ``{"variant": {...}, "seed": N}``.
     """
-    storage_path, location, local = _new_experiment(storage_path, name)
-    with storage.driving(location):
-        _claim(location, local)
-        return _run_points(base, variants, seeds, tune_cfg, ranking, name, storage_path, location, local, address,
-                           dashboard, shared_storage, meta)
-
-
-def _run_points(base: Config, variants: list[dict[str, Any]], seeds: list[int], tune_cfg: TuneConfig,
-                ranking: suppression.Scores | None, name: str, storage_path: str, location: str, local: Path,
-                address: str | None, dashboard: bool, shared_storage: bool, meta: dict[str, Any] | None) -> str:
-    _connect(address, dashboard)
-    _check_resources(tune_cfg, storage_path, shared_storage)
-    local.mkdir(parents=True, exist_ok=True)
-    epochs = max(with_overrides(base, v).optim.epochs for v in variants)
-    write_json(local / SWEEP_FILE, {
-        "name": name, "base": to_dict(base), "tune": to_dict(tune_cfg), "search": {}, "max_t": epochs,
-        "status": "running", "started": time.strftime("%Y-%m-%d %H:%M:%S"), **(meta or {}),
-    })
-    _upload_state(local, location)
-    tuner = tune.Tuner(
-        _build_trainable(base, ranking, tune_cfg),
-        param_space={"variant": tune.grid_search(variants), "seed": tune.grid_search(seeds)},
-        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=tune_cfg.max_concurrent_trials,
-                                    reuse_actors=True),
-        run_config=_run_config(name, storage_path, ["seed"], tune_cfg, base, local, location),
-    )
-    _finish(local, location, tuner.fit())
-    return location
+    with _launching(storage_path, name) as (storage_path, location, local):
+        _connect(address, dashboard)
+        _check_resources(tune_cfg, storage_path, shared_storage)
+        local.mkdir(parents=True, exist_ok=True)
+        epochs = max(with_overrides(base, v).optim.epochs for v in variants)
+        write_json(local / SWEEP_FILE, {
+            "name": name, "base": to_dict(base), "tune": to_dict(tune_cfg), "search": {}, "max_t": epochs,
+            "status": "running", "started": time.strftime("%Y-%m-%d %H:%M:%S"), **(meta or {}),
+        })
+        _upload_state(local, location)
+        tuner = tune.Tuner(
+            _build_trainable(base, ranking, tune_cfg),
+            param_space={"variant": tune.grid_search(variants), "seed": tune.grid_search(seeds)},
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=tune_cfg.max_concurrent_trials,
+                                        reuse_actors=True),
+            run_config=_run_config(name, storage_path, ["seed"], tune_cfg, base, local, location),
+        )
+        _finish(local, location, tuner.fit())
+        return location
 
 
 def _run_config(name: str, storage_path: str, searched_keys: list[str], t: TuneConfig, base: Config, local: Path,
@@ -583,29 +575,25 @@ def resume_sweep(exp: str | os.PathLike | Resumable, *, address: str | None = No
     """Continue an interrupted sweep: unfinished and errored trials go on from their last checkpoints."""
     job = exp if isinstance(exp, Resumable) else load_resumable(exp)
     with storage.driving(job.location):
-        return _resume(job, address, dashboard, shared_storage)
-
-
-def _resume(job: Resumable, address: str | None, dashboard: bool, shared_storage: bool) -> str:
-    location, meta, cfg, tune_cfg, space = job.location, dict(job.meta), job.config, job.tune, job.space
-    restore_at, filesystem = _restore_point(location)
-    local = storage.staging_dir(location) if is_remote(location) else Path(location)
-    if is_remote(location):  # the restored searcher writes to the study where the sweep left it
-        storage.download(storage.join(location, OPTUNA_FILE), local / OPTUNA_FILE)
-    _connect(address, dashboard)
-    _check_resources(tune_cfg, location, shared_storage=shared_storage)
-    # The stored base names the reference checkpoint the sweep started with, so the
-    # ranking is the same one (and usually a cache hit).
-    resolved = _resolve_dps(cfg, space)
-    meta["status"] = "running"
-    local.mkdir(parents=True, exist_ok=True)
-    write_json(local / SWEEP_FILE, meta)
-    _upload_state(local, location)
-    tuner = tune.Tuner.restore(restore_at, trainable=_build_trainable(resolved.config, resolved.ranking, tune_cfg),
-                               resume_unfinished=True, resume_errored=True, restart_errored=False,
-                               storage_filesystem=filesystem)
-    _finish(local, location, tuner.fit())
-    return location
+        location, meta, cfg, tune_cfg, space = job.location, dict(job.meta), job.config, job.tune, job.space
+        restore_at, filesystem = _restore_point(location)
+        local = storage.staging_dir(location) if is_remote(location) else Path(location)
+        if is_remote(location):  # the restored searcher writes to the study where the sweep left it
+            storage.download(storage.join(location, OPTUNA_FILE), local / OPTUNA_FILE)
+        _connect(address, dashboard)
+        _check_resources(tune_cfg, location, shared_storage=shared_storage)
+        # The stored base names the reference checkpoint the sweep started with, so the
+        # ranking is the same one (and usually a cache hit).
+        resolved = _resolve_dps(cfg, space)
+        meta["status"] = "running"
+        local.mkdir(parents=True, exist_ok=True)
+        write_json(local / SWEEP_FILE, meta)
+        _upload_state(local, location)
+        trainable = _build_trainable(resolved.config, resolved.ranking, tune_cfg)
+        tuner = tune.Tuner.restore(restore_at, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   restart_errored=False, storage_filesystem=filesystem)
+        _finish(local, location, tuner.fit())
+        return location
 
 
 # ------------------------------------------------------------------------ tasks
