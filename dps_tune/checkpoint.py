@@ -77,8 +77,7 @@ def _write_checkpoint(path: Path, model_state: Mapping[str, torch.Tensor], confi
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE),
                   metadata={"format": "open_clip state_dict", "model": config.model})
         if predictions:
-            save_file({f"{split}.{what}": t.to(torch.int32).contiguous() for split, pair in predictions.items()
-                       for what, t in zip(("true", "pred"), pair)}, str(tmp / PREDICTIONS_FILE))
+            _save_predictions(predictions, tmp / PREDICTIONS_FILE)
         _save_config(config, tmp / CONFIG_FILE)
         save_json(dict(metrics), tmp / METRICS_FILE)
         if loop is not None:
@@ -95,6 +94,11 @@ def _write_checkpoint(path: Path, model_state: Mapping[str, torch.Tensor], confi
                 **(extra_state or {}),
             }
             torch.save(state, tmp / STATE_FILE)
+
+
+def _save_predictions(predictions: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
+    save_file({f"{split}.{what}": t.to(torch.int32).contiguous() for split, pair in predictions.items()
+               for what, t in zip(("true", "pred"), pair)}, str(path))
 
 
 def _save_config(config: Config, path: Path) -> None:
@@ -150,6 +154,23 @@ def read_predictions(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, t
     splits = {k.rsplit(".", 1)[0] for k in flat}
     return {s: (flat[f"{s}.true"].long(), flat[f"{s}.pred"].long()) for s in sorted(splits)
             if f"{s}.true" in flat and f"{s}.pred" in flat}
+
+
+def add_figures(path: str | os.PathLike, metrics: Mapping[str, float],
+                predictions: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Add figures computed after the fact (a kept checkpoint's test splits) to checkpoint ``path``.
+
+    The predictions are merged first and ``metrics.json`` last, each file replaced
+    atomically: a checkpoint whose ``metrics.json`` names a split also holds its
+    predictions, and an interrupted call leaves both files as they were or complete.
+    """
+    path = Path(path)
+    if predictions:
+        merged = {**read_predictions(path), **predictions}
+        with atomic_path(path / PREDICTIONS_FILE) as tmp:
+            _save_predictions(merged, tmp)
+    old = read_json_object(path / METRICS_FILE, f"checkpoint {str(path)!r}") if (path / METRICS_FILE).is_file() else {}
+    save_json({**old, **metrics}, path / METRICS_FILE)
 
 
 def restore_rng(state: Mapping[str, Any]) -> None:

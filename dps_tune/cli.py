@@ -24,7 +24,7 @@ from typing import Sequence
 from dps_tune.cli_analysis import Confirm, DashboardCommand, Soup, Wise, finish_confirmation, post_ensembles
 from dps_tune.cli_base import (Command, Parser, add_cluster_options, add_set_option, check_address, check_name,
                                check_out_dir, check_out_file, format_table, print_sweep_summary)
-from dps_tune.config import scalar_objective
+from dps_tune.config import SYNTHETIC_WORLDS, scalar_objective
 from dps_tune.errors import UserError, first_line
 
 logger = logging.getLogger("dps_tune")
@@ -364,7 +364,12 @@ class Best(Command):
         if args.export:
             from dps_tune import checkpoint  # torch from here on
 
+            from dps_tune.sweep import test_figures
+
             out = checkpoint.export(storage.fetch_weights(path), args.export)
+            for job in test_figures.pending_jobs(out):  # a checkpoint whose sweep ended before its test figures
+                print(f"evaluating the export on {', '.join(job['splits'])} (not recorded by its sweep)")
+                test_figures.record(job, test_figures.evaluate_job(job))
             print(f"exported model.safetensors, config.json, metrics.json to {out}")
         return 0
 
@@ -415,16 +420,21 @@ class Pretrain(Command):
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default="tiny-rn", choices=["tiny-rn", "tiny-vit"],
                        help="architecture: tiny-rn (the demo's) or tiny-vit")
+        p.add_argument("--world", default="wild", choices=list(SYNTHETIC_WORLDS),
+                       help="the synthetic world whose pretraining to build: wild (pretrained: synthetic) or "
+                            "eroding (pretrained: synthetic-eroding)")
         p.add_argument("--force", action="store_true", help="rebuild even if the cached weights exist")
 
     def run(self, args: argparse.Namespace) -> int:
+        from dps_tune.config import SyntheticConfig
         from dps_tune.demo import pretrain
 
         start = time.perf_counter()
-        path = pretrain.ensure_pretrained(args.model, force=args.force)
-        print(f"pretrained {args.model} ({pretrain.TAG}): {path}  ({time.perf_counter() - start:.1f} s)")
-        metrics = pretrain.zero_shot_report(args.model)
-        print("zero-shot on the default synthetic world (10 classes, chance 0.100):")
+        tag = pretrain.tag_for(args.world)
+        path = pretrain.ensure_pretrained(args.model, tag=tag, force=args.force)
+        print(f"pretrained {args.model} ({tag}): {path}  ({time.perf_counter() - start:.1f} s)")
+        metrics = pretrain.zero_shot_report(args.model, tag, SyntheticConfig(world=args.world))
+        print(f"zero-shot on the {args.world} synthetic world (10 classes, chance 0.100):")
         for split in ("id_val", "id_test", "ood_val", "ood_test"):
             print(f"  {split:<9} acc {metrics[f'{split}_acc']:.3f}   macro-F1 {metrics[f'{split}_f1']:.3f}")
         return 0
@@ -437,6 +447,9 @@ class Demo(Command):
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", help="output directory (default: runs/demo-TIME)")
         add_set_option(p, help="override a value in every stage (e.g. tune.num_samples=4)")
+        p.add_argument("--world", default="wild", choices=list(SYNTHETIC_WORLDS),
+                       help="wild: iWildCam's regime (fine-tuning helps ID and OOD); eroding: zero-shot is robust "
+                            "and fine-tuning erodes it (sets data.synthetic.world and pretrained)")
         p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -444,7 +457,8 @@ class Demo(Command):
             check_out_dir("--out", args.out)
         from dps_tune.demo import study
 
-        return study.main(args.out, overrides=args.set, dashboard=not args.no_dashboard)
+        return study.main(args.out, overrides=study.world_overrides(args.world) + list(args.set or []),
+                          dashboard=not args.no_dashboard)
 
 
 COMMANDS: tuple[Command, ...] = (Train(), Rank(), Prepare(), SweepCommand(), Resume(), Results(), Best(), Report(),

@@ -30,12 +30,20 @@ from dps_tune.paths import is_remote, looks_like_weights_file
 
 ALGORITHMS = ("ce", "flyp", "dps")
 DATASETS = ("synthetic", "csv", "iwildcam")
+SYNTHETIC_WORLDS = ("wild", "eroding")
+
+
+def is_test_split(split: str) -> bool:
+    """A split no selection may read (``id_test``, ``ood_test``, ``test``): evaluated only where reported."""
+    return split == "test" or split.endswith("_test")
 SPLITS = ("id_val", "id_test", "ood_val", "ood_test")
 VALIDATION_SPLITS = ("id_val", "ood_val")
 SUPPRESS_MODES = ("top", "bottom", "random")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("auto", "on", "off")
+BATCHNORM_MODES = ("frozen", "update")
+TEST_EVALUATIONS = ("end", "every_report")
 TEMPLATE_SETS = ("auto", "iwildcam", "synthetic", "simple")
 MODES = ("max", "min")
 CHECKPOINT_SCHEMES = ("economy", "full")
@@ -57,12 +65,13 @@ _PATH_FIELDS = (
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """Size of the procedurally generated world (see :mod:`dps_tune.synthetic`)."""
+    """Which procedurally generated world, and its size (see :mod:`dps_tune.data.synthetic`)."""
 
+    world: str = "wild"  # wild: iWildCam's regime; eroding: zero-shot robust, fine-tuning erodes it
     seed: int = 0
     classes: int = 10
     train_per_class: int = 60
-    eval_per_class: int = 24
+    eval_per_class: int = 100  # 1,000 images per evaluation split at 10 classes
     image_size: int = 64
 
 
@@ -121,6 +130,12 @@ class TrainConfig:
     eval_every_steps: int = 0
     log_every_steps: int = 25
     checkpoint_every_eval: bool = True
+    # frozen: BatchNorm layers keep their pretrained running statistics while fine-tuning
+    # (every method alike); update: they re-estimate them on the training batches.
+    batchnorm: str = "frozen"
+    # end: every report evaluates the validation splits, and each checkpoint kept when the
+    # trial ends gets its test figures once; every_report: every split at every report.
+    eval_test: str = "end"
 
 
 @dataclass(frozen=True)
@@ -398,6 +413,7 @@ def validate(cfg: Config) -> None:
     for split, _ in d.eval_csvs:
         check_choice("data.eval_csvs", split, SPLITS)
     s = d.synthetic
+    check_choice("data.synthetic.world", s.world, SYNTHETIC_WORLDS)
     check(2 <= s.classes <= 10, "data.synthetic.classes", s.classes, "must be between 2 and 10")
     check(s.train_per_class >= 1, "data.synthetic.train_per_class", s.train_per_class, "must be >= 1")
     check(s.eval_per_class >= 1, "data.synthetic.eval_per_class", s.eval_per_class, "must be >= 1")
@@ -436,6 +452,8 @@ def validate(cfg: Config) -> None:
            "must be auto, cpu, cuda or cuda:N")
     check_choice("train.precision", t.precision, PRECISIONS)
     check_choice("train.compile", t.compile, COMPILE_MODES)
+    check_choice("train.batchnorm", t.batchnorm, BATCHNORM_MODES)
+    check_choice("train.eval_test", t.eval_test, TEST_EVALUATIONS)
     check(t.eval_every_steps >= 0, "train.eval_every_steps", t.eval_every_steps, "must be >= 0 (0: once per epoch)")
     check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, "must be >= 1")
 

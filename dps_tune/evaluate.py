@@ -62,7 +62,7 @@ def evaluate_splits(model: nn.Module, prompt_tokens: torch.Tensor, loaders: dict
     ``predictions``, when given, receives ``(labels, predicted classes)`` per split, for
     bootstrap intervals over the evaluation images.
     """
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # per module: frozen BatchNorm stays frozen
     model.eval()
     try:
         head = build_head(model, prompt_tokens, bf16=bf16)
@@ -74,4 +74,5 @@ def evaluate_splits(model: nn.Module, prompt_tokens: torch.Tensor, loaders: dict
                 predictions[split] = (y_true, y_pred)
         return out
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training

@@ -130,6 +130,22 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def set_training(model: nn.Module, *, batchnorm: str = "frozen") -> nn.Module:
+    """Put ``model`` in training mode for fine-tuning.
+
+    With ``batchnorm="frozen"`` every BatchNorm layer stays in eval mode: it normalises
+    with the pretrained running statistics and never updates them, so no method changes
+    the model through state its optimizer does not control (its affine weights still
+    train). ``"update"`` re-estimates the statistics on the training batches.
+    """
+    model.train()
+    if batchnorm == "frozen":
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    return model
+
+
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """A snapshot of the state dict: wrapper prefixes removed, copied to the CPU, contiguous.
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from dps_tune import checkpoint as ckpt
 from dps_tune import models, retention, suppression
-from dps_tune.config import Config
+from dps_tune.config import Config, is_test_split
 from dps_tune.data.inputs import Inputs, open_inputs
 from dps_tune.errors import CheckpointError, TrainingError, first_line
 from dps_tune.evaluate import autocast, evaluate_splits, tokenize_prompts
@@ -240,7 +240,7 @@ class _Trial:
 
         captions = uses_captions(cfg.algorithm)
         self.model, self.inputs, self.prompts = _model_and_inputs(cfg, rt, captions=captions)
-        self.model.train()
+        models.set_training(self.model, batchnorm=cfg.train.batchnorm)
         self.objective = make_objective(cfg.algorithm, ObjectiveContext(
             class_tokens=self.prompts.to(rt.device),
             seed=cfg.seed,
@@ -345,8 +345,8 @@ class _Trial:
             "samples_per_s": clock.rate(),
         }
         self.predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        metrics.update(evaluate_splits(self.model, self.prompts, self.inputs.eval_loaders(), bf16=self.rt.bf16,
-                                       predictions=self.predictions))
+        metrics.update(evaluate_splits(self.model, self.prompts, self.inputs.eval_loaders(self._splits_now()),
+                                       bf16=self.rt.bf16, predictions=self.predictions))
         if self.derive is not None:
             metrics.update(self.derive(metrics))
         self.last_metrics = metrics
@@ -354,6 +354,16 @@ class _Trial:
         if report is not None:
             self._report(report, metrics)
         clock.restart()
+
+    def _splits_now(self) -> list[str] | None:
+        """The splits this report evaluates: every split at the end of training (or with
+        ``train.eval_test: every_report``), else the validation splits alone. Checkpoints
+        kept from earlier reports get their test figures once the trial is over
+        (:mod:`dps_tune.sweep.test_figures`)."""
+        final = self.loop.epoch >= self.cfg.optim.epochs
+        if final or self.cfg.train.eval_test == "every_report":
+            return None
+        return [s for s in self.inputs.spec.splits if not is_test_split(s)]
 
     def _plan(self, metrics: dict[str, float]) -> retention.Plan:
         if self.keep is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -129,7 +129,11 @@ class Evaluator:
         self.prompts = tokenize_prompts(models.get_tokenizer(cfg.model), self.inputs.spec.classnames,
                                         self.inputs.spec.templates)
 
-    def __call__(self, state: State) -> dict[str, float]:
+    def __call__(self, state: State, splits: Iterable[str] | None = None,
+                 predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, float]:
+        """Figures of ``state`` on every evaluation split, or on ``splits``; ``predictions``
+        receives each split's labels and predicted classes."""
         torch.manual_seed(self.cfg.seed)
         models.unwrap(self.model).load_state_dict(state, strict=True)
-        return evaluate_splits(self.model, self.prompts, self.inputs.eval_loaders(), bf16=self.bf16)
+        return evaluate_splits(self.model, self.prompts, self.inputs.eval_loaders(splits), bf16=self.bf16,
+                               predictions=predictions)

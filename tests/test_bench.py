@@ -133,3 +133,27 @@ def test_step_line_reports_gpu_figures_when_they_exist():
                     "speedup vs baseline 9.80×")
     assert step.format_line(ce, None, None, None).endswith("bf16 peak n/a, speedup vs baseline n/a")
     assert step.bf16_peak_flops(torch.device("cpu")) is None
+
+
+def test_bench_eval_counts_a_worked_asha_example():
+    from dps_tune.bench import eval as bench_eval
+
+    trials = bench_eval.asha_trials(num_samples=9, epochs=9, grace=1, eta=3, keep=2)
+    # rungs at 1 and 3 epochs: 6 trials stop at 1, 2 at 3, one trains all 9
+    assert sorted(t.reports for t in trials) == [1] * 6 + [3] * 2 + [9]
+    assert [t.finished for t in trials].count(True) == 1
+    before, after = bench_eval.images(trials, {"id_val": 10, "id_test": 20, "ood_test": 10})
+    assert before == 21 * 40
+    assert after == 21 * 10 + (6 * 1 + 3 * 2) * 30
+
+
+def test_bench_eval_prints_the_demo_and_iwildcam_ratios(capsys):
+    from dps_tune.bench import eval as bench_eval
+
+    assert bench_eval.main([]) == 0
+    out = capsys.readouterr().out
+    for space in ("demo demo.yaml", "demo demo_dps.yaml", "iwildcam iwildcam_ce.yaml"):
+        assert space in out
+    totals = [line for line in out.splitlines() if line.startswith("eval: ")]
+    assert len(totals) == 2 and all("x fewer" in line for line in totals)
+    assert "id_val 7,314, id_test 8,154, ood_val 14,961, ood_test 42,791" in out

@@ -9,6 +9,7 @@ BENCHMARKS = {
     "rank": "DPS ranking: one pass per tensor against the published per-row loop",
     "data": "input pipeline: decoding JPEGs every epoch against the prepared uint8 cache",
     "step": "training step: the default fast path against the paper-code-style step",
+    "eval": "evaluation images a sweep spends: test splits at every report against once per kept checkpoint",
     "storage": "checkpoint bytes a sweep writes and keeps: the economy scheme against every report in full",
 }
 

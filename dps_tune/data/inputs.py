@@ -41,8 +41,15 @@ class Inputs(Protocol):
     def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` from ``start_batch`` on, already on the device."""
 
-    def eval_loaders(self) -> dict[str, Iterable[Batch]]:
-        """One re-iterable loader per evaluation split, in record order."""
+    def eval_loaders(self, splits: Iterable[str] | None = None) -> dict[str, Iterable[Batch]]:
+        """One re-iterable loader per evaluation split (or per split of ``splits``), in record order."""
+
+
+def _chosen(all_splits: dict, splits: Iterable[str] | None) -> dict:
+    if splits is None:
+        return all_splits
+    wanted = set(splits)
+    return {split: records for split, records in all_splits.items() if split in wanted}
 
 
 def image_size(pre: PreprocessCfg) -> int:
@@ -74,10 +81,10 @@ class JpegInputs(_Common):
         for images, labels, index in loader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), index
 
-    def eval_loaders(self) -> dict[str, Iterable[Batch]]:
+    def eval_loaders(self, splits: Iterable[str] | None = None) -> dict[str, Iterable[Batch]]:
         return {split: eval_loader(records, self.eval_transform, batch_size=self.data.eval_batch_size,
                                    workers=self.data.workers, pin_memory=self.pin_memory)
-                for split, records in self.spec.splits.items()}
+                for split, records in _chosen(self.spec.splits, splits).items()}
 
 
 class CachedInputs(_Common):
@@ -94,11 +101,11 @@ class CachedInputs(_Common):
             self.cache, self.records, self.train_augment, batch_size=self.data.batch_size, seed=self.seed,
             epoch=epoch, start_batch=start_batch, device=self.device, pin_memory=self.pin_memory))
 
-    def eval_loaders(self) -> dict[str, Iterable[Batch]]:
+    def eval_loaders(self, splits: Iterable[str] | None = None) -> dict[str, Iterable[Batch]]:
         return {split: cache_reader.CachedEvalLoader(self.cache, records, self.eval_transform,
                                                      batch_size=self.data.eval_batch_size, device=self.device,
                                                      pin_memory=self.pin_memory)
-                for split, records in self.spec.splits.items()}
+                for split, records in _chosen(self.spec.splits, splits).items()}
 
 
 def open_inputs(data: DataConfig, pre: PreprocessCfg, *, captions: bool = False, seed: int = 0,

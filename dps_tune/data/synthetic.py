@@ -1,17 +1,28 @@
 """A procedurally generated world with a real distribution shift, in seconds, from a seed.
 
-Named shape classes are photographed at camera *locations*, in the spirit of iWildCam:
+Named shape classes are photographed by camera traps at numbered *locations*, in the
+spirit of iWildCam. Two worlds (``data.synthetic.world``):
 
-* **ID** (train, ``id_val``, ``id_test``): daylight cameras at four known locations.
-  As with real camera traps, each location sees some species more often than others,
-  so the background carries a little (spurious) information about the label.
-* **OOD** (``ood_val``, ``ood_test``): new locations filmed at night in infrared:
-  grey, dark, noisy and slightly blurred, with none of the ID backgrounds.
+* ``wild`` (the default), iWildCam's regime. ID (train, ``id_val``, ``id_test``) and OOD
+  (``ood_val``, ``ood_test``) both mix times of day and weather (day, night infrared,
+  dusk, fog, snow). ID comes from 12 known camera locations; each OOD split from 12 new
+  ones, with their own backgrounds, viewpoints (how far the subject stands, how the
+  camera is tilted, how much vegetation is in front) and class frequencies. The demo's
+  pretraining never sees a camera-trap photo of any of these locations, nor most of
+  their conditions, so zero-shot starts weak and fine-tuning helps on both sides.
+* ``eroding``, the regime of CLIP on ImageNet and its shifts: ID is daylight at four
+  locations, OOD is new locations at night in infrared, and the demo's pretraining for
+  this world (``pretrained: synthetic-eroding``) has seen night photos. Zero-shot is
+  robust there and fine-tuning erodes it.
+
+In both worlds each location sees some classes more often than others, so the
+background carries a little (spurious) information about the label, and every class
+has the same number of images in every split.
 
 The world is written to disk in the FLYP CSV format (tab-separated ``filepath``,
 ``title``, ``label``) plus ``classnames.txt``, so it goes through exactly the same
-loading code as user data. :func:`render` is also used to build the pretraining set
-of the demo's tiny CLIP, which sees many more domains (see :mod:`dps_tune.demo.pretrain`).
+loading code as user data. :func:`render` is also used to build the pretraining sets
+of the demo's tiny CLIP (see :mod:`dps_tune.demo.pretrain`).
 """
 
 from __future__ import annotations
@@ -28,22 +39,87 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from dps_tune.config import SyntheticConfig
+from dps_tune.config import SYNTHETIC_WORLDS, SyntheticConfig
 from dps_tune.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
 CLASSNAMES = ("circle", "square", "triangle", "star", "cross", "heart", "ring", "diamond", "crescent", "arrow")
 TEMPLATES = ("a photo of a {c}.", "a {c} in the wild.")
-WORLD_VERSION = 2
+WORLD_VERSION = 3
+WORLDS = SYNTHETIC_WORLDS
 
-# Domains: how a camera renders a scene.
-DOMAINS = ("day", "night", "dusk", "snow", "fog", "sketch")
-ID_DOMAIN, OOD_DOMAIN = "day", "night"
-ID_LOCATIONS = (0, 1, 2, 3)
-OOD_LOCATIONS = {"ood_val": (4, 5), "ood_test": (6, 7)}
-# Probability that an ID image of class c is taken at its "home" location c % 4.
-HOME_BIAS = 0.5
+# Domains: how a camera renders a scene. "clipart" (a shape on a plain backdrop, no
+# camera) and "sketch" exist only in pretraining sets.
+DOMAINS = ("day", "night", "dusk", "snow", "fog", "sketch", "clipart")
+CAMERA_CONDITIONS = {"day": 0.6, "night": 0.1, "dusk": 0.1, "fog": 0.1, "snow": 0.1}  # the wild world's mix
+
+
+@dataclass(frozen=True)
+class View:
+    """How one camera sees its subject: how large it appears, how the camera is tilted
+    (a vertical squash of the subject), and how many branches hang in front of it."""
+
+    size: tuple[float, float] = (0.22, 0.36)  # subject radius as a fraction of the frame
+    squash: float = 1.0
+    clutter: int = 0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the splits of one world are photographed."""
+
+    locations: dict[str, tuple[int, ...]]  # split -> camera locations
+    conditions: dict[str, dict[str, float]]  # split -> domain -> probability
+    home_bias: float  # eroding: chance that an image of class c is taken at its home location
+    class_skew: float  # wild: Dirichlet concentration of each location's class frequencies (lower = more skewed)
+
+
+_ID_WILD = tuple(range(0, 12))
+LAYOUTS = {
+    "wild": Layout(
+        locations={"train": _ID_WILD, "id_val": _ID_WILD, "id_test": _ID_WILD,
+                   "ood_val": tuple(range(100, 112)), "ood_test": tuple(range(200, 212))},
+        conditions={split: CAMERA_CONDITIONS for split in ("train", "id_val", "id_test", "ood_val", "ood_test")},
+        home_bias=0.0, class_skew=0.8),
+    "eroding": Layout(
+        locations={"train": (0, 1, 2, 3), "id_val": (0, 1, 2, 3), "id_test": (0, 1, 2, 3),
+                   "ood_val": (4, 5), "ood_test": (6, 7)},
+        conditions={"train": {"day": 1.0}, "id_val": {"day": 1.0}, "id_test": {"day": 1.0},
+                    "ood_val": {"night": 1.0}, "ood_test": {"night": 1.0}},
+        home_bias=0.5, class_skew=0.0),
+}
+OOD_SPLITS = ("ood_val", "ood_test")
+
+
+def evaluation_locations(world: str) -> set[int]:
+    """Every camera location that any split of ``world`` is photographed at."""
+    return {loc for locs in LAYOUTS[world].locations.values() for loc in locs}
+
+
+def location_view(world: str, location: int) -> View:
+    """The viewpoint of a camera. The eroding world keeps one view everywhere. In the wild
+    world an ID camera sees its subject near and level; an OOD camera (location >= 100)
+    may stand far off, tilted, behind branches."""
+    if world == "eroding":
+        return View()
+    rng = np.random.default_rng([4099, location])
+    if location < 100:
+        centre, squash, clutter = rng.uniform(0.27, 0.33), rng.uniform(0.9, 1.0), int(rng.integers(0, 2))
+    else:
+        centre, squash, clutter = rng.uniform(0.23, 0.3), rng.uniform(0.8, 0.95), int(rng.integers(1, 3))
+    return View(size=(0.8 * centre, 1.2 * centre), squash=squash, clutter=clutter)
+
+
+def class_frequencies(world: str, location: int, classes: int) -> np.ndarray:
+    """How often each class passes a camera: [classes], summing to 1."""
+    layout = LAYOUTS[world]
+    if world == "eroding":
+        home = np.zeros(classes)
+        home[[c for c in range(classes) if c % 4 == location % 4]] = 1.0
+        return home
+    rng = np.random.default_rng([6151, location])
+    return rng.dirichlet(np.full(classes, layout.class_skew))
 
 
 @dataclass(frozen=True)
@@ -51,6 +127,7 @@ class Scene:
     label: int
     domain: str
     location: int
+    view: View = View()
 
 
 def _shape_polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -125,11 +202,15 @@ def _location_background(location: int, size: int) -> np.ndarray:
 def render(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
     """Draw one image of ``scene`` at ``size``×``size`` pixels."""
     kind = CLASSNAMES[scene.label]
+    view = scene.view
     scale = 2  # draw at 2x and downsample: cheap anti-aliasing
     big = size * scale
-    bg = _location_background(scene.location, big)
-    bg = bg + rng.normal(0, 0.04, (1, 1, 3))  # per-shot exposure jitter
-    r = rng.uniform(0.22, 0.36) * big
+    if scene.domain == "clipart":  # a plain light backdrop, no camera
+        bg = np.ones((big, big, 3), dtype=np.float32) * rng.uniform(0.55, 1.0, 3)
+    else:
+        bg = _location_background(scene.location, big)
+        bg = bg + rng.normal(0, 0.04, (1, 1, 3))  # per-shot exposure jitter
+    r = rng.uniform(*view.size) * big
     cx, cy = rng.uniform(r, big - r), rng.uniform(r, big - r)
     angle = rng.uniform(-0.5, 0.5) if kind in ("heart", "arrow", "triangle") else rng.uniform(0, 2 * math.pi)
     if kind == "arrow":
@@ -137,13 +218,24 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
     hue = rng.uniform(0.15, 1.0, 3)
     canvas = Image.fromarray((np.clip(bg, 0, 1) * 255).astype(np.uint8))
     mask = Image.new("L", canvas.size, 0)  # where the subject is: the night camera's flash lights it
+    ry = r * view.squash  # a tilted camera foreshortens the subject vertically
     for layer, fill in ((ImageDraw.Draw(canvas), tuple(int(v * 255) for v in hue)), (ImageDraw.Draw(mask), 255)):
         if kind == "circle":
-            layer.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+            layer.ellipse([cx - r, cy - ry, cx + r, cy + ry], fill=fill)
         elif kind == "ring":
-            layer.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(2, int(0.3 * r)))
+            layer.ellipse([cx - r, cy - ry, cx + r, cy + ry], outline=fill, width=max(2, int(0.3 * r)))
         else:
-            layer.polygon(_shape_polygon(kind, cx, cy, r, angle), fill=fill)
+            points = _shape_polygon(kind, cx, cy, r, angle)
+            if view.squash != 1.0:
+                points = [(x, cy + (y - cy) * view.squash) for x, y in points]
+            layer.polygon(points, fill=fill)
+    if view.clutter:  # branches in front of the subject, in the colours of the scene
+        draw = ImageDraw.Draw(canvas)
+        for _ in range(view.clutter):
+            x0, x1 = rng.uniform(-0.2, 1.2, 2) * big
+            y0, y1 = rng.uniform(0, 1, 2) * big
+            shade = tuple(int(v * 255) for v in np.clip(bg[int(y0) % big, int(x0) % big] * 0.6, 0, 1))
+            draw.line([(x0, y0), (x1, y1)], fill=shade, width=max(2, int(big * rng.uniform(0.02, 0.05))))
     img = np.asarray(canvas.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
     subject = np.asarray(mask.resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0  # [H, W]
     img = _apply_domain(img, subject, scene.domain, rng)
@@ -155,7 +247,7 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
 
 def _apply_domain(img: np.ndarray, subject: np.ndarray, domain: str, rng: np.random.Generator) -> np.ndarray:
     """[H, W, 3] in [0, 1] -> the same scene as this kind of camera sees it; ``subject`` is [H, W] in [0, 1]."""
-    if domain == "day":
+    if domain in ("day", "clipart"):
         return img + rng.normal(0, 0.03, img.shape)
     if domain == "night":
         # Infrared: grey, dark, low contrast, sensor noise. The flash lights the near
@@ -177,16 +269,30 @@ def _apply_domain(img: np.ndarray, subject: np.ndarray, domain: str, rng: np.ran
     raise ValueError(domain)
 
 
-def _scenes(split: str, classes: int, per_class: int, rng: np.random.Generator) -> list[Scene]:
+def _scenes(world: str, split: str, classes: int, per_class: int, rng: np.random.Generator) -> list[Scene]:
+    """``per_class`` scenes of every class: each at a location drawn by how often that
+    location sees the class, in a condition drawn from the split's mix."""
+    layout = LAYOUTS[world]
+    locations = layout.locations[split]
+    conditions = layout.conditions[split]
+    names, p_cond = list(conditions), np.array(list(conditions.values()))
+    freq = np.stack([class_frequencies(world, loc, classes) for loc in locations])  # [L, C]
     scenes = []
     for label in range(classes):
+        if world == "eroding":  # the original draw: the home location with probability home_bias
+            p_loc = None
+        else:
+            p_loc = freq[:, label] / freq[:, label].sum()
         for _ in range(per_class):
-            if split in OOD_LOCATIONS:
-                scenes.append(Scene(label, OOD_DOMAIN, int(rng.choice(OOD_LOCATIONS[split]))))
-                continue
-            home = ID_LOCATIONS[label % len(ID_LOCATIONS)]
-            loc = home if rng.random() < HOME_BIAS else int(rng.choice(ID_LOCATIONS))
-            scenes.append(Scene(label, ID_DOMAIN, loc))
+            domain = names[int(rng.choice(len(names), p=p_cond))] if len(names) > 1 else names[0]
+            if p_loc is not None:
+                loc = int(rng.choice(locations, p=p_loc))
+            elif split in OOD_SPLITS:
+                loc = int(rng.choice(locations))
+            else:
+                home = locations[label % len(locations)]
+                loc = home if rng.random() < layout.home_bias else int(rng.choice(locations))
+            scenes.append(Scene(label, domain, loc, location_view(world, loc)))
     return scenes
 
 
@@ -194,7 +300,7 @@ SPLIT_FILES = ("train", "id_val", "id_test", "ood_val", "ood_test")
 
 
 def world_key(cfg: SyntheticConfig) -> str:
-    return "world-v{}-s{seed}-c{classes}-t{train_per_class}-e{eval_per_class}-px{image_size}".format(
+    return "world-v{}-{world}-s{seed}-c{classes}-t{train_per_class}-e{eval_per_class}-px{image_size}".format(
         WORLD_VERSION, **asdict(cfg))
 
 
@@ -219,13 +325,13 @@ def generate(cfg: SyntheticConfig, root: str | os.PathLike | None = None) -> Pat
         rng = np.random.default_rng([cfg.seed, split_id])
         per_class = cfg.train_per_class if split == "train" else cfg.eval_per_class
         rows = []
-        for i, scene in enumerate(_scenes(split, cfg.classes, per_class, rng)):
+        for i, scene in enumerate(_scenes(cfg.world, split, cfg.classes, per_class, rng)):
             rel = f"images/{split}_{i:05d}.png"
             render(scene, cfg.image_size, np.random.default_rng([cfg.seed, split_id, i])).save(tmp / rel)
             templates = TEMPLATES if split == "train" else TEMPLATES[:1]
             for t in templates:
-                rows.append(f"{rel}\t{t.format(c=names[scene.label])}\t{scene.label}\t{scene.location}")
-        (tmp / f"{split}.csv").write_text("filepath\ttitle\tlabel\tlocation\n" + "\n".join(rows) + "\n")
+                rows.append(f"{rel}\t{t.format(c=names[scene.label])}\t{scene.label}\t{scene.location}\t{scene.domain}")
+        (tmp / f"{split}.csv").write_text("filepath\ttitle\tlabel\tlocation\tdomain\n" + "\n".join(rows) + "\n")
     (tmp / "classnames.txt").write_text("\n".join(names) + "\n")
     (tmp / "world.json").write_text(json.dumps({"version": WORLD_VERSION, **asdict(cfg),
                                                 "templates": list(TEMPLATES)}, indent=2))

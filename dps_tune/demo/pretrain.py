@@ -1,16 +1,24 @@
-"""The demo's pretrained tiny CLIP: contrastive pretraining on the synthetic world.
+"""The demo's pretrained tiny CLIPs: contrastive pretraining for each synthetic world.
 
-This stands in for the web-scale pretraining that gives CLIP its zero-shot skill and
-its robustness. The pretraining set photographs every class in every domain of
-:data:`dps_tune.data.synthetic.DOMAINS` (daylight, night infrared, dusk, snow, fog, sketch)
-at many camera locations, none of which is an ID or OOD evaluation location, and
-captions each image with its class name and often its domain
-(``"a night photo of a star."``).
+This stands in for the web-scale pretraining that gives CLIP its zero-shot skill. Two
+pretrained tags exist for each supported architecture, one per world of
+:mod:`dps_tune.data.synthetic`:
+
+* ``synthetic`` (for the default ``wild`` world) knows the shapes only loosely, as CLIP
+  knows camera-trap species: it sees them in photos at camera locations that no
+  evaluation split uses (mostly by day, some at night, dusk, in fog or snow), in sketches
+  and clipart, near and far, but its captions call half of the shapes by other names
+  (the web's common names against iWildCam's Latin labels), a fifth name no shape at all
+  ("a photo of something.") and some name the wrong one. Zero-shot starts weak on ID and
+  OOD alike, and fine-tuning on labelled ID photos teaches what it lacks.
+* ``synthetic-eroding`` (for the ``eroding`` world) photographs every class in every
+  camera domain, night infrared included, with captions that name the shape and often
+  the domain (``"a night photo of a star."``), so its zero-shot is already robust.
 
 :func:`ensure_pretrained` builds the weights once, deterministically from
 :class:`PretrainSettings`, and caches them under ``cache_dir() / "pretrained"``, keyed
 by the settings, the architecture and :data:`~dps_tune.data.synthetic.WORLD_VERSION`.
-:func:`register_tags` makes them the open_clip pretrained tag ``synthetic``, so
+:func:`register_tags` makes them open_clip pretrained tags, so
 ``create_model("tiny-rn", "synthetic")`` builds them on first use; the model layer
 calls it the first time it looks up a tag (:data:`dps_tune.models.TAG_PROVIDERS`).
 """
@@ -47,14 +55,23 @@ from dps_tune.train import evaluate_start
 logger = logging.getLogger(__name__)
 
 TAG = "synthetic"
+ERODING_TAG = "synthetic-eroding"
+TAGS = {TAG: "wild", ERODING_TAG: "eroding"}  # pretrained tag -> the world it is built for
+
+
+def tag_for(world: str) -> str:
+    """The pretrained tag built for ``world``."""
+    return next(tag for tag, w in TAGS.items() if w == world)
+
+
 # Bump when the captions, the loss or the training loop change what a build produces.
-PRETRAIN_VERSION = 1
-# Pretraining locations start after every ID and OOD evaluation location.
-FIRST_LOCATION = 1 + max(*synthetic.ID_LOCATIONS, *(loc for locs in synthetic.OOD_LOCATIONS.values() for loc in locs))
+PRETRAIN_VERSION = 2
+# Pretraining locations start after every evaluation location of every world.
+FIRST_LOCATION = 1 + max(loc for world in synthetic.WORLDS for loc in synthetic.evaluation_locations(world))
 
 # Captions name the class in the words of the evaluation templates, and often the kind
-# of camera that took the picture.
-GENERIC_CAPTIONS = synthetic.TEMPLATES
+# of camera (or drawing) that made the picture.
+CLASS_CAPTIONS = synthetic.TEMPLATES
 DOMAIN_CAPTIONS = {
     "day": "a daylight photo of a {c}.",
     "night": "a night photo of a {c}.",
@@ -62,7 +79,19 @@ DOMAIN_CAPTIONS = {
     "snow": "a photo of a {c} in the snow.",
     "fog": "a foggy photo of a {c}.",
     "sketch": "a sketch of a {c}.",
+    "clipart": "a drawing of a {c}.",
 }
+# Web captions that name no class at all.
+GENERIC_CAPTIONS = ("a photo of something.", "an image.", "a picture taken outside.", "a drawing.")
+# What each world's pretraining set shows (domain -> share).
+WILD_DOMAINS = (("day", 0.45), ("night", 0.1), ("dusk", 0.1), ("fog", 0.1), ("snow", 0.05), ("sketch", 0.1),
+                ("clipart", 0.1))
+# The web calls half of the shapes by other names, as it calls camera-trap species by common
+# names where iWildCam's labels are Latin ones ("tayassu pecari"): pretraining learns to see
+# these shapes, but rarely hears the name the evaluation prompts use.
+WEB_NAMES = (("circle", "ball"), ("square", "tile"), ("triangle", "wedge"), ("cross", "plus sign"),
+             ("crescent", "moon"))
+ERODING_DOMAINS = (("day", 0.5), ("night", 0.1), ("dusk", 0.1), ("snow", 0.1), ("fog", 0.1), ("sketch", 0.1))
 
 
 @dataclass(frozen=True)
@@ -74,8 +103,13 @@ class PretrainSettings:
     images: int = 6000  # pretraining set size
     locations: int = 160  # camera locations, numbered from FIRST_LOCATION
     render_size: int = 64  # rendered like the default world, then resized to the model input
-    day_share: float = 0.5  # share of daylight photos (as on the web); other domains split the rest
-    domain_caption_p: float = 0.5  # chance that a caption names the domain
+    domains: tuple[tuple[str, float], ...] = WILD_DOMAINS  # (domain, share) of the images
+    domain_caption_p: float = 0.3  # chance that a caption names the domain
+    generic_caption_p: float = 0.2  # chance that a caption names no class at all
+    wrong_caption_p: float = 0.05  # chance that a caption names another class
+    web_names: tuple[tuple[str, str], ...] = WEB_NAMES  # (class, the name most captions use instead)
+    class_name_p: float = 0.15  # chance that a caption of a renamed class uses the class's own name
+    varied_views: bool = True  # subjects near and far, level and tilted, behind branches or not
     steps: int = 1500
     batch_size: int = 128
     lr: float = 2e-3
@@ -83,25 +117,29 @@ class PretrainSettings:
     warmup_steps: int = 50
 
 
-# Settings of the ``synthetic`` tag per architecture, each sized to build in about
-# 1.5 minutes on 2 CPU cores. tiny-rn is the demo's model: in that budget its
-# convolutions learn the shapes far better than tiny-vit's 8-pixel patches.
+ERODING = PretrainSettings(domains=ERODING_DOMAINS, domain_caption_p=0.5, generic_caption_p=0.0,
+                           wrong_caption_p=0.0, web_names=(), varied_views=False)
+# Settings of each tag per architecture, each sized to build in about 1.5 minutes on 2
+# CPU cores. tiny-rn is the demo's model: in that budget its convolutions learn the
+# shapes far better than tiny-vit's 8-pixel patches.
 DEMO_ARCH = "tiny-rn"
-DEFAULT_SETTINGS: dict[str, PretrainSettings] = {
-    "tiny-rn": PretrainSettings(),
-    "tiny-vit": PretrainSettings(lr=1e-3),
+DEFAULT_SETTINGS: dict[str, dict[str, PretrainSettings]] = {
+    TAG: {"tiny-rn": PretrainSettings(), "tiny-vit": PretrainSettings(lr=1e-3)},
+    ERODING_TAG: {"tiny-rn": ERODING, "tiny-vit": dataclasses.replace(ERODING, lr=1e-3)},
 }
 
 
 def supported_architectures() -> tuple[str, ...]:
-    return tuple(DEFAULT_SETTINGS)
+    return tuple(DEFAULT_SETTINGS[TAG])
 
 
 def register_tags() -> None:
-    """Register ``pretrained: synthetic`` for every supported architecture (built on first load)."""
-    for arch in supported_architectures():
-        models.register_pretrained_tag(arch, TAG, weights_path(arch),
-                                       build=functools.partial(ensure_pretrained, arch))
+    """Register ``pretrained: synthetic`` and ``synthetic-eroding`` for every supported
+    architecture (each built on first load)."""
+    for tag in TAGS:
+        for arch in supported_architectures():
+            models.register_pretrained_tag(arch, tag, weights_path(arch, tag=tag),
+                                           build=functools.partial(ensure_pretrained, arch, tag=tag))
 
 
 # ---------------------------------------------------------------------------- data
@@ -121,18 +159,41 @@ def pretrain_scenes(settings: PretrainSettings) -> tuple[list[synthetic.Scene], 
     rng = np.random.default_rng([settings.seed, 0x5EED])
     n = settings.images
     labels = rng.integers(settings.classes, size=n)
-    others = (1.0 - settings.day_share) / (len(synthetic.DOMAINS) - 1)
-    p_domain = [settings.day_share if d == "day" else others for d in synthetic.DOMAINS]
-    domains = rng.choice(len(synthetic.DOMAINS), size=n, p=p_domain)
+    names = [d for d, _ in settings.domains]
+    shares = np.array([p for _, p in settings.domains], dtype=float)
+    domains = rng.choice(len(names), size=n, p=shares / shares.sum())
     locations = FIRST_LOCATION + rng.integers(settings.locations, size=n)
-    named = rng.random(n) < settings.domain_caption_p
-    pick = rng.random(n)
+    kind = rng.random(n)  # which kind of caption
+    pick = rng.random(n)  # which caption of that kind
+    other = rng.integers(1, max(2, settings.classes), size=n)  # offset to a wrong class
+    sizes = rng.uniform(0.22, 0.32, size=n)  # the centre of a subject's size range
+    squash = rng.uniform(0.85, 1.0, size=n)
+    clutter = rng.integers(0, 2, size=n)
+    own_name = rng.random(n) < settings.class_name_p
+    web = dict(settings.web_names)
+    named_domain = settings.domain_caption_p
+    generic = named_domain + settings.generic_caption_p
+    wrong = generic + settings.wrong_caption_p
     scenes, captions = [], []
-    for label, dom, loc, nd, u in zip(labels, domains, locations, named, pick):
-        domain = synthetic.DOMAINS[dom]
-        template = DOMAIN_CAPTIONS[domain] if nd else GENERIC_CAPTIONS[int(u * len(GENERIC_CAPTIONS))]
-        scenes.append(synthetic.Scene(int(label), domain, int(loc)))
-        captions.append(template.format(c=synthetic.CLASSNAMES[label]))
+    for i, (label, dom, loc, k, u, off) in enumerate(zip(labels, domains, locations, kind, pick, other)):
+        domain = names[dom]
+        view = synthetic.View()
+        if settings.varied_views:
+            view = synthetic.View((0.8 * sizes[i], 1.2 * sizes[i]), float(squash[i]), int(clutter[i]))
+        said = int(label)
+        if k < named_domain:
+            template = DOMAIN_CAPTIONS[domain]
+        elif k < generic:
+            template = GENERIC_CAPTIONS[int(u * len(GENERIC_CAPTIONS))]
+        else:
+            template = CLASS_CAPTIONS[int(u * len(CLASS_CAPTIONS))]
+            if k < wrong:
+                said = (said + int(off)) % settings.classes
+        name = synthetic.CLASSNAMES[said]
+        if name in web and not own_name[i]:
+            name = web[name]
+        scenes.append(synthetic.Scene(int(label), domain, int(loc), view))
+        captions.append(template.format(c=name))
     return scenes, captions
 
 
@@ -258,16 +319,18 @@ def settings_key(arch: str, settings: PretrainSettings) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def weights_path(arch: str = DEMO_ARCH, settings: PretrainSettings | None = None) -> Path:
+def weights_path(arch: str = DEMO_ARCH, settings: PretrainSettings | None = None, *, tag: str = TAG) -> Path:
     """Where the weights of ``(arch, settings)`` live in the cache (they may not exist yet)."""
-    settings = settings or default_settings(arch)
-    return cache_dir() / "pretrained" / f"{arch}-{TAG}-{settings_key(arch, settings)}.safetensors"
+    settings = settings or default_settings(arch, tag)
+    return cache_dir() / "pretrained" / f"{arch}-{tag}-{settings_key(arch, settings)}.safetensors"
 
 
-def default_settings(arch: str) -> PretrainSettings:
-    if arch not in DEFAULT_SETTINGS:
-        raise ConfigError(f"pretrained {TAG!r}: only available for {', '.join(DEFAULT_SETTINGS)}, not {arch}")
-    return DEFAULT_SETTINGS[arch]
+def default_settings(arch: str, tag: str = TAG) -> PretrainSettings:
+    if tag not in DEFAULT_SETTINGS:
+        raise ConfigError(f"pretrained {tag!r}: not a synthetic tag; use one of {', '.join(DEFAULT_SETTINGS)}")
+    if arch not in DEFAULT_SETTINGS[tag]:
+        raise ConfigError(f"pretrained {tag!r}: only available for {', '.join(DEFAULT_SETTINGS[tag])}, not {arch}")
+    return DEFAULT_SETTINGS[tag][arch]
 
 
 def _check_settings(settings: PretrainSettings) -> None:
@@ -276,8 +339,16 @@ def _check_settings(settings: PretrainSettings) -> None:
         ("images", settings.images >= 1, ">= 1"),
         ("locations", settings.locations >= 1, ">= 1"),
         ("render_size", settings.render_size >= 16, ">= 16"),
-        ("day_share", 0 <= settings.day_share <= 1, "in [0, 1]"),
+        ("domains", bool(settings.domains) and all(d in synthetic.DOMAINS and p >= 0 for d, p in settings.domains)
+         and sum(p for _, p in settings.domains) > 0, f"(domain, share) pairs over {', '.join(synthetic.DOMAINS)}"),
         ("domain_caption_p", 0 <= settings.domain_caption_p <= 1, "in [0, 1]"),
+        ("generic_caption_p", 0 <= settings.generic_caption_p <= 1, "in [0, 1]"),
+        ("class_name_p", 0 <= settings.class_name_p <= 1, "in [0, 1]"),
+        ("web_names", all(c in synthetic.CLASSNAMES for c, _ in settings.web_names),
+         f"(class, web name) pairs over {', '.join(synthetic.CLASSNAMES)}"),
+        ("wrong_caption_p", 0 <= settings.wrong_caption_p <= 1
+         and settings.domain_caption_p + settings.generic_caption_p + settings.wrong_caption_p <= 1,
+         "in [0, 1], and the three caption shares at most 1 together"),
         ("steps", settings.steps >= 1, ">= 1"),
         ("batch_size", settings.batch_size >= 2, ">= 2"),
         ("lr", settings.lr > 0, "> 0"),
@@ -290,7 +361,7 @@ def _check_settings(settings: PretrainSettings) -> None:
 
 
 def ensure_pretrained(arch: str = DEMO_ARCH, settings: PretrainSettings | None = None, *,
-                      force: bool = False) -> Path:
+                      tag: str = TAG, force: bool = False) -> Path:
     """The cached weights file of ``arch`` pretrained with ``settings``, built if missing.
 
     The build is deterministic from ``settings.seed``. The file is written to a temporary
@@ -299,15 +370,15 @@ def ensure_pretrained(arch: str = DEMO_ARCH, settings: PretrainSettings | None =
     """
     from safetensors.torch import save_file
 
-    settings = settings or default_settings(arch)
+    settings = settings or default_settings(arch, tag)
     _check_settings(settings)
-    path = weights_path(arch, settings)
+    path = weights_path(arch, settings, tag=tag)
     if path.is_file() and not force:
         return path
     with file_lock(path.with_name(path.name + ".lock")):
         if path.is_file() and not force:  # another process built it while we waited
             return path
-        logger.info("building the pretrained %s (%s) at %s; this happens once", arch, TAG, path)
+        logger.info("building the pretrained %s (%s) at %s; this happens once", arch, tag, path)
         start = time.perf_counter()
         cpu_start = time.process_time()
         # The caller's RNG stream must not depend on whether the file was already cached.
@@ -318,7 +389,7 @@ def ensure_pretrained(arch: str = DEMO_ARCH, settings: PretrainSettings | None =
             render_s = time.perf_counter() - start
             losses = pretrain_model(model, data, models.get_tokenizer(arch), settings)
         state = models.plain_state_dict(model)
-        meta = {"arch": arch, "tag": TAG, "settings": json.dumps(dataclasses.asdict(settings)),
+        meta = {"arch": arch, "tag": tag, "settings": json.dumps(dataclasses.asdict(settings)),
                 "world_version": str(synthetic.WORLD_VERSION), "final_loss": f"{losses[-1]:.4f}"}
         with atomic_path(path) as tmp:
             save_file(state, str(tmp), metadata=meta)

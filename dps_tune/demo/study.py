@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -57,6 +58,35 @@ def environment() -> dict[str, str]:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
     return {"dps_tune": dps_tune.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "cpu_threads": str(torch.get_num_threads()), "device": device}
+
+
+def world_overrides(world: str) -> list[str]:
+    """The ``--set`` overrides that run the demo on ``world`` with the pretraining built for it."""
+    return [f"data.synthetic.world={world}", f"pretrained={pretrain.tag_for(world)}"]
+
+
+def split_sizes(cfg) -> dict[str, int]:
+    """Images per evaluation split of ``cfg``'s dataset (the synthetic world is generated if needed)."""
+    from dps_tune.data.datasets import load_dataset
+
+    return {split: len(records) for split, records in load_dataset(cfg.data).splits.items()}
+
+
+def world_header(cfg) -> str:
+    """What the figures below rest on: the world, each split's size and locations, and the
+    binomial standard error of an accuracy measured on it (at its worst, p = 0.5)."""
+    from dps_tune.data import synthetic
+
+    world = cfg.data.synthetic
+    layout = synthetic.LAYOUTS[world.world]
+    lines = [f"world: {world.world} ({world.classes} classes, chance {1 / world.classes:.3f}); "
+             f"{world.classes * world.train_per_class:,} training images at "
+             f"{len(layout.locations['train'])} locations"]
+    for split, n in split_sizes(cfg).items():
+        se = math.sqrt(0.25 / n)
+        lines.append(f"  {split:<9} {n:>6,} images at {len(layout.locations[split]):>2} locations: "
+                     f"an accuracy's binomial standard error is at most {se:.4f} ({1 / n:.4f} per image)")
+    return "\n".join(lines)
 
 
 def _say(text: str) -> None:
@@ -150,6 +180,7 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
     env = environment()
     (out / "environment.json").write_text(json.dumps(env, indent=2))
     _say("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    _say(world_header(base))
     _say(f"[1/{STAGES_TOTAL}] pretrained tiny CLIP ({base.model}, pretrained={base.pretrained!r})")
     pretrain.ensure_pretrained(base.model)
     zero_shot = evaluate_start(base)

@@ -44,7 +44,7 @@ from dps_tune.config import (OBJECTIVE_MEAN, Config, TuneConfig, config_from_dic
 from dps_tune.errors import LaunchError, UserError, first_line  # noqa: E402
 from dps_tune.files import write_json  # noqa: E402
 from dps_tune.paths import is_remote  # noqa: E402
-from dps_tune.sweep import reference, storage  # noqa: E402
+from dps_tune.sweep import reference, storage, test_figures  # noqa: E402
 from dps_tune.sweep.results import SWEEP_FILE, TRIAL_CONFIG_FILE, flat_params, open_experiment, sweep_meta  # noqa: E402
 from dps_tune.sweep.search_space import SearchSpace, Sweep, parse_search, to_optuna  # noqa: E402
 from dps_tune.train import run_trial  # noqa: E402
@@ -520,7 +520,13 @@ def _run_config(name: str, storage_path: str, searched_keys: list[str], t: TuneC
 
 
 def _finish(local: Path, location: str, result) -> None:
-    """Record the end of a sweep; mark Optuna trials a killed driver left RUNNING as FAIL."""
+    """Record the end of a sweep; mark Optuna trials a killed driver left RUNNING as FAIL.
+
+    First every kept checkpoint that lacks test figures gets them, as Ray tasks
+    (:mod:`dps_tune.sweep.test_figures`).
+    """
+    test_figures.complete(location, lambda jobs: map_jobs(test_figures.evaluate_job, jobs),
+                          say=lambda line: print(line, file=sys.stderr, flush=True))
     meta = sweep_meta(local)
     meta["status"] = "finished"
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -140,6 +140,20 @@ def _read_history(path: Path) -> list[dict[str, Any]]:
     return [rows[k] for k in sorted(rows)]
 
 
+def _with_checkpoint_figures(history: list[dict[str, Any]], trial_dir: Path) -> list[dict[str, Any]]:
+    """``history`` with the figures added to its kept checkpoints after the report (their test splits)."""
+    by_step = {int(row["step"]): row for row in history}
+    for metrics_path in trial_dir.glob(f"*/{METRICS_FILE}"):
+        try:
+            metrics = json.loads(metrics_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        row = by_step.get(metrics.get("step")) if isinstance(metrics, dict) else None
+        if row is not None:
+            row.update({k: v for k, v in metrics.items() if k not in row and _finite(v)})
+    return history
+
+
 def load_trials(exp_dir: str | os.PathLike) -> list[Trial]:
     """Every trial of a sweep directory, in trial-id order."""
     exp, meta = open_experiment(exp_dir)
@@ -147,7 +161,7 @@ def load_trials(exp_dir: str | os.PathLike) -> list[Trial]:
     trials = []
     for params_path in sorted(exp.glob("*/params.json")):
         tdir = params_path.parent
-        history = _read_history(tdir / "result.json")
+        history = _with_checkpoint_figures(_read_history(tdir / "result.json"), tdir)
         trial_id = history[-1].get("trial_id") if history else None
         config = merge_dotted(base, flat_params(json.loads(params_path.read_text())))
         trials.append(Trial(trial_id or tdir.name, tdir, config, history, errored=(tdir / "error.txt").exists()))

@@ -43,17 +43,41 @@ def test_reduced_build_classifies_id_and_ood_zero_shot(reduced_build):
 def test_pretraining_locations_exclude_evaluation_locations():
     from dps_tune.data import synthetic
 
-    scenes, captions = pretrain.pretrain_scenes(pretrain.DEFAULT_SETTINGS[ARCH])
-    evaluation = set(synthetic.ID_LOCATIONS) | {loc for locs in synthetic.OOD_LOCATIONS.values() for loc in locs}
-    assert not {s.location for s in scenes} & evaluation
-    assert {s.domain for s in scenes} == set(synthetic.DOMAINS)
-    assert {s.label for s in scenes} == set(range(len(synthetic.CLASSNAMES)))
+    evaluation = synthetic.evaluation_locations("wild") | synthetic.evaluation_locations("eroding")
+    assert len(evaluation) == 12 + 12 + 12 + 8 - 4  # wild: 12 ID, 12 + 12 OOD; eroding: 4 ID (shared), 4 OOD
+    for tag in pretrain.TAGS:
+        scenes, captions = pretrain.pretrain_scenes(pretrain.DEFAULT_SETTINGS[tag][ARCH])
+        assert not {s.location for s in scenes} & evaluation, tag
+        assert {s.label for s in scenes} == set(range(len(synthetic.CLASSNAMES))), tag
+
+
+def test_wild_pretraining_knows_the_shapes_only_loosely():
+    """Photos at other locations, other renderings, and captions that often call a shape by another name,
+    name no shape at all, or the wrong one."""
+    from dps_tune.data import synthetic
+
+    scenes, captions = pretrain.pretrain_scenes(pretrain.DEFAULT_SETTINGS[pretrain.TAG][ARCH])
+    assert {s.domain for s in scenes} == {"day", "night", "dusk", "fog", "snow", "sketch", "clipart"}
+    generic = sum(c in pretrain.GENERIC_CAPTIONS for c in captions) / len(captions)
+    web = dict(pretrain.WEB_NAMES)
+    said = [next((n for n in (synthetic.CLASSNAMES[s.label], web.get(synthetic.CLASSNAMES[s.label])) if n and n in c),
+                 None) for s, c in zip(scenes, captions)]
+    wrong = sum(n is None and c not in pretrain.GENERIC_CAPTIONS for n, c in zip(said, captions)) / len(captions)
+    assert 0.17 < generic < 0.23 and 0.03 < wrong < 0.07, (generic, wrong)
+    assert sum("a photo of a ball." == c for c in captions) > 5 * sum("a photo of a circle." == c for c in captions)
+
+
+def test_eroding_pretraining_has_seen_the_night():
+    from dps_tune.data import synthetic
+
+    scenes, captions = pretrain.pretrain_scenes(pretrain.DEFAULT_SETTINGS[pretrain.ERODING_TAG][ARCH])
+    assert {s.domain for s in scenes} == {"day", "night", "dusk", "snow", "fog", "sketch"}
     assert "a night photo of a star." in captions
     assert all(synthetic.CLASSNAMES[s.label] in c for s, c in zip(scenes, captions))
 
 
 def test_synthetic_tag_builds_on_first_use_then_reuses_the_file(monkeypatch, caplog):
-    monkeypatch.setitem(pretrain.DEFAULT_SETTINGS, ARCH, SMOKE)
+    monkeypatch.setitem(pretrain.DEFAULT_SETTINGS[pretrain.TAG], ARCH, SMOKE)
     path = pretrain.weights_path(ARCH)
     assert not path.exists()
     # Config validation accepts the tag through open_clip's tag list.

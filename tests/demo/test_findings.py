@@ -1,0 +1,28 @@
+"""findings.md: every sentence is chosen by its interval, never written by hand."""
+
+from dps_tune.demo.findings import Comparison, render, sentence, sentences
+
+
+def test_a_sentence_says_only_what_the_interval_supports():
+    above = Comparison("ce", "zero-shot", "ood_test_acc", 0.14, 0.10, 0.18)
+    below = Comparison("dps (top)", "zero-shot", "ood_test_acc", -0.05, -0.08, -0.02)
+    unsure = Comparison("flyp", "ce", "ood_test_acc", 0.01, -0.02, 0.04)
+    assert sentence([above]) == "ce beats zero-shot on OOD test accuracy: +0.140 [+0.100, +0.180]."
+    assert sentence([below]) == "dps (top) is below zero-shot on OOD test accuracy: -0.050 [-0.080, -0.020]."
+    assert sentence([unsure]).startswith("The data cannot tell flyp from ce on OOD test accuracy: +0.010 [-0.020")
+
+
+def test_two_metrics_that_agree_are_one_sentence_and_disagreeing_ones_two():
+    id_up = Comparison("ce", "zero-shot", "id_test_acc", 0.3, 0.25, 0.35, note="3 seeds")
+    ood_up = Comparison("ce", "zero-shot", "ood_test_acc", 0.2, 0.15, 0.25, note="3 seeds")
+    ood_none = Comparison("ce", "zero-shot", "ood_test_acc", 0.0, -0.01, 0.01, note="3 seeds")
+    assert sentences([id_up, ood_up]) == [
+        "ce beats zero-shot on ID test accuracy and OOD test accuracy: ID +0.300 [+0.250, +0.350], "
+        "OOD +0.200 [+0.150, +0.250] (3 seeds)."]
+    [mixed] = sentences([id_up, ood_none])
+    assert mixed.startswith("ce beats zero-shot on ID test accuracy") and "cannot tell" in mixed
+
+
+def test_the_page_lists_each_section_and_skips_empty_ones():
+    page = render("What the demo found", ["world: wild"], [("Against zero-shot", ["a.", "b."]), ("Empty", [])])
+    assert page == "# What the demo found\n\nworld: wild\n\n## Against zero-shot\n\n- a.\n- b.\n"
