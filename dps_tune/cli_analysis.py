@@ -223,6 +223,9 @@ class Confirm(Command):
         configs = [with_overrides(v.config, cfg_over) for v in variants]
         for c in configs:
             validate_tune(tune_cfg, c)
+        from dps_tune import preflight
+
+        preflight.check_loggers(tune_cfg.loggers)  # the sweep's trackers follow it into the confirmation
         ranking = confirm.dps_ranking(configs)
         seeds = list(range(1, args.seeds + 1))
         base = configs[0]

@@ -47,6 +47,7 @@ TEST_EVALUATIONS = ("end", "every_report")
 TEMPLATE_SETS = ("auto", "iwildcam", "synthetic", "simple")
 MODES = ("max", "min")
 CHECKPOINT_SCHEMES = ("economy", "full")
+LOGGERS = ("mlflow", "wandb")  # experiment trackers; each is Ray's own logger callback
 # What sweeps select on unless told otherwise: WILDS's official metric on the ID validation split.
 DEFAULT_METRIC = "id_val_f1"
 
@@ -177,6 +178,8 @@ class TuneConfig:
     resume_every_minutes: float = 10.0
     seed: int = 0
     max_failures: int = 2
+    # Every trial a run in each tracker: its searched parameters and every reported metric.
+    loggers: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- building
@@ -629,6 +632,9 @@ def validate_tune(t: TuneConfig, cfg: Config) -> None:
     check(math.isfinite(t.resume_every_minutes) and t.resume_every_minutes > 0, "tune.resume_every_minutes",
           t.resume_every_minutes, "must be a finite number > 0")
     check(t.max_failures >= 0, "tune.max_failures", t.max_failures, "must be >= 0")
+    for name in t.loggers:
+        check_choice("tune.loggers", name, LOGGERS)
+    check(len(set(t.loggers)) == len(t.loggers), "tune.loggers", list(t.loggers), "names a logger twice")
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:

@@ -2,13 +2,15 @@
 
 :mod:`dps_tune.config` checks values; this module checks that what those values name
 exists: the architecture and pretrained tag in open_clip's registry, every input file
-and directory, the iWildCam layout, the image cache and the DPS reference. Each
-failure is one :class:`~dps_tune.errors.UserError` line naming the key and the value.
+and directory, the iWildCam layout, the image cache, the DPS reference and the experiment
+trackers' packages. Each failure is one :class:`~dps_tune.errors.UserError` line naming the key and the value.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from typing import Iterable
 
 from dps_tune import models
 from dps_tune.config import Config, check
@@ -50,6 +52,18 @@ def check_config(cfg: Config, *, image_cache_may_be_missing: bool = False) -> No
         if cfg.dps.reference_experiment is not None:
             check(Path(cfg.dps.reference_experiment).is_dir(), "dps.reference_experiment",
                   cfg.dps.reference_experiment, "no such directory")
+
+
+# The package each `tune.loggers` name needs, and the dps_tune extra that installs it.
+LOGGER_PACKAGES = {"mlflow": "mlflow", "wandb": "wandb"}
+
+
+def check_loggers(loggers: Iterable[str]) -> None:
+    """Every experiment tracker in ``tune.loggers`` is installed (looked up, not imported)."""
+    for name in loggers:
+        package = LOGGER_PACKAGES[name]
+        check(importlib.util.find_spec(package) is not None, "tune.loggers", name,
+              f"the {package} package is not installed (pip install 'dps_tune[{name}]')")
 
 
 def check_model(arch: str, pretrained: str, *, key: str = "model", pretrained_key: str = "pretrained") -> None:

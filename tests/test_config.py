@@ -124,6 +124,10 @@ def test_tune_block_is_validated(write_yaml):
             load_file(write_yaml(raw))
     raw["tune"] = {"metric": "ood_val_f1"}
     assert load_file(write_yaml(raw)).tune.metric == "ood_val_f1"
+    assert load_file(write_yaml(raw)).tune.loggers == ()  # no tracker unless asked for
+    raw["tune"] = {"loggers": "mlflow"}
+    assert load_file(write_yaml(raw)).tune.loggers == ("mlflow",)
+    assert load_file(write_yaml(raw), ["tune.loggers=[wandb, mlflow]"]).tune.loggers == ("wandb", "mlflow")
     raw["tune"] = {"num_sample": 3}
     with pytest.raises(ConfigError, match="unknown key tune.num_sample"):
         load_file(write_yaml(raw))
@@ -171,6 +175,9 @@ def test_train_refuses_a_bad_resume_path_before_any_work(write_yaml, tmp_path, c
     ({"resume_every_minutes": float("nan")}, "tune.resume_every_minutes = nan"),
     ({"resume_every": -1}, "tune.resume_every = -1"),
     ({"checkpoint_scheme": "all"}, "tune.checkpoint_scheme = 'all': must be one of economy, full"),
+    ({"loggers": ["mlflow", "tensorboard"]}, "tune.loggers = 'tensorboard': must be one of mlflow, wandb"),
+    ({"loggers": ["wandb", "wandb"]}, "tune.loggers = ['wandb', 'wandb']: names a logger twice"),
+    ({"loggers": {"mlflow": True}}, "tune.loggers = {'mlflow': True}: expected a list"),
 ])
 def test_bad_objectives_and_checkpoint_settings(tune, message, write_yaml):
     raw = tiny_raw()

@@ -213,6 +213,9 @@ def _cases() -> list[Case]:
         ["max_concurrent_trials", "0"], space())
     add("sweep/tune/inf-minutes", sweep + ["--set", "tune.resume_every_minutes=.inf"], ["resume_every_minutes", "inf"],
         space())
+    add("sweep/tune/unknown-logger", sweep + ["--set", "tune.loggers=[mlflow, comet]"], ["tune.loggers", "comet"],
+        space())
+    add("sweep/tune/logger-twice", sweep, ["tune.loggers", "wandb"], space(tune={"loggers": ["wandb", "wandb"]}))
     add("sweep/num-samples/zero", sweep + ["--num-samples", "0"], ["num_samples", "0"], space())
     add("sweep/num-samples/wrong-type", sweep + ["--num-samples", "many"], ["--num-samples", "many"], space())
     add("sweep/post/unknown", sweep + ["--post", "wise,stew"], ["--post", "stew"], space())

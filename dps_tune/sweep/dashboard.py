@@ -12,7 +12,9 @@
 
 Secure by default: the server binds 127.0.0.1 unless ``--host`` says otherwise, and
 every request needs the token printed with the URL (``?token=…`` once, then a cookie);
-without it the answer is 401. The pages load nothing from outside the server.
+without it the answer is 401. The pages load nothing from outside the server. Browsers
+share cookies between the ports of one host, so the cookies' names carry the port: two
+dashboards on one host (two users, or one per sweep) do not log each other out.
 """
 
 from __future__ import annotations
@@ -40,11 +42,13 @@ from dps_tune.sweep.results import SWEEP_FILE, open_experiment, sweep_meta
 
 logger = logging.getLogger(__name__)
 
-TOKEN_COOKIE = "dps_tune_token"
-EXP_COOKIE = "dps_tune_experiment"
+TOKEN_COOKIE = "dps_tune_token_{port}"
+EXP_COOKIE = "dps_tune_experiment_{port}"
+COOKIE_FLAGS = "Path=/; HttpOnly; SameSite=Strict"
 REFRESH_S = 15
 OPTUNA_PREFIXES = ("/dashboard", "/api/", "/static/", "/csv/", "/favicon.ico")
-CSP = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'none'"
+CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'none'; "
+       "frame-ancestors 'none'")
 
 
 @dataclass
@@ -117,10 +121,11 @@ class _LiveReport:
 class Dashboard:
     """The WSGI application: token check, experiment index, live report, optuna-dashboard."""
 
-    def __init__(self, experiments: Sequence[Experiment], token: str, work_dir: Path):
+    def __init__(self, experiments: Sequence[Experiment], token: str, work_dir: Path, port: int):
         import optuna_dashboard
 
         self.experiments, self.token = list(experiments), token
+        self.token_cookie, self.exp_cookie = TOKEN_COOKIE.format(port=port), EXP_COOKIE.format(port=port)
         self.apps = [optuna_dashboard.wsgi(f"sqlite:///{e.db}") for e in experiments]
         self.report = _LiveReport(experiments, work_dir / "report.html")
 
@@ -136,8 +141,8 @@ class Dashboard:
         if header.startswith("token "):
             return hmac.compare_digest(header[len("token "):], self.token), False
         cookie = SimpleCookie(environ.get("HTTP_COOKIE", ""))
-        if TOKEN_COOKIE in cookie:
-            return hmac.compare_digest(cookie[TOKEN_COOKIE].value, self.token), False
+        if self.token_cookie in cookie:
+            return hmac.compare_digest(cookie[self.token_cookie].value, self.token), False
         return False, False
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
@@ -152,7 +157,7 @@ class Dashboard:
             target = path + (f"?{urlencode(rest, doseq=True)}" if rest else "")
             start_response("303 See Other", [
                 ("Location", target),
-                ("Set-Cookie", f"{TOKEN_COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict")])
+                ("Set-Cookie", f"{self.token_cookie}={self.token}; {COOKIE_FLAGS}")])
             return [b""]
         if path == "/":
             return self._html(start_response, self._index())
@@ -166,7 +171,7 @@ class Dashboard:
                 return self._not_found(start_response)
             start_response("303 See Other", [
                 ("Location", "/dashboard"),
-                ("Set-Cookie", f"{EXP_COOKIE}={index}; Path=/; HttpOnly; SameSite=Strict")])
+                ("Set-Cookie", f"{self.exp_cookie}={index}; {COOKIE_FLAGS}")])
             return [b""]
         if path.startswith(OPTUNA_PREFIXES):
             return self.apps[self._selected(environ)](environ, start_response)
@@ -175,7 +180,7 @@ class Dashboard:
     def _selected(self, environ: dict) -> int:
         cookie = SimpleCookie(environ.get("HTTP_COOKIE", ""))
         try:
-            index = int(cookie[EXP_COOKIE].value) if EXP_COOKIE in cookie else 0
+            index = int(cookie[self.exp_cookie].value) if self.exp_cookie in cookie else 0
         except ValueError:
             index = 0
         return index if 0 <= index < len(self.apps) else 0
@@ -244,7 +249,7 @@ def serve(exp_dirs: Sequence[str | os.PathLike], *, host: str = "127.0.0.1", por
         raise UserError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
     token = token or secrets.token_urlsafe(24)
     work = work_dir or Path(tempfile.mkdtemp(prefix="dps_tune_dashboard_"))  # only once the port is ours
-    server.set_app(Dashboard(experiments, token, work))
+    server.set_app(Dashboard(experiments, token, work, server.server_port))
     url = f"http://{host if ':' not in host else f'[{host}]'}:{server.server_port}/?token={token}"
     if ready:
         ready(url)

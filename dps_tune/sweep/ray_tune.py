@@ -514,9 +514,33 @@ def _run_config(name: str, storage_path: str, searched_keys: list[str], t: TuneC
         progress_reporter=reporter,
         callbacks=[_ResolvedConfigWriter(base), _StudyUploader(local, location),
                    *([_TrainStateCleaner()] if t.checkpoint_scheme == "economy" else []),
-                   *([_CheckpointRecorder(local / OPTUNA_FILE, name)] if with_study else [])],
+                   *([_CheckpointRecorder(local / OPTUNA_FILE, name)] if with_study else []),
+                   *_tracker_callbacks(t.loggers, name)],
         verbose=1,
     )
+
+
+def _tracker_callbacks(loggers: tuple[str, ...], name: str) -> list[Any]:
+    """Ray's own MLflow and W&B callbacks: a run per trial, with its searched parameters and every metric.
+
+    Both are configured the way their users expect, through the trackers' environment
+    variables (``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``, ``WANDB_PROJECT``,
+    ``WANDB_GROUP``, ``WANDB_MODE``, ``WANDB_API_KEY``, ...); the MLflow experiment and the W&B
+    group default to the sweep's name, the W&B project to ``dps_tune``.
+    """
+    callbacks = []
+    if "mlflow" in loggers:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        # MLFLOW_EXPERIMENT_ID, when set, wins over the name (Ray checks it first).
+        callbacks.append(MLflowLoggerCallback(experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME", name),
+                                              tags={"dps_tune.sweep": name}))
+    if "wandb" in loggers:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        # The group is WANDB_GROUP or the sweep's name (Ray's default).
+        callbacks.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", "dps_tune")))
+    return callbacks
 
 
 def _finish(local: Path, location: str, result) -> None:
@@ -560,12 +584,14 @@ def load_resumable(exp: str | os.PathLike) -> Resumable:
         raise UserError(f"experiment {location!r}: {SWEEP_FILE} has no tune block; it cannot be resumed")
     cfg = config_from_dict(meta["base"])
     preflight.check_config(cfg)
+    tune_cfg = tune_config_from_dict(meta["tune"])
+    preflight.check_loggers(tune_cfg.loggers)
     space = parse_search(meta.get("search") or {}, cfg)
     restore_at, filesystem = _restore_point(location)
     if not tune.Tuner.can_restore(restore_at, storage_filesystem=filesystem):
         raise UserError(f"experiment {location!r}: Ray has no experiment state to restore (a sweep that never "
                         "started a trial, or a directory copied without its experiment_state files)")
-    return Resumable(location, meta, cfg, tune_config_from_dict(meta["tune"]), space)
+    return Resumable(location, meta, cfg, tune_cfg, space)
 
 
 def _restore_point(location: str) -> tuple[str, Any]:

@@ -175,8 +175,9 @@ def load_sweep(path: str | os.PathLike, overrides: Iterable[str] | Mapping[str, 
     searched_epochs = "optim.epochs" in space.keys
     if searched_epochs and not parsed.tune.max_t:
         raise ConfigError("search.optim.epochs: set tune.max_t when the number of epochs is searched")
-    for cfg in [parsed.config, *edges]:
-        from dps_tune import preflight  # open_clip's registry: torch from here on
+    from dps_tune import preflight  # open_clip's registry: torch from here on
 
+    for cfg in [parsed.config, *edges]:
         preflight.check_config(cfg)
+    preflight.check_loggers(parsed.tune.loggers)
     return Sweep(parsed.config, space, parsed.tune, parsed.path, dict(parsed.search))

@@ -1,5 +1,7 @@
 """`dps-tune dashboard` in a real headless Chromium (Debian's package, driven by Playwright), on a live sweep."""
 
+import http.client
+import http.cookiejar
 import json
 import os
 import shutil
@@ -10,10 +12,13 @@ import time
 import urllib.error
 import urllib.request
 
+from http.cookies import SimpleCookie
+
 import pytest
 import yaml
 
 from conftest import tiny_raw
+from fixtures import write_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -156,3 +161,66 @@ def test_the_dashboard_refuses_what_it_cannot_serve(tmp_path):
     (tmp_path / "sweep" / "dps_tune_sweep.json").write_text(json.dumps({"name": "s", "base": tiny_raw()}))
     proc = run_cli("dashboard", tmp_path / "sweep", check=False, timeout=60)
     assert proc.returncode == 2 and "no optuna.db" in proc.stderr
+
+
+def dashboard_url(proc: subprocess.Popen) -> str:
+    line = wait_for(lambda: proc.stdout.readline(), timeout=120, what="the dashboard's URL")
+    assert line.startswith("dashboard: http://127.0.0.1:"), line + proc.stderr.read()[-2000:]
+    return line.split(" ", 1)[1].strip()
+
+
+def get(url: str, cookie: str = "") -> http.client.HTTPResponse:
+    """One request, redirects not followed."""
+    host, rest = url.removeprefix("http://").split("/", 1)
+    conn = http.client.HTTPConnection(host, timeout=30)
+    conn.request("GET", "/" + rest, headers={"Cookie": cookie} if cookie else {})
+    response = conn.getresponse()
+    response.read()
+    return response
+
+
+def test_two_dashboards_on_one_host_keep_their_logins_with_strict_cookies_and_csp(tmp_path):
+    """Browsers share cookies between the ports of a host; each dashboard's cookies carry its port."""
+    import optuna
+
+    exps = []
+    for name in ("first", "second"):
+        exp = write_experiment(tmp_path, name, [("ce000001", {"algorithm": "ce"}, 2, 0.8)])
+        optuna.create_study(study_name=name, storage=f"sqlite:///{exp / 'optuna.db'}")
+        exps.append(exp)
+    dashboards = [start("dashboard", exp, "--port", "0") for exp in exps]
+    try:
+        urls = [dashboard_url(d) for d in dashboards]
+        roots = [url.split("/?token=")[0] for url in urls]
+        ports = [root.rsplit(":", 1)[1] for root in roots]
+        assert ports[0] != ports[1]
+
+        # One browser's cookie jar (per host, not per port), logged in to both, one after the other.
+        jar = http.cookiejar.CookieJar()
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        for url in urls:
+            assert browser.open(url, timeout=30).status == 200
+        for root, name in zip(roots, ("first", "second")):
+            page = browser.open(root + "/", timeout=30)  # no token in the URL: the cookie alone
+            assert page.status == 200 and f'href="/open/0">{name}</a>' in page.read().decode()
+            csp = dict(d.strip().split(" ", 1) for d in page.getheader("Content-Security-Policy").split(";"))
+            assert csp["default-src"] == "'self'" and csp["script-src"] == "'none'", csp
+            assert csp["frame-ancestors"] == "'none'", csp
+            assert not any(w in v for v in csp.values() for w in ("*", "http:", "https:")), csp
+            # Opening the experiment sets this dashboard's experiment cookie, the other's login untouched.
+            assert browser.open(root + "/open/0", timeout=30).status == 200
+        assert sorted(c.name for c in jar) == sorted(f"dps_tune_{what}_{p}" for p in ports
+                                                     for what in ("token", "experiment"))
+        for root in roots:
+            assert browser.open(root + "/", timeout=30).status == 200
+            assert get(root + "/").status == 401  # and the cookie is what logs in
+
+        # The login answer: the token goes into an HttpOnly, SameSite=Strict cookie for the whole site.
+        login = get(urls[0])
+        assert login.status == 303 and login.getheader("Location") == "/"
+        (morsel,) = SimpleCookie(login.getheader("Set-Cookie")).values()
+        assert morsel.key == f"dps_tune_token_{ports[0]}" and morsel.value == urls[0].split("token=")[1]
+        assert morsel["httponly"] is True and morsel["samesite"] == "Strict" and morsel["path"] == "/"
+    finally:
+        for d in dashboards:
+            stop(d)
