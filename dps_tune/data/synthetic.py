@@ -107,7 +107,7 @@ def location_view(world: str, location: int) -> View:
     if location < 100:
         centre, squash, clutter = rng.uniform(0.27, 0.33), rng.uniform(0.9, 1.0), int(rng.integers(0, 2))
     else:
-        centre, squash, clutter = rng.uniform(0.23, 0.3), rng.uniform(0.8, 0.95), int(rng.integers(1, 3))
+        centre, squash, clutter = rng.uniform(0.25, 0.31), rng.uniform(0.8, 0.95), int(rng.integers(1, 3))
     return View(size=(0.8 * centre, 1.2 * centre), squash=squash, clutter=clutter)
 
 
