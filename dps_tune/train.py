@@ -230,12 +230,19 @@ class _Trial:
         self.cfg, self.rt, self.work, self.memory_fraction, self.keep = cfg, rt, work, memory_fraction, keep
         self.derive = derive
         tokenizer = models.get_tokenizer(cfg.model)
+        self.holding: dict[str, float] = {}
 
         def make_suppressor() -> suppression.RowSuppressor:
-            masks = suppression.select_rows(ranking, cfg.dps.masking, cfg.dps.suppress, seed=cfg.seed)
+            masks = suppression.select_rows(ranking, cfg.dps.masking, cfg.dps.suppress, seed=cfg.seed,
+                                            quota=cfg.dps.quota, exclude=cfg.dps.exclude)
             sup = suppression.RowSuppressor(self.model, masks)
-            logger.info("DPS: suppressing %d of %d ranked rows (masking %.3f, %s)", sup.num_suppressed,
-                        sup.num_ranked, cfg.dps.masking, cfg.dps.suppress)
+            held = suppression.holdings(masks, {n: tuple(p.shape) for n, p in self.model.named_parameters()
+                                                if p.requires_grad})
+            # Reported with every evaluation: what this trial really trains.
+            self.holding = suppression.holding_metrics(held)
+            logger.info("DPS: suppressing %d of %d ranked rows (masking %.3f, %s, quota %s); %.1f%% of the "
+                        "parameters still train", sup.num_suppressed, sup.num_ranked, cfg.dps.masking,
+                        cfg.dps.suppress, cfg.dps.quota, 100 * held[-1].params_train_frac)
             return sup
 
         captions = uses_captions(cfg.algorithm)
@@ -343,6 +350,7 @@ class _Trial:
             "train_loss": meter.mean(),
             "lr": lr_at(max(0, self.loop.step - 1), self.cfg.optim.lr, self.cfg.optim.warmup_steps, self.total_steps),
             "samples_per_s": clock.rate(),
+            **self.holding,
         }
         self.predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         metrics.update(evaluate_splits(self.model, self.prompts, self.inputs.eval_loaders(), bf16=self.rt.bf16,
