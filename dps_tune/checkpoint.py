@@ -77,8 +77,7 @@ def _write_checkpoint(path: Path, model_state: Mapping[str, torch.Tensor], confi
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE),
                   metadata={"format": "open_clip state_dict", "model": config.model})
         if predictions:
-            save_file({f"{split}.{what}": t.to(torch.int32).contiguous() for split, pair in predictions.items()
-                       for what, t in zip(("true", "pred"), pair)}, str(tmp / PREDICTIONS_FILE))
+            _save_predictions(tmp, predictions)
         _save_config(config, tmp / CONFIG_FILE)
         save_json(dict(metrics), tmp / METRICS_FILE)
         if loop is not None:
@@ -95,6 +94,21 @@ def _write_checkpoint(path: Path, model_state: Mapping[str, torch.Tensor], confi
                 **(extra_state or {}),
             }
             torch.save(state, tmp / STATE_FILE)
+
+
+def _save_predictions(directory: Path, predictions: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    save_file({f"{split}.{what}": t.to(torch.int32).contiguous() for split, pair in predictions.items()
+               for what, t in zip(("true", "pred"), pair)}, str(directory / PREDICTIONS_FILE))
+
+
+def save_evaluation(path: str | os.PathLike, metrics: Mapping[str, Any],
+                    predictions: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
+    """A directory with an evaluation's ``metrics.json`` and ``predictions.safetensors``, no weights, atomically."""
+    with atomic_path(Path(path)) as tmp:
+        tmp.mkdir(parents=True)
+        _save_predictions(tmp, predictions)
+        save_json(dict(metrics), tmp / METRICS_FILE)
+    return Path(path)
 
 
 def _save_config(config: Config, path: Path) -> None:

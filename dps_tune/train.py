@@ -209,16 +209,18 @@ def _model_and_inputs(cfg: Config, rt: Runtime, *, captions: bool) -> tuple[nn.M
     return model, inputs, prompts
 
 
-def evaluate_start(cfg: Config) -> dict[str, float]:
+def evaluate_start(cfg: Config, predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+                   ) -> dict[str, float]:
     """Metrics of the weights ``cfg`` starts from (zero-shot for a pretrained model), without training.
 
     The same evaluation every trial runs after each epoch: the zero-shot head from the
     prompt templates, then accuracy and macro-F1 on every evaluation split.
+    ``predictions``, when given, receives ``(labels, predicted classes)`` per split.
     """
     rt = resolve_runtime(cfg)
     torch.manual_seed(cfg.seed)
     model, inputs, prompts = _model_and_inputs(cfg, rt, captions=False)
-    return evaluate_splits(model, prompts, inputs.eval_loaders(), bf16=rt.bf16)
+    return evaluate_splits(model, prompts, inputs.eval_loaders(), bf16=rt.bf16, predictions=predictions)
 
 
 class _Trial:

@@ -243,11 +243,21 @@ def histories(exp_dir: str | os.PathLike) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+MASKING_ALL = "dps (masking 1.0)"
+
+
 def method_name(config: dict[str, Any]) -> str:
-    """``ce``, ``flyp``, or ``dps (top)`` / ``dps (random)`` / ``dps (bottom)`` for the DPS arms."""
+    """``ce``, ``flyp``, or ``dps (top)`` / ``dps (random)`` / ``dps (bottom)`` … for the DPS arms.
+
+    At ``masking: 1.0`` every ranked row is held whatever the suppression kind, so those
+    are one method: ``dps (masking 1.0)``, where only the excluded tensors train.
+    """
     algorithm = config.get("algorithm", "?")
     if algorithm == "dps":
-        return f"dps ({config.get('dps', {}).get('suppress', 'top')})"
+        dps = config.get("dps", {})
+        if dps.get("masking", 0) == 1.0:
+            return MASKING_ALL
+        return f"dps ({dps.get('suppress', 'top')})"
     return algorithm
 
 
@@ -266,7 +276,7 @@ def best_per_method(exp_dirs: list[str | os.PathLike], metric: str, mode: str = 
             method = method_name(json.loads(cfg_path.read_text()))
             candidates.setdefault(method, []).append((metrics[metric], path, metrics))
     best = {m: best_of(c, lambda t: t[0], mode) for m, c in candidates.items()}
-    order = ["ce", "dps (top)", "dps (random)", "dps (bottom)", "flyp"]
+    order = ["ce", "dps (top)", "dps (random)", "dps (bottom)", "dps (random_global)", MASKING_ALL, "flyp"]
     names = sorted(best, key=lambda m: (order.index(m) if m in order else len(order), m))
     return [{"method": m, "checkpoint": best[m][1], "trial": _trial_id(best[m][1].parent), **best[m][2]}
             for m in names]
