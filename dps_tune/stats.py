@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -262,3 +262,73 @@ def holm_family(comparisons: Sequence[Bootstrap], confidence: float = 0.95) -> l
         iv = c.interval(level)
         out.append(Verdict(iv, level, pv, adj, adj <= 1 - confidence and iv.excludes_zero))
     return out
+
+
+# -------------------------------------------------------------- against a WiSE-FT curve
+
+
+def curve_ood_at(curve: Sequence[tuple[float, float, float]], id_acc: float) -> float | None:
+    """The OOD accuracy of a WiSE-FT curve at ``id_acc``, interpolated linearly along alpha.
+
+    ``curve`` holds ``(alpha, id_acc, ood_acc)`` points. Between each two neighbouring
+    alphas the curve is a straight line in (ID, OOD); where it passes ``id_acc`` more than
+    once, the highest OOD accuracy (the frontier) counts. None when ``id_acc`` lies outside
+    the curve's ID range.
+    """
+    pts = sorted(curve)
+    found = []
+    for (_, i0, o0), (_, i1, o1) in zip(pts, pts[1:]):
+        if min(i0, i1) <= id_acc <= max(i0, i1):
+            found.append(max(o0, o1) if i1 == i0 else o0 + (id_acc - i0) / (i1 - i0) * (o1 - o0))
+    if len(pts) == 1 and pts[0][1] == id_acc:
+        found.append(pts[0][2])
+    return max(found) if found else None
+
+
+@dataclass(frozen=True)
+class FrontierGap:
+    """A method's OOD accuracy minus the curve's at the same ID accuracy (None outside the curve's range)."""
+
+    gap: float | None
+    interval: Interval | None  # None without per-image predictions, or when resamples leave the curve's range
+    curve_resampled: bool  # whether the curve's own points were resampled on the same images too
+
+
+def wise_frontier_gap(curve: Sequence[tuple[float, float, float]], id_acc: float, ood_acc: float, *,
+                      method_correct: tuple[Any, Any] | None = None,
+                      curve_correct: Mapping[float, tuple[Any, Any]] | None = None,
+                      resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> FrontierGap:
+    """``ood_acc`` minus the OOD accuracy of a WiSE-FT ``curve`` (alpha, ID, OOD) at ``id_acc``.
+
+    ``method_correct`` is ``(id, ood)``: [seeds, images] per-image correctness on the ID and
+    OOD test splits (one row for one checkpoint); with it, the interval comes from
+    resampling the seeds and the images of each split. ``curve_correct`` maps each alpha
+    to its ``(id, ood)`` per-image correctness on the same images; with it the curve is
+    recomputed on every resample's images (paired), otherwise it is held fixed.
+    """
+    point = curve_ood_at(curve, id_acc)
+    gap = None if point is None else ood_acc - point
+    if gap is None or method_correct is None:
+        return FrontierGap(gap, None, False)
+    rng = np.random.default_rng(seed)
+    m_id, m_ood = _as_matrix(method_correct[0]), _as_matrix(method_correct[1])
+    alphas = [a for a, _, _ in sorted(curve)]
+    paired = curve_correct is not None and all(a in curve_correct for a in alphas)
+    draws = []
+    for _ in range(resamples):
+        seeds = rng.integers(0, m_id.shape[0], m_id.shape[0])
+        w_id = np.bincount(rng.integers(0, m_id.shape[1], m_id.shape[1]), minlength=m_id.shape[1]) / m_id.shape[1]
+        w_ood = np.bincount(rng.integers(0, m_ood.shape[1], m_ood.shape[1]), minlength=m_ood.shape[1]) / m_ood.shape[1]
+        mid, mood = float((m_id[seeds] @ w_id).mean()), float((m_ood[seeds] @ w_ood).mean())
+        if paired:
+            resampled = [(a, float(np.asarray(curve_correct[a][0], dtype=float) @ w_id),
+                          float(np.asarray(curve_correct[a][1], dtype=float) @ w_ood)) for a in alphas]
+        else:
+            resampled = curve
+        at = curve_ood_at(resampled, mid)
+        if at is not None:
+            draws.append(mood - at)
+    if len(draws) < 0.9 * resamples:  # the method's ID often falls outside the curve: no honest interval
+        return FrontierGap(gap, None, paired)
+    b = Bootstrap(gap, np.asarray(draws), m_id.shape[0])
+    return FrontierGap(gap, b.interval(confidence), paired)

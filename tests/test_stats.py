@@ -131,3 +131,24 @@ def test_holm_family_calls_a_difference_only_when_the_adjusted_interval_excludes
     assert verdicts[0].differs and not verdicts[1].differs
     assert verdicts[0].level == pytest.approx(0.975) and verdicts[1].level == pytest.approx(0.95)
     assert verdicts[0].interval.excludes_zero and not verdicts[1].interval.excludes_zero
+
+
+def test_wise_frontier_gap_interpolates_along_alpha():
+    # alpha: (ID, OOD). ID rises along alpha, OOD peaks at 0.5.
+    curve = [(0.0, 0.60, 0.45), (0.5, 0.70, 0.50), (1.0, 0.80, 0.30)]
+    assert stats.curve_ood_at(curve, 0.65) == pytest.approx(0.475)  # halfway between alpha 0 and 0.5
+    assert stats.curve_ood_at(curve, 0.75) == pytest.approx(0.40)
+    assert stats.curve_ood_at(curve, 0.85) is None  # beyond the fine-tuned end
+    gap = stats.wise_frontier_gap(curve, 0.75, 0.43)
+    assert gap.gap == pytest.approx(0.03) and gap.interval is None
+    # with per-image correctness of the method: an interval around the gap, the curve held fixed
+    rng = np.random.default_rng(0)
+    id_c = (rng.random((3, 400)) < 0.75).astype(float)
+    ood_c = (rng.random((3, 400)) < 0.43).astype(float)
+    got = stats.wise_frontier_gap(curve, float(id_c.mean()), float(ood_c.mean()), method_correct=(id_c, ood_c),
+                                  resamples=500)
+    assert got.interval.low < got.gap < got.interval.high and not got.curve_resampled
+    assert got.gap == pytest.approx(ood_c.mean() - stats.curve_ood_at(curve, id_c.mean()))
+    # a non-monotone curve crossing the ID twice: the frontier (higher OOD) counts
+    bent = [(0.0, 0.60, 0.45), (0.5, 0.80, 0.50), (1.0, 0.70, 0.20)]
+    assert stats.curve_ood_at(bent, 0.75) == pytest.approx(max(0.45 + 0.75 * 0.05, 0.50 - 0.5 * 0.30))

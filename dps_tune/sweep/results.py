@@ -36,7 +36,9 @@ TRIAL_CONFIG_FILE = "dps_tune_config.json"
 WISE_CSV, WISE_JSON = "wise.csv", "wise.json"
 SOUP_CSV, SOUP_JSON = "soup_steps.csv", "soup.json"
 PARAM_COLUMNS = {"algorithm": "algorithm", "optim.lr": "lr", "optim.wd": "wd", "dps.masking": "masking",
-                 "dps.suppress": "suppress", "seed": "seed"}
+                 "dps.suppress": "suppress", "dps.quota": "quota", "seed": "seed"}
+# What a DPS trial holds (dps_tune.suppression.holding_metrics), as results columns.
+HELD_COLUMNS = {"dps_params_held_frac": "params_held", "dps_params_train_frac": "params_train"}
 
 
 def _finite(x: Any) -> bool:
@@ -217,8 +219,10 @@ def results_table(exp_dir: str | os.PathLike, metric: str | None = None, mode: s
         row: dict[str, Any] = {"trial_id": t.trial_id}
         for dotted, short in PARAM_COLUMNS.items():
             row[short] = t.param(dotted)
-        if row["algorithm"] != "dps":  # masking and suppress mean nothing to CE and FLYP
-            row["masking"] = row["suppress"] = None
+        if row["algorithm"] != "dps":  # masking, suppress and quota mean nothing to CE and FLYP
+            row["masking"] = row["suppress"] = row["quota"] = None
+        for key, short in HELD_COLUMNS.items():
+            row[short] = t.last.get(key)
         row["epochs"] = t.last.get("epoch", 0)
         row["status"] = trial_status(t, meta.get("max_t"), finished)
         row["early_stopped"] = row["status"] == "early-stopped"
