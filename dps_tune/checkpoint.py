@@ -77,7 +77,7 @@ def _write_checkpoint(path: Path, model_state: Mapping[str, torch.Tensor], confi
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE),
                   metadata={"format": "open_clip state_dict", "model": config.model})
         if predictions:
-            _save_predictions(predictions, tmp / PREDICTIONS_FILE)
+            _save_predictions(tmp, predictions)
         _save_config(config, tmp / CONFIG_FILE)
         save_json(dict(metrics), tmp / METRICS_FILE)
         if loop is not None:
@@ -96,9 +96,23 @@ def _write_checkpoint(path: Path, model_state: Mapping[str, torch.Tensor], confi
             torch.save(state, tmp / STATE_FILE)
 
 
-def _save_predictions(predictions: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
+def _write_predictions(predictions: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
     save_file({f"{split}.{what}": t.to(torch.int32).contiguous() for split, pair in predictions.items()
                for what, t in zip(("true", "pred"), pair)}, str(path))
+
+
+def _save_predictions(directory: Path, predictions: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    _write_predictions(predictions, directory / PREDICTIONS_FILE)
+
+
+def save_evaluation(path: str | os.PathLike, metrics: Mapping[str, Any],
+                    predictions: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
+    """A directory with an evaluation's ``metrics.json`` and ``predictions.safetensors``, no weights, atomically."""
+    with atomic_path(Path(path)) as tmp:
+        tmp.mkdir(parents=True)
+        _save_predictions(tmp, predictions)
+        save_json(dict(metrics), tmp / METRICS_FILE)
+    return Path(path)
 
 
 def _save_config(config: Config, path: Path) -> None:
@@ -168,7 +182,7 @@ def add_figures(path: str | os.PathLike, metrics: Mapping[str, float],
     if predictions:
         merged = {**read_predictions(path), **predictions}
         with atomic_path(path / PREDICTIONS_FILE) as tmp:
-            _save_predictions(merged, tmp)
+            _write_predictions(merged, tmp)
     old = read_json_object(path / METRICS_FILE, f"checkpoint {str(path)!r}") if (path / METRICS_FILE).is_file() else {}
     save_json({**old, **metrics}, path / METRICS_FILE)
 

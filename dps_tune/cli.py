@@ -24,7 +24,8 @@ from typing import Sequence
 from dps_tune.cli_analysis import Confirm, DashboardCommand, Soup, Wise, finish_confirmation, post_ensembles
 from dps_tune.cli_base import (Command, Parser, add_cluster_options, add_set_option, check_address, check_name,
                                check_out_dir, check_out_file, format_table, print_sweep_summary)
-from dps_tune.config import SYNTHETIC_WORLDS, scalar_objective
+from dps_tune.config import (PAPER_EXCLUDE, QUOTAS, SYNTHETIC_WORLDS, check_choice, check_exclude, scalar_objective,
+                             split_list)
 from dps_tune.errors import UserError, first_line
 
 logger = logging.getLogger("dps_tune")
@@ -116,12 +117,18 @@ class Rank(Command):
         p.add_argument("--pretrained", required=True, help="pretrained tag, weights file, or none")
         p.add_argument("--reference", required=True, help="CE fine-tuned checkpoint directory or weights file")
         p.add_argument("--masking", type=float, default=0.9, help="fraction of ranked rows to suppress in the summary")
+        p.add_argument("--quota", default="global", help="global (one cut over all rows) or per_tensor")
+        p.add_argument("--exclude", default=",".join(PAPER_EXCLUDE),
+                       help="comma-separated name substrings of tensors left out of the ranking")
         p.add_argument("--seed", type=int, default=0, help="the trial seed (only matters for --pretrained none)")
         p.add_argument("--out", required=True, help="output file (torch.load(weights_only=True) compatible)")
 
     def run(self, args: argparse.Namespace) -> int:
-        if not 0 <= args.masking < 1:
-            raise UserError(f"--masking {args.masking}: must be in [0, 1)")
+        if not 0 <= args.masking <= 1:
+            raise UserError(f"--masking {args.masking}: must be in [0, 1]")
+        check_choice("--quota", args.quota, QUOTAS)
+        exclude = tuple(split_list(args.exclude))
+        check_exclude("--exclude", exclude)
         check_out_file("--out", args.out)
         from dps_tune import models, preflight, suppression  # torch and open_clip from here on
 
@@ -130,18 +137,23 @@ class Rank(Command):
         theta1 = models.load_weights_file(args.reference)
         theta0 = models.pretrained_state_dict(args.model, args.pretrained, seed=args.seed)
         start = time.perf_counter()
-        scores = suppression.rank_scores(theta0, theta1)
+        scores = suppression.rank_scores(theta0, theta1, exclude)
         seconds = time.perf_counter() - start
         suppression.save_ranking(args.out, scores, model=args.model, pretrained=str(args.pretrained),
                                  reference=str(args.reference))
-        rows = suppression.summarize(suppression.select_rows(scores, args.masking, "top"))
+        masks = suppression.select_rows(scores, args.masking, "top", quota=args.quota, exclude=exclude)
+        rows = suppression.summarize(masks)
         width = max(len(n) for n, _, _ in rows) if rows else 10
         print(f"{'tensor':<{width}}  suppressed / ranked")
         for name, k, n in rows:
             print(f"{name:<{width}}  {k:>10} / {n:<8} {100.0 * k / max(n, 1):5.1f}%")
         total_k, total_n = sum(k for _, k, _ in rows), sum(n for _, _, n in rows)
         print(f"{'total':<{width}}  {total_k:>10} / {total_n:<8} {100.0 * total_k / max(total_n, 1):5.1f}%"
-              f"  (masking {args.masking}, ranked in {seconds:.3f} s)")
+              f"  (masking {args.masking}, quota {args.quota}, ranked in {seconds:.3f} s)")
+        print()
+        print(f"what DPS (top) holds per tensor group, masking {args.masking}, quota {args.quota}:")
+        for line in suppression.format_holdings(suppression.holdings(masks, models.parameter_shapes(args.model))):
+            print(line)
         print(f"ranking written to {args.out}")
         return 0
 

@@ -187,11 +187,12 @@ class Soup(Command):
 
 class Confirm(Command):
     name = "confirm"
-    help = "retrain each method's selected configuration with N fresh seeds; mean, 95%% intervals, paired differences"
+    help = ("retrain each method's selected configuration, and DPS's controls at its configuration, with N fresh "
+            "seeds; zero-shot beside them; two-level bootstrap intervals and Holm-adjusted paired comparisons")
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("exp_dirs", nargs="+", metavar="EXP_DIR", help="finished experiments of `dps-tune sweep`")
-        p.add_argument("--seeds", type=int, default=3, help="seeds per method, at least 2 (default 3): 1..N")
+        p.add_argument("--seeds", type=int, default=5, help="seeds per method, at least 2 (default 5): 1..N")
         p.add_argument("--select", default="id_val_f1",
                        help="validation metric that selects each method's configuration (default id_val_f1)")
         p.add_argument("--storage", help="where the confirmation experiment goes (default: beside the first EXP_DIR)")
@@ -235,7 +236,8 @@ class Confirm(Command):
         name = args.name or f"confirm-{time.strftime('%Y%m%d-%H%M%S')}"
         print(f"confirming {len(configs)} configurations x {len(seeds)} seeds (selected on {args.select}):")
         for v in variants:
-            print(f"  {v.method:<14} trial {v.trial}  {args.select}={v.value:.4f}  {v.checkpoint}")
+            control = " (control at dps (top)'s configuration)" if v.method in confirm.CONTROLS else ""
+            print(f"  {v.method:<17} trial {v.trial}  {args.select}={v.value:.4f}  {v.checkpoint}{control}")
         from dps_tune.sweep import ray_tune
 
         try:

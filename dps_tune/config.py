@@ -38,7 +38,11 @@ def is_test_split(split: str) -> bool:
     return split == "test" or split.endswith("_test")
 SPLITS = ("id_val", "id_test", "ood_val", "ood_test")
 VALIDATION_SPLITS = ("id_val", "ood_val")
-SUPPRESS_MODES = ("top", "bottom", "random")
+# top: DPS; random, bottom: matched controls (top's count in every tensor); random_global: the unmatched draw.
+SUPPRESS_MODES = ("top", "random", "bottom", "random_global")
+QUOTAS = ("global", "per_tensor")
+# The paper's exclusions: a tensor whose name contains one of these is never ranked.
+PAPER_EXCLUDE = ("bias", "positional_embedding", "ln")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("auto", "on", "off")
@@ -115,6 +119,10 @@ class OptimConfig:
 class DPSConfig:
     masking: float = 0.9
     suppress: str = "top"
+    quota: str = "global"  # one cut over all ranked rows, or per_tensor: the top fraction of each tensor
+    # Name substrings of tensors left out of the ranking (they always train); a list, or
+    # one comma-separated string ("bias,positional_embedding,ln,token_embedding").
+    exclude: tuple[str, ...] = PAPER_EXCLUDE
     # Either a checkpoint (directory or weights file) fine-tuned with CE from the same
     # pretrained weights, or a finished CE sweep whose best trial is used.
     reference: str | None = None
@@ -239,12 +247,17 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{key} = {value!r}: expected a mapping of split name to path")
             return tuple((str(k), _coerce(f"{key}.{k}", v, str)) for k, v in value.items())
-        if isinstance(value, str):
-            value = [value]
+        if isinstance(value, str):  # "a,b" is the list [a, b]: a search choice can then name a list
+            value = split_list(value)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} = {value!r}: expected a list")
         return tuple(_coerce(key, v, args[0]) for v in value)
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug, not user input
+
+
+def split_list(text: str) -> list[str]:
+    """``"a, b"`` -> ``["a", "b"]``; ``""`` -> ``[]``; an empty item stays, for the checks to refuse."""
+    return [v.strip() for v in text.split(",")] if text.strip() else []
 
 
 def _field_list(cls: type) -> str:
@@ -438,8 +451,11 @@ def validate(cfg: Config) -> None:
     check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
 
     p = cfg.dps
-    check(0 <= p.masking < 1, "dps.masking", p.masking, "must be in [0, 1)")
+    check(0 <= p.masking <= 1, "dps.masking", p.masking,
+          "must be in [0, 1] (1: every ranked row held, only the excluded tensors train)")
     check_choice("dps.suppress", p.suppress, SUPPRESS_MODES)
+    check_choice("dps.quota", p.quota, QUOTAS)
+    check_exclude("dps.exclude", p.exclude)
     if cfg.algorithm == "dps":
         check(
             (p.reference is None) != (p.reference_experiment is None),
@@ -460,6 +476,12 @@ def validate(cfg: Config) -> None:
     check(t.eval_every_steps >= 0, "train.eval_every_steps", t.eval_every_steps, "must be >= 0 (0: once per epoch)")
     check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, "must be >= 1")
 
+
+
+def check_exclude(key: str, patterns: Iterable[str]) -> None:
+    patterns = list(patterns)
+    check(all(p.strip() and "," not in p for p in patterns), key, patterns,
+          "must be a list of non-empty name substrings (or one comma-separated string)")
 
 
 def metric_names(splits: Iterable[str] = SPLITS) -> list[str]:

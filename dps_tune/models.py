@@ -293,6 +293,12 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {strip_wrapper_prefix(k): v for k, v in state.items()}
 
 
+def parameter_shapes(arch: str) -> dict[str, tuple[int, ...]]:
+    """Every trainable parameter of ``arch`` and its shape, without allocating any weights."""
+    model = create_model(arch, "none", device="meta")
+    return {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+
+
 def pretrained_state_dict(arch: str, pretrained: str, *, seed: int = 0) -> dict[str, torch.Tensor]:
     """The weights a trial with this ``seed`` starts from, as a plain CPU state dict.
 

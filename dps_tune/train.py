@@ -209,16 +209,18 @@ def _model_and_inputs(cfg: Config, rt: Runtime, *, captions: bool) -> tuple[nn.M
     return model, inputs, prompts
 
 
-def evaluate_start(cfg: Config) -> dict[str, float]:
+def evaluate_start(cfg: Config, predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+                   ) -> dict[str, float]:
     """Metrics of the weights ``cfg`` starts from (zero-shot for a pretrained model), without training.
 
     The same evaluation every trial runs after each epoch: the zero-shot head from the
     prompt templates, then accuracy and macro-F1 on every evaluation split.
+    ``predictions``, when given, receives ``(labels, predicted classes)`` per split.
     """
     rt = resolve_runtime(cfg)
     torch.manual_seed(cfg.seed)
     model, inputs, prompts = _model_and_inputs(cfg, rt, captions=False)
-    return evaluate_splits(model, prompts, inputs.eval_loaders(), bf16=rt.bf16)
+    return evaluate_splits(model, prompts, inputs.eval_loaders(), bf16=rt.bf16, predictions=predictions)
 
 
 class _Trial:
@@ -230,12 +232,19 @@ class _Trial:
         self.cfg, self.rt, self.work, self.memory_fraction, self.keep = cfg, rt, work, memory_fraction, keep
         self.derive = derive
         tokenizer = models.get_tokenizer(cfg.model)
+        self.holding: dict[str, float] = {}
 
         def make_suppressor() -> suppression.RowSuppressor:
-            masks = suppression.select_rows(ranking, cfg.dps.masking, cfg.dps.suppress, seed=cfg.seed)
+            masks = suppression.select_rows(ranking, cfg.dps.masking, cfg.dps.suppress, seed=cfg.seed,
+                                            quota=cfg.dps.quota, exclude=cfg.dps.exclude)
             sup = suppression.RowSuppressor(self.model, masks)
-            logger.info("DPS: suppressing %d of %d ranked rows (masking %.3f, %s)", sup.num_suppressed,
-                        sup.num_ranked, cfg.dps.masking, cfg.dps.suppress)
+            held = suppression.holdings(masks, {n: tuple(p.shape) for n, p in self.model.named_parameters()
+                                                if p.requires_grad})
+            # Reported with every evaluation: what this trial really trains.
+            self.holding = suppression.holding_metrics(held)
+            logger.info("DPS: suppressing %d of %d ranked rows (masking %.3f, %s, quota %s); %.1f%% of the "
+                        "parameters still train", sup.num_suppressed, sup.num_ranked, cfg.dps.masking,
+                        cfg.dps.suppress, cfg.dps.quota, 100 * held[-1].params_train_frac)
             return sup
 
         captions = uses_captions(cfg.algorithm)
@@ -343,6 +352,7 @@ class _Trial:
             "train_loss": meter.mean(),
             "lr": lr_at(max(0, self.loop.step - 1), self.cfg.optim.lr, self.cfg.optim.warmup_steps, self.total_steps),
             "samples_per_s": clock.rate(),
+            **self.holding,
         }
         self.predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         metrics.update(evaluate_splits(self.model, self.prompts, self.inputs.eval_loaders(self._splits_now()),

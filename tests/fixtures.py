@@ -76,6 +76,8 @@ def write_experiment(root: Path, name: str, trials: list[tuple], *,
             row = {"epoch": float(epoch), "step": 4 * epoch, "train_loss": 1.5 / epoch, "lr": 1e-3,
                    "samples_per_s": 100.0, "max_epoch": MAX_T, "trial_id": trial_id, "training_iteration": epoch,
                    "done": False, "config": {k: v for k, v in overrides.items() if k != "algorithm"}}
+            if overrides.get("algorithm") == "dps":  # what a DPS trial reports it held (a stand-in share)
+                row["dps_params_held_frac"] = round(0.5 + 0.5 * overrides.get("dps.masking", 0.9), 4)
             for j, split in enumerate(SPLITS):
                 ood = split.startswith("ood")
                 acc = 0.35 + quality * progress / MAX_T * (0.35 if ood else 0.55) - 0.01 * j

@@ -29,6 +29,17 @@ def test_leaf_keys_and_overrides(tiny_config):
     assert cfg.data.batch_size == 4
 
 
+def test_dps_variants_are_keys_a_search_can_set(tiny_config):
+    cfg = tiny_config()
+    assert (cfg.dps.quota, cfg.dps.exclude) == ("global", ("bias", "positional_embedding", "ln"))
+    # A comma-separated string is a list, so a search choice can name a list of patterns.
+    cfg = with_overrides(cfg, {"exclude": "bias, positional_embedding,ln,token_embedding", "quota": "per_tensor",
+                               "masking": 1.0})
+    assert cfg.dps.exclude == ("bias", "positional_embedding", "ln", "token_embedding")
+    assert (cfg.dps.quota, cfg.dps.masking) == ("per_tensor", 1.0)
+    assert config_from_dict(to_dict(cfg)) == cfg
+
+
 def test_exact_key_wins_over_leaf_name():
     assert resolve_key("seed") == "seed"  # not data.synthetic.seed
     assert resolve_key("data.synthetic.seed") == "data.synthetic.seed"
@@ -52,8 +63,12 @@ BAD = [
     ({"optim.lr": 0}, "optim.lr = 0.0: must be > 0"),
     ({"optim.lr": -1e-5}, "optim.lr = -1e-05: must be > 0"),
     ({"optim.wd": -0.1}, "optim.wd = -0.1: must be >= 0"),
-    ({"dps.masking": 1.0}, "dps.masking = 1.0: must be in [0, 1)"),
-    ({"dps.masking": -0.1}, "dps.masking = -0.1: must be in [0, 1)"),
+    ({"dps.masking": 1.01}, "dps.masking = 1.01: must be in [0, 1]"),
+    ({"dps.masking": -0.1}, "dps.masking = -0.1: must be in [0, 1]"),
+    ({"dps.quota": "per_row"}, "dps.quota = 'per_row': must be one of global, per_tensor"),
+    ({"dps.suppress": "middle"}, "dps.suppress = 'middle': must be one of top, random, bottom, random_global"),
+    ({"dps.exclude": ["bias", ""]}, "dps.exclude = ['bias', '']: must be a list of non-empty name substrings"),
+    ({"dps.exclude": 3}, "dps.exclude = 3: expected a list"),
     ({"optim.epochs": 0}, "optim.epochs = 0: must be >= 1"),
     ({"data.batch_size": 0}, "data.batch_size = 0: must be >= 1"),
     ({"algorithm": "sgd"}, "algorithm = 'sgd': must be one of ce, flyp, dps"),

@@ -149,6 +149,9 @@ def _cases() -> list[Case]:
         ("too-few-classes", "data.synthetic.classes=1", ["data.synthetic.classes", "1"]),
         ("unknown-split", "data.eval_splits=[id_val, val_ood]", ["eval_splits", "val_ood"]),
         ("unknown-suppression", "dps.suppress=middle", ["dps.suppress", "middle"]),
+        ("unknown-quota", "dps.quota=per_row", ["dps.quota", "per_row"]),
+        ("empty-exclude-pattern", "dps.exclude=[bias, '']", ["dps.exclude"]),
+        ("number-for-exclude", "dps.exclude=3", ["dps.exclude", "3"]),
     ]:
         add(f"train/value/{id}", ["train", "good.yaml", "--set", setting], expect,
             heavy=id == "unknown-model-name")
@@ -198,6 +201,9 @@ def _cases() -> list[Case]:
     add("sweep/search/inf-bound", sweep, ["optim.lr", "inf"], space({"optim.lr": {"loguniform": [1e-5, ".inf"]}}))
     add("sweep/search/value-out-of-range", sweep, ["dps.masking", "1.5"],
         space({"dps.masking": {"uniform": [0.1, 1.5]}}, algorithm="dps", **{"dps.reference": "weights/ref.safetensors"}))
+    add("sweep/search/unknown-quota", sweep, ["dps.quota", "per_layer"],
+        space({"dps.quota": {"choice": ["global", "per_layer"]}}, algorithm="dps",
+              **{"dps.reference": "weights/ref.safetensors"}))
     add("sweep/search/not-a-mapping", sweep, ["search"], write("bad.yaml", yaml.safe_dump({**tiny_raw(),
                                                                                          "search": [1, 2]})))
     add("sweep/tune/metric-not-reported", sweep + ["--set", "tune.metric=accuracy"], ["tune.metric", "accuracy"],
@@ -284,6 +290,8 @@ def _cases() -> list[Case]:
     rank = ["rank", "--model", "tiny-vit", "--pretrained", "none", "--reference", "weights/ref.safetensors"]
     add("rank/masking/out-of-range", rank + ["--masking", "1.5", "--out", "r.pt"], ["--masking", "1.5"])
     add("rank/masking/nan", rank + ["--masking", "nan", "--out", "r.pt"], ["--masking", "nan"])
+    add("rank/quota/unknown", rank + ["--quota", "per_row", "--out", "r.pt"], ["--quota", "per_row"])
+    add("rank/exclude/empty-pattern", rank + ["--exclude", "bias,,ln", "--out", "r.pt"], ["--exclude"])
     add("rank/seed/wrong-type", rank + ["--seed", "one", "--out", "r.pt"], ["--seed", "one"])
     add("rank/out/parent-is-a-file", rank + ["--out", "good.yaml/r.pt"], ["--out", "good.yaml"])
     add("rank/out/is-a-directory", rank + ["--out", "adir"], ["--out", "adir"], mkdir("adir"))

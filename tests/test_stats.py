@@ -66,3 +66,89 @@ def test_pareto_front_by_hand():
     assert stats.pareto_front(points, ["max", "max"]) == [0, 1, 3, 4]
     # minimising the second objective turns the front around
     assert stats.pareto_front(points, ["max", "min"]) == [3, 6]
+
+
+def test_holm_against_a_worked_example():
+    # m = 4. Sorted: 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 = 0.04 -> running max 0.06.
+    p = [0.01, 0.04, 0.03, 0.005]
+    assert stats.holm(p) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # At α = 0.05 Holm rejects 0.005 (≤ 0.05/4) and 0.01 (≤ 0.05/3), stops at 0.03 (> 0.05/2),
+    # so 0.04 is not rejected although it is below 0.05.
+    assert [a <= 0.05 for a in stats.holm(p)] == [True, False, False, True]
+    assert stats.holm_levels(p) == pytest.approx([1 - 0.05 / 3, 1 - 0.05 / 1, 1 - 0.05 / 2, 1 - 0.05 / 4])
+    assert stats.holm([0.3, 0.02]) == pytest.approx([0.3, 0.04])
+    assert stats.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1, then kept monotone
+
+
+def _crossed_world(rng, seeds, images, sd_seed, sd_image, sd_noise):
+    """x[s, i] = a_s + b_i + e_si: the mean's true variance is sd_seed²/S + sd_image²/N + sd_noise²/(S·N)."""
+    return (rng.normal(0, sd_seed, (seeds, 1)) + rng.normal(0, sd_image, (1, images))
+            + rng.normal(0, sd_noise, (seeds, images)))
+
+
+def test_two_level_interval_covers_the_true_mean_at_its_nominal_rate():
+    """Seeds and test images both vary; the interval must count both (a seed-only t-interval does not)."""
+    S, N, sd = 5, 200, (0.02, 0.4, 0.3)
+    true_var = sd[0] ** 2 / S + sd[1] ** 2 / N + sd[2] ** 2 / (S * N)
+    rng = np.random.default_rng(0)
+    covered = seed_only = 0
+    ratios = []
+    runs = 250
+    for run in range(runs):
+        x = _crossed_world(rng, S, N, *sd)
+        boot = stats.two_level_bootstrap(x, resamples=300, seed=run)
+        iv = boot.interval(0.95)
+        covered += iv.low <= 0 <= iv.high  # the true mean is 0
+        ratios.append(iv.std ** 2 / true_var)
+        t = stats.t_interval(x.mean(axis=1))
+        seed_only += t.low <= 0 <= t.high
+    assert 0.90 <= covered / runs <= 0.985, covered / runs
+    assert 0.8 <= float(np.mean(ratios)) <= 1.3, np.mean(ratios)
+    assert seed_only / runs < 0.8  # seed spread alone misses the test set's own sampling error
+
+
+def test_paired_bootstrap_resamples_both_sides_together():
+    rng = np.random.default_rng(1)
+    base = _crossed_world(rng, 5, 300, 0.02, 0.4, 0.05)
+    better = base + 0.05  # the same images and seeds, shifted: the pairing cancels the image variation
+    pair = stats.paired_two_level_bootstrap(better, base, resamples=1000)
+    iv = pair.interval()
+    assert pair.point == pytest.approx(0.05) and iv.low == pytest.approx(0.05) and iv.high == pytest.approx(0.05)
+    alone = stats.two_level_bootstrap(better, resamples=1000).interval()
+    assert alone.high - alone.low > 0.05  # unpaired, the image variation would swamp the difference
+    zero_shot = base[:1]  # one row, compared with every seed
+    assert stats.paired_two_level_bootstrap(better, zero_shot, resamples=200).seeds == 5
+    with pytest.raises(ValueError, match="different images"):
+        stats.paired_two_level_bootstrap(better, base[:, :10])
+
+
+def test_holm_family_calls_a_difference_only_when_the_adjusted_interval_excludes_zero():
+    rng = np.random.default_rng(2)
+    a = (rng.random((3, 400)) < 0.6).astype(float)
+    clear = stats.paired_two_level_bootstrap(a, a * 0, resamples=2000, seed=0)  # +0.6
+    none = stats.paired_two_level_bootstrap(a, a, resamples=2000, seed=1)  # exactly 0
+    verdicts = stats.holm_family([clear, none])
+    assert verdicts[0].differs and not verdicts[1].differs
+    assert verdicts[0].level == pytest.approx(0.975) and verdicts[1].level == pytest.approx(0.95)
+    assert verdicts[0].interval.excludes_zero and not verdicts[1].interval.excludes_zero
+
+
+def test_wise_frontier_gap_interpolates_along_alpha():
+    # alpha: (ID, OOD). ID rises along alpha, OOD peaks at 0.5.
+    curve = [(0.0, 0.60, 0.45), (0.5, 0.70, 0.50), (1.0, 0.80, 0.30)]
+    assert stats.curve_ood_at(curve, 0.65) == pytest.approx(0.475)  # halfway between alpha 0 and 0.5
+    assert stats.curve_ood_at(curve, 0.75) == pytest.approx(0.40)
+    assert stats.curve_ood_at(curve, 0.85) is None  # beyond the fine-tuned end
+    gap = stats.wise_frontier_gap(curve, 0.75, 0.43)
+    assert gap.gap == pytest.approx(0.03) and gap.interval is None
+    # with per-image correctness of the method: an interval around the gap, the curve held fixed
+    rng = np.random.default_rng(0)
+    id_c = (rng.random((3, 400)) < 0.75).astype(float)
+    ood_c = (rng.random((3, 400)) < 0.43).astype(float)
+    got = stats.wise_frontier_gap(curve, float(id_c.mean()), float(ood_c.mean()), method_correct=(id_c, ood_c),
+                                  resamples=500)
+    assert got.interval.low < got.gap < got.interval.high and not got.curve_resampled
+    assert got.gap == pytest.approx(ood_c.mean() - stats.curve_ood_at(curve, id_c.mean()))
+    # a non-monotone curve crossing the ID twice: the frontier (higher OOD) counts
+    bent = [(0.0, 0.60, 0.45), (0.5, 0.80, 0.50), (1.0, 0.70, 0.20)]
+    assert stats.curve_ood_at(bent, 0.75) == pytest.approx(max(0.45 + 0.75 * 0.05, 0.50 - 0.5 * 0.30))

@@ -87,21 +87,69 @@ def test_masking_counts_and_modes():
     scores = suppression.rank_scores(theta0, theta1)
     n = sum(s.numel() for s in scores.values())  # 8 + 12 + 20 + 4 + 6 = 50
     assert n == 50
-    for masking in (0.0, 0.29, 0.5, 0.9):
+    for masking in (0.0, 0.29, 0.5, 0.9, 1.0):
         k = math.floor(round(masking * 100) * n / 100)
-        for mode in ("top", "bottom", "random"):
+        for mode in suppression.SUPPRESS_MODES:
             masks = suppression.select_rows(scores, masking, mode, seed=1)
             assert sum(int(m.sum()) for m in masks.values()) == k, (masking, mode)
     flat = torch.cat(list(scores.values()))
     top = torch.cat(list(suppression.select_rows(scores, 0.5, "top").values()))
-    bottom = torch.cat(list(suppression.select_rows(scores, 0.5, "bottom").values()))
     assert flat[top].min() >= flat[~top].max()
-    assert flat[bottom].max() <= flat[~bottom].min()
-    r1 = suppression.select_rows(scores, 0.5, "random", seed=7)
-    r2 = suppression.select_rows(scores, 0.5, "random", seed=7)
-    r3 = suppression.select_rows(scores, 0.5, "random", seed=8)
-    assert all(torch.equal(r1[k], r2[k]) for k in r1)
-    assert any(not torch.equal(r1[k], r3[k]) for k in r1)
+    for name, held in suppression.select_rows(scores, 0.5, "bottom").items():  # the tensor's least-moved rows
+        if held.any() and (~held).any():
+            assert scores[name][held].max() <= scores[name][~held].min(), name
+    for mode in ("random", "random_global"):
+        r1 = suppression.select_rows(scores, 0.5, mode, seed=7)
+        r2 = suppression.select_rows(scores, 0.5, mode, seed=7)
+        r3 = suppression.select_rows(scores, 0.5, mode, seed=8)
+        assert all(torch.equal(r1[k], r2[k]) for k in r1)
+        assert any(not torch.equal(r1[k], r3[k]) for k in r1)
+
+
+@pytest.mark.parametrize("quota", ["global", "per_tensor"])
+@pytest.mark.parametrize("masking", [0.1, 0.5, 0.9])
+def test_controls_hold_as_many_rows_as_top_in_every_tensor(quota, masking):
+    """The matched controls differ from top only in which rows: per-tensor counts are equal."""
+    theta0, theta1 = random_pair(3)
+    scores = suppression.rank_scores(theta0, theta1)
+    top = suppression.select_rows(scores, masking, "top", quota=quota)
+    counts = {name: int(m.sum()) for name, m in top.items()}
+    assert len(set(counts.values())) > 1  # the tensors differ, so equal counts are not a coincidence
+    for mode in ("random", "bottom"):
+        for seed in (0, 1):
+            other = suppression.select_rows(scores, masking, mode, seed=seed, quota=quota)
+            assert {name: int(m.sum()) for name, m in other.items()} == counts, (mode, seed)
+            assert any(not torch.equal(top[n], other[n]) for n in top), mode  # different rows
+    # The unmatched draw keeps only the total: at a global 50% cut it misses some tensor's count.
+    loose = suppression.select_rows(scores, 0.5, "random_global", seed=0)
+    top50 = suppression.select_rows(scores, 0.5, "top")
+    assert sum(int(m.sum()) for m in loose.values()) == sum(int(m.sum()) for m in top50.values())
+    assert any(int(loose[n].sum()) != int(top50[n].sum()) for n in top50)
+
+
+def test_per_tensor_quota_cuts_every_tensor_at_the_same_fraction():
+    theta0, theta1 = random_pair(4)
+    scores = suppression.rank_scores(theta0, theta1)
+    masks = suppression.select_rows(scores, 0.5, "top", quota="per_tensor")
+    for name, held in masks.items():
+        assert int(held.sum()) == math.floor(0.5 * held.numel()), name
+        assert scores[name][held].min() >= scores[name][~held].max(), name
+    assert int(masks["token_embedding.weight"].sum()) == 10
+    # the global cut of the same pair puts a different share in some tensor
+    glob = suppression.select_rows(scores, 0.5, "top")
+    assert any(int(glob[n].sum()) != int(masks[n].sum()) for n in masks)
+
+
+def test_exclude_patterns_leave_tensors_out_of_the_ranking():
+    theta0, theta1 = random_pair()
+    every = suppression.rank_scores(theta0, theta1, exclude=())  # what the cache holds
+    assert "positional_embedding" in every and "visual.ln_post.weight2d" in every
+    paper = suppression.select_rows(every, 0.5, "top")
+    assert set(paper) == set(suppression.rank_scores(theta0, theta1))  # the paper's set by default
+    no_tokens = suppression.select_rows(every, 0.5, "top",
+                                        exclude=("bias", "positional_embedding", "ln", "token_embedding"))
+    assert set(no_tokens) == set(paper) - {"token_embedding.weight"}
+    assert sum(int(m.sum()) for m in no_tokens.values()) == math.floor(0.5 * 30)
 
 
 def test_floor_uses_the_written_decimal():
@@ -159,6 +207,11 @@ def test_ranking_cache_hit(tmp_path, caplog):
     _, hit4 = suppression.cached_ranking(theta0, theta1, tmp_path)
     assert not hit4
     assert len(list(tmp_path.glob("*.pt"))) == 3
+    # The cache scores every tensor any dps.exclude could rank, so a change there is a new key too.
+    theta1["positional_embedding"] += 1
+    assert "positional_embedding" in a
+    _, hit5 = suppression.cached_ranking(theta0, theta1, tmp_path)
+    assert not hit5
 
 
 def _pretrained_file(tmp_path):
@@ -203,6 +256,11 @@ def test_dps_train_holds_exactly_the_top_rows(tmp_path, write_yaml, capsys):
         assert torch.equal(same, mask), name
         suppressed += int(mask.sum())
     assert suppressed == math.floor(0.6 * sum(m.numel() for m in masks.values()))
+    # The trial records what it held, per group, in its checkpoint's metrics.
+    recorded = load_checkpoint(tmp_path / "dps" / "checkpoint").metrics
+    expected = suppression.holding_metrics(suppression.holdings(masks, models.parameter_shapes("tiny-vit")))
+    assert {k: v for k, v in recorded.items() if k.startswith("dps_")} == pytest.approx(expected)
+    assert recorded["dps_rows_held"] == suppressed and 0 < recorded["dps_params_train_frac"] < 1
 
 
 def test_rank_command_writes_and_summarizes(tmp_path, capsys):
@@ -219,6 +277,12 @@ def test_rank_command_writes_and_summarizes(tmp_path, capsys):
     total = sum(s.numel() for s in scores.values())
     assert f"{math.floor(0.9 * total)} / {total}" in " ".join(text.split())
     assert "token_embedding.weight" in text and "visual.conv1.weight" in text
+    # the per-group table: the token embedding's row counts, and the total of the parameters held
+    held = suppression.holdings(suppression.select_rows(scores, 0.9), models.parameter_shapes("tiny-vit"))
+    token = next(r for r in held if r.group == "token embedding")
+    lines = {line.split("  ")[0].strip(): " ".join(line.split()) for line in text.splitlines()}
+    assert f"{token.rows_held:,} / {token.rows_ranked:,}" in lines["token embedding"]
+    assert f"{held[-1].params_held:,} / {held[-1].params:,}" in lines["total"]
     blob = torch.load(out, weights_only=True)
     assert blob["rule"] == suppression.RULE_VERSION
 
@@ -243,8 +307,8 @@ def test_a_tie_at_the_cut_goes_to_the_earlier_tensor_and_row():
     assert top2["a.weight"].tolist() == [True, True, False] and top2["b.weight"].tolist() == [False, False]
     top3 = suppression.select_rows(scores, 0.6, "top")  # k = 3: two of the three 0.5s, both in a
     assert top3["a.weight"].tolist() == [True, True, True] and top3["b.weight"].tolist() == [False, False]
-    bottom2 = suppression.select_rows(scores, 0.4, "bottom")  # the tail of the same order
-    assert bottom2["a.weight"].tolist() == [False, False, False] and bottom2["b.weight"].tolist() == [True, True]
+    bottom2 = suppression.select_rows(scores, 0.4, "bottom")  # top's counts, each tensor's tail of the same order
+    assert bottom2["a.weight"].tolist() == [False, True, True] and bottom2["b.weight"].tolist() == [False, False]
 
 
 def test_suppressed_rows_get_a_zero_gradient_before_clipping():
@@ -261,3 +325,73 @@ def test_suppressed_rows_get_a_zero_gradient_before_clipping():
     total = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
     others = torch.cat([grad[[1, 3, 4, 5]].flatten(), model[0].bias.grad])
     assert total.item() == pytest.approx(others.norm().item())
+
+
+def test_holdings_per_group_counted_by_hand():
+    shapes = {
+        "visual.conv1.weight": (4, 3, 2, 2),  # stem: 4 rows of 12
+        "visual.ln_pre.weight": (2,),  # stem, never ranked
+        "visual.transformer.resblocks.0.ln_1.weight": (2,),  # attention
+        "visual.transformer.resblocks.0.attn.in_proj_weight": (6, 2),  # attention: 6 rows of 2
+        "visual.transformer.resblocks.0.attn.in_proj_bias": (6,),
+        "visual.transformer.resblocks.0.mlp.c_fc.weight": (8, 2),  # MLP: 8 rows of 2
+        "visual.proj": (2, 3),  # stem & projection: 2 rows of 3
+        "transformer.resblocks.0.attn.out_proj.weight": (3, 3),
+        "transformer.resblocks.0.mlp.c_proj.weight": (3, 5),
+        "token_embedding.weight": (10, 3),
+        "positional_embedding": (4, 3),  # text stem, excluded from the ranking
+        "text_projection": (3, 3),
+        "logit_scale": (),
+    }
+    held = {"visual.conv1.weight": [0, 1], "visual.transformer.resblocks.0.attn.in_proj_weight": [0, 2, 4],
+            "visual.transformer.resblocks.0.mlp.c_fc.weight": [], "visual.proj": [1],
+            "transformer.resblocks.0.attn.out_proj.weight": [0, 1, 2], "transformer.resblocks.0.mlp.c_proj.weight": [],
+            "token_embedding.weight": [5, 6, 7, 8, 9], "text_projection": []}
+    masks = {n: torch.zeros(shapes[n][0], dtype=torch.bool).index_fill_(0, torch.tensor(r, dtype=torch.long), True)
+             for n, r in held.items()}
+    rows = {r.group: r for r in suppression.holdings(masks, shapes)}
+    H = suppression.Holding
+    # stem & projection: conv1 (48) + ln_pre (2) + proj (6) = 56; held 2·12 + 1·3 = 27; rows 3 of 6
+    assert rows["visual stem & projection"] == H("visual stem & projection", 6, 3, 56, 27)
+    # attention: ln_1 (2) + in_proj (12) + bias (6) = 20; held 3·2 = 6
+    assert rows["visual attention"] == H("visual attention", 6, 3, 20, 6)
+    assert rows["visual MLP"] == H("visual MLP", 8, 0, 16, 0)
+    assert rows["text attention"] == H("text attention", 3, 3, 9, 9)
+    assert rows["text MLP"] == H("text MLP", 3, 0, 15, 0)
+    assert rows["token embedding"] == H("token embedding", 10, 5, 30, 15)
+    assert rows["text stem & projection"] == H("text stem & projection", 3, 0, 21, 0)  # positional 12 + proj 9
+    assert rows["other"] == H("other", 0, 0, 1, 0)  # logit_scale
+    assert "visual conv blocks" not in rows
+    total = rows["total"]
+    assert total == H("total", 39, 14, 168, 57)
+    assert total.params_held_frac == pytest.approx(57 / 168) and total.params_train_frac == pytest.approx(111 / 168)
+    assert rows["visual attention"].rows_held_frac == 0.5 and rows["token embedding"].params_held_frac == 0.5
+    metrics = suppression.holding_metrics(list(rows.values()))
+    assert metrics["dps_params_train_frac"] == pytest.approx(111 / 168)
+    assert metrics["dps_held_frac_visual_stem_projection"] == pytest.approx(27 / 56)
+    assert metrics["dps_held_frac_token_embedding"] == 0.5
+    table = "\n".join(suppression.format_holdings(list(rows.values())))
+    assert "token embedding" in table and "57 / 168" in table and "66.1%" in table
+
+
+@pytest.mark.parametrize("arch,groups", [
+    ("tiny-vit", {"visual stem & projection", "visual attention", "visual MLP", "text attention", "text MLP",
+                  "token embedding", "text stem & projection", "other"}),
+    ("tiny-rn", {"visual stem & projection", "visual attention", "visual conv blocks", "text attention", "text MLP",
+                 "token embedding", "text stem & projection", "other"}),
+])
+def test_every_open_clip_parameter_has_its_group(arch, groups):
+    shapes = models.parameter_shapes(arch)
+    by_group = {}
+    for name in shapes:
+        by_group.setdefault(suppression.tensor_group(name), []).append(name)
+    assert set(by_group) == groups
+    assert by_group["other"] == ["logit_scale"]
+    assert by_group["token embedding"] == ["token_embedding.weight"]
+    if arch == "tiny-rn":
+        assert "visual.attnpool.q_proj.weight" in by_group["visual attention"]
+        assert "visual.attnpool.c_proj.weight" in by_group["visual stem & projection"]
+        assert "visual.layer1.0.conv1.weight" in by_group["visual conv blocks"]
+    else:
+        assert "visual.transformer.resblocks.0.ln_2.weight" in by_group["visual MLP"]
+        assert "visual.conv1.weight" in by_group["visual stem & projection"]

@@ -1,22 +1,33 @@
 """``dps-tune confirm``: retrain each method's selected configuration with fresh seeds, and say how sure we are.
 
-1. **Select.** For each method (``ce``, ``flyp``, ``dps (top)``, ``dps (random)``) of the
-   given experiments, the kept checkpoint best on a validation metric; its trial's
-   resolved config is the method's configuration (the DPS reference pinned, as trained).
-2. **Retrain.** Every configuration with seeds 1..N at its full ``optim.epochs``, no early
+1. **Select.** For each method (``ce``, ``flyp``, ``dps (top)``) of the given experiments,
+   the kept checkpoint best on a validation metric; its trial's resolved config is the
+   method's configuration (the DPS reference pinned, as trained).
+2. **Controls at DPS's configuration.** DPS's selected configuration (masking, quota,
+   exclusions, lr, wd, …) is also run with ``suppress: random`` and ``suppress: bottom``
+   (matched: as many rows held in every tensor as ``top`` holds) and with
+   ``masking: 1.0`` (every ranked row held: only the excluded tensors train). They replace
+   DPS arms a sweep tuned on their own, so the arms differ only in which rows are held.
+3. **Retrain.** Every configuration with seeds 1..N at its full ``optim.epochs``, no early
    stopping, as one Ray Tune run over (configuration × seed). The seed changes the data
    order, the augmentation and the random-suppression draw. The run is an experiment
    directory like a sweep's: ``results``, ``best`` and ``report`` read it.
-3. **Summarise.** Per method and metric (the last evaluation of each seed): mean, standard
-   deviation and a 95% t-interval over seeds; and paired differences on the seeds both
-   methods ran, each with its 95% t-interval and whether it excludes 0:
-   DPS(top) − DPS(random) (which rows are held), DPS(top) − CE, FLYP − CE.
-   Written to ``confirm.json`` and ``confirm.csv`` in the experiment directory.
+4. **Zero-shot** (the pretrained model itself) is evaluated once, with its per-image
+   predictions, into ``zero_shot/`` of the run, and is a row of the table.
+5. **Summarise.** Per method, the test accuracies' mean over seeds with a 95% interval
+   from a two-level bootstrap (seeds, then the test images, from each seed's last
+   checkpoint's per-image predictions), and for the other metrics a t-interval over
+   seeds. Then the family of comparisons (:data:`PAIRS` and every method against
+   zero-shot, on each test accuracy), each a paired two-level bootstrap on the same seeds
+   and images, Holm-adjusted over the whole family: a comparison is called a difference
+   only when its adjusted interval excludes 0. Written to ``confirm.json`` and
+   ``confirm.csv`` in the experiment directory.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -24,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from dps_tune.config import Config, TuneConfig, default_mode, to_dict, tune_config_from_dict
+from dps_tune.config import (Config, TuneConfig, config_from_dict, default_mode, to_dict, tune_config_from_dict,
+                             validate)
 from dps_tune.errors import UserError
 from dps_tune.files import write_json, write_text
 from dps_tune.sweep import results, storage
@@ -33,8 +45,16 @@ from dps_tune.sweep import results, storage
 # `dps-tune confirm` refuses bad input before torch is imported.
 
 CONFIRM_JSON, CONFIRM_CSV = "confirm.json", "confirm.csv"
+ZERO_SHOT_DIR, ZERO_SHOT = "zero_shot", "zero-shot"
 METRICS = ("id_val_f1", "id_test_acc", "id_test_f1", "ood_val_f1", "ood_test_acc", "ood_test_f1")
-PAIRS = (("dps (top)", "dps (random)"), ("dps (top)", "ce"), ("flyp", "ce"))
+# The accuracies compared with per-image predictions (seeds and images resampled together).
+COMPARED = ("id_test_acc", "ood_test_acc")
+DEFAULT_SEEDS = 5
+TOP, MASKING_ALL = "dps (top)", results.MASKING_ALL
+# The controls confirm runs at DPS (top)'s selected configuration: method name -> dps overrides.
+CONTROLS = {"dps (random)": {"suppress": "random"}, "dps (bottom)": {"suppress": "bottom"},
+            MASKING_ALL: {"suppress": "top", "masking": 1.0}}
+PAIRS = ((TOP, "dps (random)"), (TOP, "dps (bottom)"), (TOP, MASKING_ALL), (TOP, "ce"), ("flyp", "ce"))
 
 
 @dataclass(frozen=True)
@@ -48,8 +68,12 @@ class Variant:
     value: float
 
 
-def select_variants(exp_dirs: Sequence[str | os.PathLike], metric: str) -> list[Variant]:
-    """Per method, the configuration of the kept checkpoint best on ``metric``."""
+def select_variants(exp_dirs: Sequence[str | os.PathLike], metric: str, *, controls: bool = True) -> list[Variant]:
+    """Per method, the configuration of the kept checkpoint best on ``metric``.
+
+    With ``controls`` and a DPS (top) among them: the :data:`CONTROLS` at its
+    configuration (see :func:`with_controls`).
+    """
     if not exp_dirs:
         raise UserError("no experiment directory given")
     views = []
@@ -63,8 +87,27 @@ def select_variants(exp_dirs: Sequence[str | os.PathLike], metric: str) -> list[
         raise UserError(f"--select {metric}: no kept checkpoint of {', '.join(map(str, exp_dirs))} reports it")
     from dps_tune import checkpoint as ckpt
 
-    return [Variant(b["method"], ckpt.read_config(b["checkpoint"]), storage.source(b["checkpoint"]), b["trial"],
-                    float(b[metric])) for b in best]
+    chosen = [Variant(b["method"], ckpt.read_config(b["checkpoint"]), storage.source(b["checkpoint"]), b["trial"],
+                      float(b[metric])) for b in best]
+    return with_controls(chosen) if controls else chosen
+
+
+def with_controls(variants: Sequence[Variant]) -> list[Variant]:
+    """``variants`` with every other DPS arm replaced by the controls at DPS (top)'s configuration.
+
+    Each control is DPS (top)'s selected config with only the suppression kind (or the
+    masking, for ``masking 1.0``) changed, so it shares the masking, quota, exclusions, lr,
+    wd and seeds. Without a DPS (top), ``variants`` come back as they are.
+    """
+    top = next((v for v in variants if v.method == TOP), None)
+    if top is None:
+        return list(variants)
+    out = [v for v in variants if v.config.algorithm != "dps" or v.method == TOP]
+    for method, change in CONTROLS.items():
+        cfg = dataclasses.replace(top.config, dps=dataclasses.replace(top.config.dps, **change))
+        validate(cfg)
+        out.append(Variant(method, cfg, top.checkpoint, top.trial, top.value))
+    return out
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -109,57 +152,154 @@ def dps_ranking(configs: Sequence[Config]) -> Any:
     return reference.resolve(dps[0]).ranking
 
 
-def summarize(exp_dir: str | os.PathLike, metrics: Sequence[str] = METRICS) -> dict[str, Any]:
-    """Per-method intervals and the paired differences of a confirmation run's trials."""
-    from dps_tune import stats
+def zero_shot(exp_dir: str | os.PathLike) -> Path:
+    """The run's zero-shot evaluation (``zero_shot/``: metrics and per-image predictions), made once.
 
-    per_method: dict[str, dict[int, dict[str, float]]] = {}
-    for t in results.load_trials(exp_dir):
-        if not t.history or t.last.get("epoch", 0) < (t.param("optim.epochs") or 0):
-            continue  # an unfinished seed would mix epochs into the interval
-        per_method.setdefault(results.method_name(t.config), {})[int(t.param("seed"))] = t.last
-    out: dict[str, Any] = {"methods": {}, "pairs": []}
-    for method, by_seed in per_method.items():
-        row: dict[str, Any] = {"seeds": sorted(by_seed)}
-        for m in metrics:
-            values = [by_seed[s][m] for s in sorted(by_seed) if m in by_seed[s]]
-            if len(values) >= 2:
-                iv = stats.t_interval(values)
-                row[m] = {"mean": iv.mean, "std": iv.std, "low": iv.low, "high": iv.high, "n": iv.n,
-                          "values": values}
-        out["methods"][method] = row
-    for a, b in PAIRS:
-        if a not in per_method or b not in per_method:
-            continue
-        shared = sorted(set(per_method[a]) & set(per_method[b]))
-        if len(shared) < 2:
-            continue
-        for m in metrics:
-            iv = stats.paired_difference({s: per_method[a][s][m] for s in shared},
-                                         {s: per_method[b][s][m] for s in shared})
-            out["pairs"].append({"a": a, "b": b, "metric": m, "mean": iv.mean, "low": iv.low, "high": iv.high,
-                                 "n": iv.n, "seeds": shared, "excludes_zero": iv.excludes_zero})
+    It evaluates the pretrained model of the run's base config on its evaluation splits,
+    in this process, as every trial evaluates.
+    """
+    out = Path(exp_dir) / ZERO_SHOT_DIR
+    if not (out / "metrics.json").is_file():
+        from dps_tune import checkpoint as ckpt
+        from dps_tune.train import evaluate_start
+
+        cfg = config_from_dict(results.sweep_meta(exp_dir)["base"])
+        predictions: dict = {}
+        metrics = evaluate_start(cfg, predictions)
+        ckpt.save_evaluation(out, metrics, predictions)
     return out
 
 
-def format_summary(summary: dict[str, Any], metrics: Sequence[str] = ("id_test_acc", "ood_test_acc")) -> str:
-    """The table people read: mean [95% interval] per method, then the paired differences."""
-    head = f"{'method':<16} {'seeds':>5} " + " ".join(f"{m + ' mean [95% CI]':>30}" for m in metrics)
+def _last_predictions(trial: results.Trial) -> dict[str, Any]:
+    """Per test split, the per-image correctness [images] of the trial's last evaluation ({} if not kept)."""
+    from dps_tune.checkpoint import read_predictions
+
+    last = [(p, m) for p, m in results.checkpoints(trial.path) if m.get("epoch") == trial.last.get("epoch")]
+    if not last:
+        return {}
+    return _correct(read_predictions(last[-1][0]))
+
+
+def _correct(predictions: dict) -> dict[str, Any]:
+    return {f"{split}_acc": (y_true.numpy(), (y_true == y_pred).numpy().astype(float))
+            for split, (y_true, y_pred) in predictions.items() if split.endswith("_test")}
+
+
+def summarize(exp_dir: str | os.PathLike, metrics: Sequence[str] = METRICS, *, with_zero_shot: bool = True,
+              resamples: int = 4000) -> dict[str, Any]:
+    """Per-method intervals and the Holm-adjusted family of paired comparisons of a confirmation run.
+
+    ``with_zero_shot`` evaluates the zero-shot model (once, see :func:`zero_shot`) and
+    makes it a row and a side of the comparisons.
+    """
+    from dps_tune import stats
+    from dps_tune.checkpoint import read_predictions
+
+    per_method: dict[str, dict[int, dict[str, float]]] = {}
+    correct: dict[str, dict[int, dict[str, Any]]] = {}
+    for t in results.load_trials(exp_dir):
+        if not t.history or t.last.get("epoch", 0) < (t.param("optim.epochs") or 0):
+            continue  # an unfinished seed would mix epochs into the interval
+        method, seed = results.method_name(t.config), int(t.param("seed"))
+        per_method.setdefault(method, {})[seed] = t.last
+        correct.setdefault(method, {})[seed] = _last_predictions(t)
+    zs = None
+    if with_zero_shot and per_method:
+        zs_dir = zero_shot(exp_dir)
+        zs = {"metrics": json.loads((zs_dir / "metrics.json").read_text()),
+              "correct": _correct(read_predictions(zs_dir))}
+    out: dict[str, Any] = {"methods": {}, "pairs": [], "interval": "two-level bootstrap (seeds, then test images)",
+                           "adjustment": "holm"}
+    for method, by_seed in per_method.items():
+        seeds = sorted(by_seed)
+        row: dict[str, Any] = {"seeds": seeds}
+        for m in metrics:
+            values = [by_seed[s][m] for s in seeds if m in by_seed[s]]
+            matrix = _matrix(correct[method], seeds, m) if m in COMPARED else None
+            if matrix is not None:
+                iv = stats.two_level_bootstrap(matrix, resamples=resamples).interval()
+                row[m] = {"mean": iv.mean, "std": iv.std, "low": iv.low, "high": iv.high, "n": len(seeds),
+                          "values": values, "kind": "bootstrap"}
+            elif len(values) >= 2:
+                iv = stats.t_interval(values)
+                row[m] = {"mean": iv.mean, "std": iv.std, "low": iv.low, "high": iv.high, "n": iv.n,
+                          "values": values, "kind": "t"}
+        out["methods"][method] = row
+    if zs is not None:
+        row = {"seeds": []}
+        for m in metrics:
+            if m in zs["correct"]:
+                iv = stats.two_level_bootstrap(zs["correct"][m][1], resamples=resamples).interval()
+                row[m] = {"mean": iv.mean, "std": iv.std, "low": iv.low, "high": iv.high, "n": 1, "kind": "bootstrap"}
+            elif m in zs["metrics"]:
+                row[m] = {"mean": zs["metrics"][m], "n": 1}
+        out["methods"][ZERO_SHOT] = row
+    pairs = [p for p in PAIRS if p[0] in per_method and p[1] in per_method]
+    pairs += [(m, ZERO_SHOT) for m in per_method if zs is not None]
+    family, boots = [], []
+    for a, b in pairs:
+        shared = sorted(set(per_method[a]) & set(per_method[b])) if b != ZERO_SHOT else sorted(per_method[a])
+        for m in COMPARED:
+            left = _matrix(correct[a], shared, m)
+            right = (_matrix({0: zs["correct"]}, [0], m) if b == ZERO_SHOT else _matrix(correct[b], shared, m))
+            if left is None or right is None or len(shared) < (1 if b == ZERO_SHOT else 2):
+                continue
+            _same_images(exp_dir, a, b, m, correct[a][shared[0]][m][0],
+                         zs["correct"][m][0] if b == ZERO_SHOT else correct[b][shared[0]][m][0])
+            boots.append(stats.paired_two_level_bootstrap(left, right, resamples=resamples, seed=len(boots)))
+            family.append({"a": a, "b": b, "metric": m, "seeds": shared, "n": len(shared)})
+    for entry, boot, verdict in zip(family, boots, stats.holm_family(boots)):
+        iv = verdict.interval
+        entry.update({"mean": iv.mean, "low": iv.low, "high": iv.high, "level": verdict.level,
+                      "p": verdict.p_value, "adjusted_p": verdict.adjusted_p, "differs": verdict.differs,
+                      "excludes_zero": verdict.differs, "family": len(boots)})
+        out["pairs"].append(entry)
+    return out
+
+
+def _matrix(by_seed: dict[int, dict[str, Any]], seeds: Sequence[int], metric: str) -> Any:
+    """[seeds, images] per-image correctness on ``metric``'s split, or None if a seed lacks it."""
+    import numpy as np
+
+    rows = [by_seed.get(s, {}).get(metric) for s in seeds]
+    if not rows or any(r is None for r in rows):
+        return None
+    return np.stack([r[1] for r in rows])
+
+
+def _same_images(exp_dir: Any, a: str, b: str, metric: str, labels_a: Any, labels_b: Any) -> None:
+    import numpy as np
+
+    if labels_a.shape != labels_b.shape or not np.array_equal(labels_a, labels_b):
+        raise UserError(f"confirmation {str(exp_dir)!r}: {a} and {b} were evaluated on different images "
+                        f"for {metric}; they cannot be paired")
+
+
+def format_summary(summary: dict[str, Any], metrics: Sequence[str] = COMPARED) -> str:
+    """The table people read: mean [95% interval] per method, then the Holm-adjusted comparisons."""
+    head = f"{'method':<18} {'seeds':>5} " + " ".join(f"{m + ' mean [95% CI]':>30}" for m in metrics)
     lines = [head, "-" * len(head)]
     for method, row in summary["methods"].items():
         cells = []
         for m in metrics:
             r = row.get(m)
-            cells.append(f"{r['mean']:.4f} [{r['low']:.4f}, {r['high']:.4f}]" if r else "n/a")
-        lines.append(f"{method:<16} {len(row['seeds']):>5} " + " ".join(f"{c:>30}" for c in cells))
+            cells.append(f"{r['mean']:.4f} [{r['low']:.4f}, {r['high']:.4f}]" if r and "low" in r else
+                         f"{r['mean']:.4f}" if r else "n/a")
+        seeds = len(row["seeds"]) if row["seeds"] else "-"
+        lines.append(f"{method:<18} {seeds:>5} " + " ".join(f"{c:>30}" for c in cells))
+    lines.append("intervals: two-level bootstrap over seeds and test images (zero-shot: test images only); "
+                 "metrics without per-image predictions: t over seeds")
     pairs = [p for p in summary["pairs"] if p["metric"] in metrics]
     if pairs:
         lines.append("")
-        lines.append("paired differences on the same seeds (95% t-interval; * = excludes 0):")
+        lines.append(f"comparisons, Holm-adjusted over the family of {pairs[0]['family']} (paired two-level bootstrap "
+                     "on the same seeds and test images; interval at Holm's level for each):")
+        width = max(len(f"{p['a']} - {p['b']}") for p in pairs)
         for p in pairs:
-            mark = "*" if p["excludes_zero"] else " "
-            lines.append(f"  {p['a']} - {p['b']:<14} {p['metric']:<14} {p['mean']:+.4f} "
-                         f"[{p['low']:+.4f}, {p['high']:+.4f}] {mark} (n={p['n']})")
+            verdict = "a difference" if p["differs"] else "the data cannot tell"
+            lines.append(f"  {p['a'] + ' - ' + p['b']:<{width}}  {p['metric']:<13} {p['mean']:+.4f} "
+                         f"[{p['low']:+.4f}, {p['high']:+.4f}] at {100 * p['level']:.1f}%  adj. p {p['adjusted_p']:.3f}"
+                         f"  {verdict:<20} ({p['n']} seeds)")
     return "\n".join(lines)
 
 
@@ -171,14 +311,16 @@ def selected(variants: Sequence[Variant]) -> list[dict[str, Any]]:
 def write_summary(exp_dir: str | os.PathLike, summary: dict[str, Any], chosen: Sequence[dict[str, Any]] = ()) -> None:
     exp = Path(exp_dir)
     write_json(exp / CONFIRM_JSON, {**summary, "selected": list(chosen)})
-    rows = [["method", "metric", "mean", "std", "low", "high", "n"]]
+    rows = [["method", "metric", "mean", "std", "low", "high", "n", "level", "adjusted_p", "verdict"]]
     for method, row in summary["methods"].items():
         for m in METRICS:
             if m in row:
                 r = row[m]
-                rows.append([method, m, r["mean"], r["std"], r["low"], r["high"], r["n"]])
+                rows.append([method, m, r["mean"], r.get("std", ""), r.get("low", ""), r.get("high", ""), r["n"],
+                             0.95 if "low" in r else "", "", ""])
     for p in summary["pairs"]:
-        rows.append([f"{p['a']} - {p['b']}", p["metric"], p["mean"], "", p["low"], p["high"], p["n"]])
+        rows.append([f"{p['a']} - {p['b']}", p["metric"], p["mean"], "", p["low"], p["high"], p["n"], p["level"],
+                     p["adjusted_p"], "a difference" if p["differs"] else "the data cannot tell"])
     buf = io.StringIO()
     csv.writer(buf).writerows(rows)
     write_text(exp / CONFIRM_CSV, buf.getvalue())

@@ -267,13 +267,14 @@ class PrunedOptunaSearch(OptunaSearch):
         self._attrs(trial_id, result, "running")
 
     def _attrs(self, trial_id: str, result: dict | None, status: str) -> None:
-        """Every ID/OOD metric, the epoch and the status as user attributes, for optuna-dashboard."""
+        """Every ID/OOD metric, what DPS holds, the epoch and the status as user attributes, for optuna-dashboard."""
         trial = self._ot_trials.get(trial_id)
         if trial is None or trial_id in self._completed_trials:
             return
         try:
             for key, value in (result or {}).items():
-                if key.endswith(("_acc", "_f1")) or key in ("epoch", "train_loss", OBJECTIVE_MEAN):
+                if key.endswith(("_acc", "_f1")) or key.startswith("dps_") or key in (
+                        "epoch", "train_loss", OBJECTIVE_MEAN):
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
                         trial.set_user_attr(key, float(value))
             trial.set_user_attr("status", status)

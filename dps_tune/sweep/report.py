@@ -46,8 +46,10 @@ ZERO_SHOT_FILE = "zero_shot.json"
 DPI = 110
 SUMMARY_METRICS = ("id_test_acc", "id_test_f1", "ood_test_acc", "ood_test_f1")
 CI_COLUMNS = tuple(f"{m} 95% CI" for m in SUMMARY_METRICS)  # seeded bootstrap over the test images
-ARM_TITLES = {"top": "most-moved rows suppressed", "bottom": "least-moved rows suppressed",
-              "random": "random rows suppressed (control)"}
+ARM_TITLES = {"top": "most-moved rows suppressed", "bottom": "least-moved rows suppressed (matched)",
+              "random": "random rows suppressed (matched control)",
+              "random_global": "random rows over all tensors (unmatched)"}
+HELD = "dps_params_held_frac"  # the share of all trainable parameters a DPS trial held at θ0
 # Fixed colours and markers, so a method looks the same in every plot and every report.
 METHOD_STYLE = {
     "ce": ("#1f77b4", "o"),
@@ -55,8 +57,10 @@ METHOD_STYLE = {
     "dps (top)": ("#2ca02c", "^"),
     "dps (bottom)": ("#9467bd", "v"),
     "dps (random)": ("#d62728", "D"),
+    "dps (random_global)": ("#bcbd22", "p"),
+    "dps (masking 1.0)": ("#17becf", "h"),
 }
-SPARE_STYLES = [("#8c564b", "P"), ("#e377c2", "X"), ("#17becf", "*"), ("#bcbd22", "h"), ("#7f7f7f", "p")]
+SPARE_STYLES = [("#8c564b", "P"), ("#e377c2", "X"), ("#7f7f7f", "*")]
 STATUS_STYLE = {  # line style and end marker of a learning curve
     "completed": ("-", "o"),
     "early-stopped": ("--", "x"),
@@ -261,13 +265,67 @@ def _ensembles(summaries: Sequence[Mapping[str, Any]]) -> tuple[list[_Curve], li
     return curves, soups
 
 
+@dataclass(frozen=True)
+class _Marked:
+    """A point that is not a trial's last report: its best checkpoint, or a confirmed mean with its intervals."""
+
+    method: str
+    x: float
+    y: float
+    x_range: tuple[float, float] | None = None
+    y_range: tuple[float, float] | None = None
+    seeds: int = 0
+
+
+def best_checkpoints(experiments: Sequence[Experiment], x_metric: str, y_metric: str) -> list[_Marked]:
+    """Each trial's evaluation best by its sweep's metric (the checkpoint Ray keeps), at ``x_metric`` / ``y_metric``."""
+    out = []
+    for e in experiments:
+        for t in e.trials:
+            rows = [h for h in t.history if _finite(h.get(e.metric)) and _finite(h.get(x_metric))
+                    and _finite(h.get(y_metric))]
+            if rows:
+                h = best_of(rows, lambda r: r[e.metric], e.mode)
+                out.append(_Marked(method_name(t.config), float(h[x_metric]), float(h[y_metric])))
+    return out
+
+
+def confirmed_means(experiments: Sequence[Experiment], x_metric: str, y_metric: str) -> list[_Marked]:
+    """The methods' confirmed means (``dps-tune confirm``'s ``confirm.json``) with their 95% intervals."""
+    from dps_tune.sweep.confirm import ZERO_SHOT, read_summary
+
+    out = []
+    for e in experiments:
+        for method, row in ((read_summary(e.path) or {}).get("methods") or {}).items():
+            x, y = row.get(x_metric), row.get(y_metric)
+            if method == ZERO_SHOT or not x or not y or not _finite(x.get("mean")) or not _finite(y.get("mean")):
+                continue
+            out.append(_Marked(method, x["mean"], y["mean"], (x.get("low", x["mean"]), x.get("high", x["mean"])),
+                               (y.get("low", y["mean"]), y.get("high", y["mean"])), len(row.get("seeds", []))))
+    return out
+
+
+def _logit(p: Any) -> Any:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-3, 1 - 1e-3)
+    return np.log(p / (1 - p))
+
+
+def _expit(z: Any) -> Any:
+    return 1 / (1 + np.exp(-np.asarray(z, dtype=np.float64)))
+
+
 def plot_id_ood(points: Sequence[_Point], x_metric: str, y_metric: str,
                 zero_shot: Mapping[str, float] | None, curves: Sequence[_Curve] = (),
-                soups: Sequence[_Soup] = ()) -> Figure | None:
-    """Every trial's last ``y_metric`` against its last ``x_metric``; None when no trial has both.
+                soups: Sequence[_Soup] = (), best: Sequence[_Marked] = (),
+                confirmed: Sequence[_Marked] = ()) -> Figure | None:
+    """``y_metric`` against ``x_metric`` on logit-scaled axes; None when no trial has both.
 
-    ``curves`` (WiSE-FT) are drawn as lines through their alphas with the chosen alpha
-    ringed; ``soups`` as filled plus markers in their method's colour.
+    Each point says what it is: a trial's last report (the method's marker), its best
+    checkpoint (``best``: a small diamond), a confirmed mean (``confirmed``: a large
+    square with its 95% intervals). The zero-shot model is a star. ``curves`` (WiSE-FT)
+    are drawn through their alphas with the chosen alpha ringed; ``soups`` as plus
+    markers. The baseline trend (CE trials, else all trials) is a line fitted on
+    logit-transformed accuracies, as effective robustness is measured.
     """
     data = [(p, p.value(x_metric), p.value(y_metric)) for p in points]
     data = [(p, x, y) for p, x, y in data if x is not None and y is not None]
@@ -276,7 +334,7 @@ def plot_id_ood(points: Sequence[_Point], x_metric: str, y_metric: str,
     curves = [c for c in curves if all(_finite(m.get(x_metric)) and _finite(m.get(y_metric)) for _, m in c.points)]
     soups = [s for s in soups if _finite(s.metrics.get(x_metric)) and _finite(s.metrics.get(y_metric))]
     styles = _styles([*(p.method for p, _, _ in data), *(c.method for c in curves),
-                      *(s.name for s in soups if s.name != "mixed")])
+                      *(s.name for s in soups if s.name != "mixed"), *(m.method for m in (*best, *confirmed))])
     fig = Figure(figsize=(6.4, 5.4))
     ax = fig.subplots()
     for method, (color, marker) in styles.items():
@@ -288,6 +346,18 @@ def plot_id_ood(points: Sequence[_Point], x_metric: str, y_metric: str,
                            facecolors=color if done else "none", alpha=0.9 if done else 0.7, zorder=3)
     xs_all = [x for _, x, _ in data]
     ys_all = [y for _, _, y in data]
+    for b in best:
+        ax.scatter([b.x], [b.y], s=22, marker="D", color=styles[b.method][0], edgecolors="black", linewidths=0.6,
+                   zorder=4)
+        xs_all.append(b.x)
+        ys_all.append(b.y)
+    for c in confirmed:
+        color = styles[c.method][0]
+        ax.errorbar([c.x], [c.y], xerr=[[c.x - c.x_range[0]], [c.x_range[1] - c.x]],
+                    yerr=[[c.y - c.y_range[0]], [c.y_range[1] - c.y]], fmt="s", ms=10, color=color,
+                    markeredgecolor="black", elinewidth=1.2, capsize=3, zorder=6)
+        xs_all += list(c.x_range)
+        ys_all += list(c.y_range)
     for c in curves:
         color = styles[c.method][0]
         xs, ys = [m[x_metric] for _, m in c.points], [m[y_metric] for _, m in c.points]
@@ -311,9 +381,11 @@ def plot_id_ood(points: Sequence[_Point], x_metric: str, y_metric: str,
                    linewidths=1.0, zorder=4)
         xs_all.append(zs[x_metric])
         ys_all.append(zs[y_metric])
-    xlim, ylim = _padded(xs_all), _padded(ys_all)
-    line_x = np.linspace(min(xlim[0], ylim[0]), max(xlim[1], ylim[1]), 50)
-    ax.plot(line_x, line_x, color="0.55", ls="--", lw=1.0, zorder=1)
+    # Limits, the y = x line and the fit are worked out on the logit scale the axes use.
+    xlim = tuple(_expit(_padded(list(_logit(xs_all)))))
+    ylim = tuple(_expit(_padded(list(_logit(ys_all)))))
+    line_z = np.linspace(float(_logit(min(xlim[0], ylim[0]))), float(_logit(max(xlim[1], ylim[1]))), 80)
+    ax.plot(_expit(line_z), _expit(line_z), color="0.55", ls="--", lw=1.0, zorder=1)
     # The trend of plain CE fine-tunes is the baseline effective robustness is measured
     # against; without enough CE trials, the trend of all fine-tuned trials stands in.
     ce = [(x, y) for p, x, y in data if p.method == "ce"]
@@ -321,17 +393,27 @@ def plot_id_ood(points: Sequence[_Point], x_metric: str, y_metric: str,
         [(x, y) for _, x, y in data], "all trials")
     fitted = len({x for x, _ in base}) >= 3
     if fitted:
-        slope, intercept = np.polyfit([x for x, _ in base], [y for _, y in base], 1)
-        ax.plot(line_x, slope * line_x + intercept, color="0.3", ls=":", lw=1.3, zorder=2)
+        slope, intercept = np.polyfit(_logit([x for x, _ in base]), _logit([y for _, y in base]), 1)
+        ax.plot(_expit(line_z), _expit(slope * line_z + intercept), color="0.3", ls=":", lw=1.3, zorder=2)
+    ax.set_xscale("logit")
+    ax.set_yscale("logit")
     ax.set_xlim(*xlim)
     ax.set_ylim(*ylim)
-    ax.set_xlabel(f"{metric_label(x_metric)} (last report)")
-    ax.set_ylabel(f"{metric_label(y_metric)} (last report)")
+    ax.set_xlabel(f"{metric_label(x_metric)} (logit scale)")
+    ax.set_ylabel(f"{metric_label(y_metric)} (logit scale)")
     ax.set_title(f"{metric_label(y_metric)} vs {metric_label(x_metric)}")
-    ax.grid(True, alpha=0.3)
+    ax.grid(True, alpha=0.3, which="both")
     handles = [Line2D([], [], ls="", marker=m, color=c, markersize=7, label=name) for name, (c, m) in styles.items()]
+    handles.append(Line2D([], [], ls="", marker="o", color="0.3", markersize=7, label="a trial's last report"))
     handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", markeredgecolor="0.3",
                           markersize=7, label="hollow: early-stopped"))
+    if best:
+        handles.append(Line2D([], [], ls="", marker="D", color="0.6", markeredgecolor="black", markersize=5,
+                              label="a trial's best checkpoint"))
+    if confirmed:
+        seeds = sorted({c.seeds for c in confirmed})
+        handles.append(Line2D([], [], ls="", marker="s", color="0.6", markeredgecolor="black", markersize=9,
+                              label=f"confirmed mean, 95% CI ({'/'.join(map(str, seeds))} seeds)"))
     if has_zs:
         handles.append(Line2D([], [], ls="", marker="*", markersize=13, markerfacecolor="gold",
                               markeredgecolor="black", label="zero-shot"))
@@ -344,7 +426,7 @@ def plot_id_ood(points: Sequence[_Point], x_metric: str, y_metric: str,
                               label="model soup"))
     handles.append(Line2D([], [], color="0.55", ls="--", label="y = x"))
     if fitted:
-        handles.append(Line2D([], [], color="0.3", ls=":", label=f"linear fit ({base_name})"))
+        handles.append(Line2D([], [], color="0.3", ls=":", label=f"fit on logit scale ({base_name})"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8.5, frameon=False)
     return fig
 
@@ -389,19 +471,27 @@ def plot_pareto(experiments: Sequence[Experiment]) -> Figure | None:
     return fig
 
 
-def _bootstrap_cells(trial: Trial, step: Any) -> dict[str, str]:
-    """95% bootstrap intervals of the test metrics of ``trial``'s checkpoint at ``step``, if it was kept."""
+def _bootstrap_cells(trial: Trial, step: Any) -> dict[str, Any]:
+    """95% bootstrap intervals of the test metrics of ``trial``'s checkpoint at ``step``, if it was kept.
+
+    Also, under ``_correct``, its per-image correctness on the ID and OOD test splits
+    (each [1, images]), for the comparison with CE's WiSE-FT curve.
+    """
     from dps_tune.checkpoint import read_predictions
     from dps_tune.stats import bootstrap_interval
 
     for path, m in checkpoints(trial.path):
         if m.get("step") == step:
-            out = {}
-            for split, (y_true, y_pred) in read_predictions(path).items():
+            out: dict[str, Any] = {}
+            preds = read_predictions(path)
+            for split, (y_true, y_pred) in preds.items():
                 if split in ("id_test", "ood_test"):
                     iv = bootstrap_interval(y_true, y_pred)
                     out[f"{split}_acc 95% CI"] = f"[{iv['acc'].low:.3f}, {iv['acc'].high:.3f}]"
                     out[f"{split}_f1 95% CI"] = f"[{iv['f1'].low:.3f}, {iv['f1'].high:.3f}]"
+            if "id_test" in preds and "ood_test" in preds:
+                out["_correct"] = tuple((t == p).double().numpy()[None, :] for t, p in
+                                        (preds["id_test"], preds["ood_test"]))
             return out
     return {}
 
@@ -448,6 +538,41 @@ def plot_masking(points: Sequence[_Point], zero_shot: Mapping[str, float] | None
     for split, ls in (("ood_test", "--"), ("ood_val", ":")):
         if any(_finite(zs.get(f"{split}_{k}")) for k in kinds):
             handles.append(Line2D([], [], color="black", ls=ls, label=f"zero-shot, {SPLIT_NAMES[split]}"))
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8.5, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_params_held(points: Sequence[_Point], zero_shot: Mapping[str, float] | None) -> Figure | None:
+    """OOD test metrics against the share of all trainable parameters each DPS trial held; None without DPS.
+
+    Masking counts ranked rows; this counts parameters, which is what the model keeps of θ0.
+    """
+    dps = [p for p in points if p.trial.param("algorithm") == "dps" and p.value(HELD) is not None]
+    kinds = [k for k in ("acc", "f1") if any(p.value(f"ood_test_{k}") is not None for p in dps)]
+    if not dps or not kinds:
+        return None
+    styles = _styles(p.method for p in dps)
+    fig = Figure(figsize=(4.6 * len(kinds) + 1.8, 3.6))
+    axes = fig.subplots(1, len(kinds), squeeze=False)[0]
+    zs = zero_shot or {}
+    for ax, kind in zip(axes, kinds):
+        for p in dps:
+            y = p.value(f"ood_test_{kind}")
+            if y is not None:
+                color, marker = styles[p.method]
+                ax.scatter([p.value(HELD)], [y], marker=marker, s=42, linewidths=1.3, edgecolors=color,
+                           facecolors=color if p.status == "completed" else "none", zorder=3)
+        if _finite(zs.get(f"ood_test_{kind}")):
+            ax.axhline(zs[f"ood_test_{kind}"], color="black", ls="--", lw=1.0, zorder=1)
+        ax.set_xlabel("fraction of all trainable parameters held at θ0")
+        ax.set_ylabel(f"OOD test {KIND_NAMES[kind]}")
+        ax.grid(True, alpha=0.3)
+    handles = [Line2D([], [], ls="", marker=m, color=c, markersize=7, label=name) for name, (c, m) in styles.items()]
+    handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", markeredgecolor="0.25",
+                          markersize=7, label="hollow: early-stopped"))
+    if any(_finite(zs.get(f"ood_test_{k}")) for k in kinds):
+        handles.append(Line2D([], [], color="black", ls="--", label="zero-shot, OOD test"))
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8.5, frameon=False)
     fig.tight_layout()
     return fig
@@ -532,6 +657,15 @@ def all_trials_table(experiments: Sequence[Experiment], zero_shot: Mapping[str, 
 
 
 def summary_table(experiments: Sequence[Experiment], zero_shot: Mapping[str, float] | None) -> pd.DataFrame:
+    """The best-per-method table (see :func:`summary_rows`)."""
+    return pd.DataFrame(summary_rows(experiments, zero_shot), columns=SUMMARY_COLUMNS)
+
+
+SUMMARY_COLUMNS = ["method", "experiment", "trial_id", "epoch", "selected by", "selection value", *SUMMARY_METRICS,
+                   *CI_COLUMNS, "trial status"]
+
+
+def summary_rows(experiments: Sequence[Experiment], zero_shot: Mapping[str, float] | None) -> list[dict[str, Any]]:
     """Per method: the evaluation best by its sweep's metric, over every report of every trial.
 
     Ray keeps each trial's best checkpoint by the sweep metric, so this is the checkpoint
@@ -556,32 +690,82 @@ def summary_table(experiments: Sequence[Experiment], zero_shot: Mapping[str, flo
                      "selected by": f"{metric} ({mode})", "selection value": value,
                      **{m: h.get(m) for m in SUMMARY_METRICS}, "trial status": e.status(t),
                      **_bootstrap_cells(t, h.get("step"))})
-    columns = ["method", "experiment", "trial_id", "epoch", "selected by", "selection value", *SUMMARY_METRICS,
-               *CI_COLUMNS, "trial status"]
-    return pd.DataFrame(rows, columns=columns)
+    return rows
+
+
+def _ood_twin(metric: str) -> str:
+    return metric.replace("id_val", "ood_val") if metric.startswith("id_val") else metric
 
 
 def ensemble_table(curves: Sequence[_Curve], soups: Sequence[_Soup],
                    summaries: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """Per method: fine-tuned alone (alpha 1), with WiSE-FT at the chosen alpha, and as a soup."""
+    """Per method: every point of its WiSE-FT curve, the alphas chosen on ID and on OOD validation, its soup.
+
+    The alpha ``wise`` chose (on its ``--select`` metric, ID validation by default) is
+    marked, and so is the alpha the same metric on OOD validation would choose, labelled
+    as such: selecting on OOD validation uses OOD labels.
+    """
     rows = []
     select = {s["kind"]: s.get("select", "") for s in summaries}
+    wise_metric = select.get("wise") or DEFAULT_METRIC
+    ood_metric = _ood_twin(wise_metric)
     for c in curves:
         by_alpha = dict(c.points)
         if 0.0 in by_alpha and not any(r["method"] == "zero-shot" for r in rows):
             rows.append({"method": "zero-shot", "variant": "alpha 0", **by_alpha[0.0]})
     for method in _method_order([*(c.method for c in curves), *(s.name for s in soups)]):
         for c in (c for c in curves if c.method == method):
-            by_alpha = dict(c.points)
-            if 1.0 in by_alpha:
-                rows.append({"method": method, "variant": "fine-tuned (alpha 1)", **by_alpha[1.0]})
-            rows.append({"method": method, "variant": f"WiSE-FT, alpha {c.chosen:g}", "selected by": select.get("wise"),
-                         **by_alpha[c.chosen]})
+            scored = [(a, m) for a, m in c.points if _finite(m.get(ood_metric))]
+            on_ood = best_of(scored, lambda am: am[1][ood_metric], default_mode(ood_metric))[0] if scored else None
+            for alpha, metrics in c.points:
+                chosen = []
+                if alpha == c.chosen:
+                    chosen.append(f"chosen on {wise_metric}")
+                if alpha == on_ood and ood_metric != wise_metric:
+                    chosen.append(f"chosen on {ood_metric} (OOD validation)")
+                variant = "fine-tuned (alpha 1)" if alpha == 1.0 else f"WiSE-FT, alpha {alpha:g}"
+                rows.append({"method": method, "variant": variant, "alpha chosen": "; ".join(chosen), **metrics})
         for sp in (s for s in soups if s.name == method):
             rows.append({"method": method, "variant": f"soup of {sp.ingredients} of {sp.candidates}",
-                         "selected by": select.get("soup"), **sp.metrics})
-    columns = ["method", "variant", "selected by", "id_val_f1", "ood_val_f1", *SUMMARY_METRICS]
+                         "alpha chosen": f"soup selected on {select.get('soup')}", **sp.metrics})
+    columns = ["method", "variant", "alpha chosen", "id_val_f1", "ood_val_f1", *SUMMARY_METRICS]
     return pd.DataFrame(rows, columns=columns)
+
+
+def frontier_table(curves: Sequence[_Curve], best: Sequence[Mapping[str, Any]], confirmed: Sequence[_Marked],
+                   x_metric: str = "id_test_acc", y_metric: str = "ood_test_acc") -> pd.DataFrame | None:
+    """Each method against CE's WiSE-FT curve: its OOD minus the curve's OOD at the same ID; None without that curve.
+
+    ``best`` rows are the best-per-method table's (selected on validation; their interval
+    resamples the checkpoint's test images, from its recorded predictions); ``confirmed``
+    are confirmed means (no per-image interval here: see ``confirm.json``). The curve is
+    held fixed: ``wise`` records no per-image predictions.
+    """
+    ce = next((c for c in curves if c.method == "ce"), None)
+    if ce is None:
+        return None
+    curve = [(a, m[x_metric], m[y_metric]) for a, m in ce.points if _finite(m.get(x_metric))
+             and _finite(m.get(y_metric))]
+    if len(curve) < 2:
+        return None
+    from dps_tune.stats import wise_frontier_gap
+
+    rows = []
+    for b in best:
+        x, y = b.get(x_metric), b.get(y_metric)
+        if not (_finite(x) and _finite(y)):
+            continue
+        correct = b.get("_correct")
+        gap = wise_frontier_gap(curve, x, y, method_correct=correct)
+        rows.append({"method": b["method"], "point": "best checkpoint (selected on validation)", x_metric: x,
+                     y_metric: y, "OOD minus CE's WiSE-FT curve": gap.gap,
+                     "95% CI": f"[{gap.interval.low:+.4f}, {gap.interval.high:+.4f}]" if gap.interval else ""})
+    for c in confirmed:
+        gap = wise_frontier_gap(curve, c.x, c.y)
+        rows.append({"method": c.method, "point": f"confirmed mean ({c.seeds} seeds)", x_metric: c.x, y_metric: c.y,
+                     "OOD minus CE's WiSE-FT curve": gap.gap, "95% CI": ""})
+    return pd.DataFrame(rows, columns=["method", "point", x_metric, y_metric, "OOD minus CE's WiSE-FT curve",
+                                       "95% CI"])
 
 
 def _cell(value: Any) -> tuple[str, bool]:
@@ -620,6 +804,18 @@ def _figure_html(img_id: str, fig: Figure | None, alt: str, caption: str, missin
         return f'<p class="note" id="{img_id}-missing">{html.escape(missing)}</p>'
     return (f'<figure><img id="{img_id}" alt="{html.escape(alt)}" src="data:image/png;base64,{_png(fig)}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _frontier_html(curves: Sequence[_Curve], best: Sequence[Mapping[str, Any]], confirmed: Sequence[_Marked]) -> str:
+    table = frontier_table(curves, best, confirmed)
+    if table is None or table.empty:
+        return ""
+    return f"""<h3>Against CE's WiSE-FT curve</h3>
+<p class="caption">Each method's OOD test accuracy minus the OOD test accuracy of CE's WiSE-FT curve at the same ID
+test accuracy (interpolated along alpha; empty where the method's ID accuracy lies outside the curve's). Above 0:
+more robust than mixing CE with the zero-shot weights at that ID accuracy. The interval resamples the method's test
+images from its checkpoint's predictions; the curve is held fixed (no per-image predictions are recorded for it).</p>
+{html_table(table, "frontier-table")}"""
 
 
 def render_report(exp_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
@@ -665,11 +861,15 @@ def render_report(exp_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
     for x, y in pairs:
         kind = "f1" if y.endswith("_f1") else "acc"
         scatter_html.append(_figure_html(
-            f"plot-id-ood-{kind}", plot_id_ood(points, x, y, zs, curves, soups),
+            f"plot-id-ood-{kind}", plot_id_ood(points, x, y, zs, curves, soups, best_checkpoints(experiments, x, y),
+                                               confirmed_means(experiments, x, y)),
             alt=f"Scatter plot of {metric_label(y)} against {metric_label(x)} for every trial, coloured by method"
                 + (", zero-shot model marked with a star" if zs else ""),
-            caption=f"{metric_label(y)} against {metric_label(x)}, each trial at its last report. Hollow markers: "
-                    "trials ASHA stopped early (their metrics are from an early epoch)."
+            caption=f"{metric_label(y)} against {metric_label(x)} on logit-scaled axes. Each trial at its last "
+                    "report (its method's marker) and at its best checkpoint by its sweep's metric (small diamond); "
+                    "large squares with bars: confirmed means of `dps-tune confirm` with 95% intervals. Hollow "
+                    "markers: trials ASHA stopped early (their metrics are from an early epoch). Dotted: the "
+                    "baseline fitted on logit-transformed values."
                     + (" Star: the zero-shot model." if zs else "")
                     + (" Lines: WiSE-FT from alpha 0 (the zero-shot weights) to 1 (the fine-tuned model), "
                        "the alpha chosen on validation ringed." if curves else "")
@@ -688,6 +888,13 @@ def render_report(exp_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
         caption="DPS trials only, each at its last report: circles OOD test, triangles OOD val; "
                 "hollow markers were stopped early by ASHA.",
         missing="No DPS trials in these experiments: there is nothing to plot against dps.masking.")
+    held_html = _figure_html(
+        "plot-params-held", plot_params_held(points, zs),
+        alt="OOD test metrics against the fraction of all trainable parameters each DPS trial held at the "
+            "pretrained weights, coloured by suppression arm",
+        caption="DPS trials only, each at its last report. Masking counts ranked rows; this counts parameters, "
+                "the share of the model kept at θ0 (the rest trains). Dashed: zero-shot.",
+        missing="No DPS trial reports dps_params_held_frac (trials of dps_tune before 0.3 do not).")
     curves_html = _figure_html(
         "plot-learning-curves", plot_learning_curves(experiments, zs),
         alt="Learning curves: each sweep's selection metric against epoch for every trial; "
@@ -698,7 +905,8 @@ def render_report(exp_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
 
     trials = all_trials_table(experiments, zs)
     row_class = ["zero-shot" if r == "zero-shot" else str(s) for r, s in zip(trials["trial_id"], trials["status"])]
-    summary = summary_table(experiments, zs)
+    best_rows = summary_rows(experiments, zs)
+    summary = pd.DataFrame(best_rows, columns=SUMMARY_COLUMNS)
     summary_class = ["zero-shot" if m == "zero-shot" else "" for m in summary["method"]]
 
     ensemble_html = ""
@@ -706,10 +914,13 @@ def render_report(exp_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
         table = ensemble_table(curves, soups, summaries)
         ensemble_html = f"""<section id="ensembles">
 <h2>WiSE-FT and model soups</h2>
-<p class="caption">For each method: the fine-tuned checkpoint alone, WiSE-FT at the alpha chosen on validation
-(never on test), and the soup of its checkpoints. From {html.escape(", ".join(s.get("kind", "") for s in summaries))}
+<p class="caption">For each method: every point of its WiSE-FT curve from the fine-tuned checkpoint (alpha 1)
+towards the zero-shot weights, the alpha chosen on validation (never on test) and the alpha that OOD validation
+would choose, each labelled, and the soup of its checkpoints. From {html.escape(", ".join(s.get("kind", "") for s in summaries))}
 output(s).</p>
 {html_table(table, "ensemble-table", ["zero-shot" if m == "zero-shot" else "" for m in table["method"]])}
+{_frontier_html(curves, [r for r in best_rows if r["method"] != "zero-shot"],
+                confirmed_means(experiments, "id_test_acc", "ood_test_acc"))}
 </section>"""
     exp_rows = pd.DataFrame([{
         "experiment": e.name, "path": str(e.path.resolve()), "status": e.meta.get("status", "unknown"),
@@ -755,8 +966,8 @@ in-distribution performance predicts; the dashed line is y = x.</p>
 {pareto_html}
 </section>
 <section id="masking">
-<h2>OOD metric vs DPS masking</h2>
-{masking_html}
+<h2>OOD metric vs DPS masking, and vs the parameters held</h2>
+<div class="row">{masking_html}{held_html}</div>
 </section>
 <section id="learning-curves">
 <h2>Learning curves</h2>

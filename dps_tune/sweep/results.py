@@ -36,7 +36,9 @@ TRIAL_CONFIG_FILE = "dps_tune_config.json"
 WISE_CSV, WISE_JSON = "wise.csv", "wise.json"
 SOUP_CSV, SOUP_JSON = "soup_steps.csv", "soup.json"
 PARAM_COLUMNS = {"algorithm": "algorithm", "optim.lr": "lr", "optim.wd": "wd", "dps.masking": "masking",
-                 "dps.suppress": "suppress", "seed": "seed"}
+                 "dps.suppress": "suppress", "dps.quota": "quota", "seed": "seed"}
+# What a DPS trial holds (dps_tune.suppression.holding_metrics), as results columns.
+HELD_COLUMNS = {"dps_params_held_frac": "params_held", "dps_params_train_frac": "params_train"}
 
 
 def _finite(x: Any) -> bool:
@@ -231,8 +233,10 @@ def results_table(exp_dir: str | os.PathLike, metric: str | None = None, mode: s
         row: dict[str, Any] = {"trial_id": t.trial_id}
         for dotted, short in PARAM_COLUMNS.items():
             row[short] = t.param(dotted)
-        if row["algorithm"] != "dps":  # masking and suppress mean nothing to CE and FLYP
-            row["masking"] = row["suppress"] = None
+        if row["algorithm"] != "dps":  # masking, suppress and quota mean nothing to CE and FLYP
+            row["masking"] = row["suppress"] = row["quota"] = None
+        for key, short in HELD_COLUMNS.items():
+            row[short] = t.last.get(key)
         row["epochs"] = t.last.get("epoch", 0)
         row["status"] = trial_status(t, meta.get("max_t"), finished)
         row["early_stopped"] = row["status"] == "early-stopped"
@@ -257,11 +261,21 @@ def histories(exp_dir: str | os.PathLike) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+MASKING_ALL = "dps (masking 1.0)"
+
+
 def method_name(config: dict[str, Any]) -> str:
-    """``ce``, ``flyp``, or ``dps (top)`` / ``dps (random)`` / ``dps (bottom)`` for the DPS arms."""
+    """``ce``, ``flyp``, or ``dps (top)`` / ``dps (random)`` / ``dps (bottom)`` … for the DPS arms.
+
+    At ``masking: 1.0`` every ranked row is held whatever the suppression kind, so those
+    are one method: ``dps (masking 1.0)``, where only the excluded tensors train.
+    """
     algorithm = config.get("algorithm", "?")
     if algorithm == "dps":
-        return f"dps ({config.get('dps', {}).get('suppress', 'top')})"
+        dps = config.get("dps", {})
+        if dps.get("masking", 0) == 1.0:
+            return MASKING_ALL
+        return f"dps ({dps.get('suppress', 'top')})"
     return algorithm
 
 
@@ -280,7 +294,7 @@ def best_per_method(exp_dirs: list[str | os.PathLike], metric: str, mode: str = 
             method = method_name(json.loads(cfg_path.read_text()))
             candidates.setdefault(method, []).append((metrics[metric], path, metrics))
     best = {m: best_of(c, lambda t: t[0], mode) for m, c in candidates.items()}
-    order = ["ce", "dps (top)", "dps (random)", "dps (bottom)", "flyp"]
+    order = ["ce", "dps (top)", "dps (random)", "dps (bottom)", "dps (random_global)", MASKING_ALL, "flyp"]
     names = sorted(best, key=lambda m: (order.index(m) if m in order else len(order), m))
     return [{"method": m, "checkpoint": best[m][1], "trial": _trial_id(best[m][1].parent), **best[m][2]}
             for m in names]

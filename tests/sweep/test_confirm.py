@@ -8,6 +8,7 @@ import yaml
 
 from conftest import run_cli, tiny_raw
 from dps_tune.sweep import confirm, results
+from fixtures import write_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -70,9 +71,10 @@ def test_confirm_retrains_each_method_with_fresh_seeds_and_pairs_them(two_object
                     "--no-dashboard")
     conf = tmp_path / "conf"
     summary = json.loads((conf / "confirm.json").read_text())
-    methods = set(summary["methods"])
-    assert methods <= {"ce", "flyp"} and methods
-    for method, row in summary["methods"].items():
+    methods = set(summary["methods"]) - {"zero-shot"}
+    assert methods <= {"ce", "flyp"} and methods and "zero-shot" in summary["methods"]
+    for method in methods:
+        row = summary["methods"][method]
         assert row["seeds"] == [1, 2]
         r = row["ood_test_acc"]
         assert r["low"] <= r["mean"] <= r["high"] and r["n"] == 2
@@ -85,7 +87,7 @@ def test_confirm_retrains_each_method_with_fresh_seeds_and_pairs_them(two_object
         diffs = [by[("flyp", s)] - by[("ce", s)] for s in (1, 2)]
         assert pair["a"] == "flyp" and pair["b"] == "ce" and pair["seeds"] == [1, 2]
         assert pair["mean"] == pytest.approx(sum(diffs) / 2)
-        assert "paired differences on the same seeds" in proc.stdout
+        assert "Holm-adjusted over the family" in proc.stdout
     # an experiment like any other
     dps_tune("best", conf, "--export", tmp_path / "best")
     dps_tune("report", conf, "--out", tmp_path / "conf.html")
@@ -157,16 +159,66 @@ def test_a_killed_confirmation_is_finished_by_resume_without_redoing_training(tw
     time.sleep(2)
 
     again = dps_tune("resume", conf, "--no-dashboard")
-    assert "paired differences" in again.stdout or "seeds" in again.stdout, again.stdout[-2000:]
+    assert "Holm-adjusted" in again.stdout or "seeds" in again.stdout, again.stdout[-2000:]
     summary = json.loads((conf / "confirm.json").read_text())
     assert summary["methods"] and summary["selected"]
-    for row in summary["methods"].values():
+    trained = {m: row for m, row in summary["methods"].items() if m != "zero-shot"}
+    for row in trained.values():
         assert row["seeds"] == [1, 2, 3]
     table = results.results_table(conf)
-    assert set(table["status"]) == {"completed"} and len(table) == 3 * len(summary["methods"])
+    assert set(table["status"]) == {"completed"} and len(table) == 3 * len(trained)
     for trial in results.load_trials(conf):
         raw = [json.loads(line)["step"] for line in (trial.path / "result.json").read_text().splitlines()
                if line.strip()]
         for step in raw:
             if step <= saved.get(trial.path.name, 0):  # trained before the kill: reported once, not redone
                 assert raw.count(step) == 1, (trial.trial_id, raw)
+
+
+def test_confirm_runs_the_controls_at_dps_selected_configuration_and_seeds(tmp_path):
+    """DPS (top)'s winner is retrained with random, bottom and masking 1.0 at its own lr, wd, masking and seeds."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dps_tune import models
+
+    theta0 = models.pretrained_state_dict("tiny-vit", "none", seed=0)
+    g = torch.Generator().manual_seed(0)
+    ref = tmp_path / "ref.safetensors"
+    save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in theta0.items()}, str(ref))
+    dps = {"algorithm": "dps", "dps.reference": str(ref), "optim.epochs": 1, "dps.quota": "per_tensor"}
+    exp = write_experiment(tmp_path, "dps", [
+        ("top_a", {**dps, "dps.masking": 0.3, "optim.lr": 2e-3, "optim.wd": 0.05}, 1, 0.9),  # the selected one
+        ("top_b", {**dps, "dps.masking": 0.6, "optim.lr": 1e-3}, 1, 0.5),
+        # a random arm tuned on its own scores higher: its configuration must not be what the controls use
+        ("rand", {**dps, "dps.suppress": "random", "dps.masking": 0.8, "optim.lr": 5e-4}, 1, 1.5),
+    ])
+    proc = dps_tune("confirm", exp, "--seeds", "2", "--storage", tmp_path, "--name", "conf", "--no-dashboard")
+    conf = tmp_path / "conf"
+    trials = results.load_trials(conf)
+    configs = {}
+    for t in trials:
+        cfg = json.loads((t.path / "dps_tune_config.json").read_text())
+        configs[(results.method_name(cfg), cfg["seed"])] = cfg
+    methods = {"dps (top)", "dps (random)", "dps (bottom)", "dps (masking 1.0)"}
+    assert set(configs) == {(m, s) for m in methods for s in (1, 2)}
+    for (method, seed), cfg in configs.items():
+        assert (cfg["optim"]["lr"], cfg["optim"]["wd"], cfg["dps"]["quota"]) == (2e-3, 0.05, "per_tensor"), method
+        assert cfg["dps"]["reference"] == str(ref)
+        assert cfg["dps"]["masking"] == (1.0 if method == "dps (masking 1.0)" else 0.3)
+        assert cfg["dps"]["suppress"] == {"dps (random)": "random", "dps (bottom)": "bottom"}.get(method, "top")
+    # every trial reported what it held: the matched controls as many parameters as top, masking 1.0 all rows
+    last = {(results.method_name(t.config), t.param("seed")): t.last for t in trials}
+    for seed in (1, 2):
+        held = {m: last[(m, seed)]["dps_params_held"] for m in methods}
+        assert held["dps (top)"] == held["dps (random)"] == held["dps (bottom)"] < held["dps (masking 1.0)"]
+        assert last[("dps (masking 1.0)", seed)]["dps_rows_held"] == last[("dps (masking 1.0)", seed)]["dps_rows_ranked"]
+    summary = json.loads((conf / "confirm.json").read_text())
+    assert set(summary["methods"]) == methods | {"zero-shot"}
+    family = summary["pairs"]
+    assert {(p["a"], p["b"]) for p in family} == {("dps (top)", "dps (random)"), ("dps (top)", "dps (bottom)"),
+                                                   ("dps (top)", "dps (masking 1.0)")} | {
+        (m, "zero-shot") for m in methods}
+    assert all(p["family"] == len(family) == 14 and p["adjusted_p"] >= p["p"] for p in family)
+    assert "Holm-adjusted over the family of 14" in proc.stdout and "(2 seeds)" in proc.stdout
+    assert "control at dps (top)'s configuration" in proc.stdout

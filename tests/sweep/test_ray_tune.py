@@ -127,6 +127,13 @@ def test_dps_stage_ranks_once(ce_sweep, tmp_path):
     assert len(list((tmp_path / "rankings").glob("*.pt"))) == 1
     table = results.results_table(tmp_path / "runs" / "dps1")
     assert len(table) == 3 and set(table["algorithm"]) == {"dps"} and table["masking"].notna().all()
+    # what each trial held, in its results and in the Optuna study the dashboard shows
+    assert table["params_held"].between(0, 1).all()
+    assert (table["params_held"] + table["params_train"]).to_numpy() == pytest.approx([1.0] * 3)
+    study = optuna.load_study(study_name="dps1", storage=f"sqlite:///{tmp_path / 'runs' / 'dps1' / 'optuna.db'}")
+    held = sorted(t.user_attrs["dps_params_held_frac"] for t in study.trials)
+    assert held == pytest.approx(sorted(table["params_held"]))
+    assert all("dps_held_frac_token_embedding" in t.user_attrs for t in study.trials)
     # a later sweep on the same pair reuses the ranking
     second = dps_tune("sweep", path, "--storage", tmp_path / "runs", "--name", "dps2", "--no-dashboard",
                       "--num-samples", "1")

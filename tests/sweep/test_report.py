@@ -67,7 +67,8 @@ def test_report_shows_every_plot_and_the_tables(experiments, tmp_path):
     page = out.read_text()
 
     imgs = images(page)
-    assert set(imgs) == {"plot-id-ood-acc", "plot-id-ood-f1", "plot-masking", "plot-learning-curves", "plot-pareto"}
+    assert set(imgs) == {"plot-id-ood-acc", "plot-id-ood-f1", "plot-masking", "plot-params-held",
+                         "plot-learning-curves", "plot-pareto"}
     for img_id, img in imgs.items():
         assert img.format == "PNG" and img.width >= 500 and img.height >= 300, (img_id, img.size)
     assert imgs["plot-learning-curves"].height > imgs["plot-id-ood-acc"].height  # a panel per experiment
@@ -192,4 +193,57 @@ def test_id_ood_plot_marks_methods_early_stops_zero_shot_and_the_fit(experiments
     styles = {line.get_linestyle() for line in ax.lines}
     assert {"--", ":"} <= styles  # y = x and the linear fit
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert "zero-shot" in labels and "hollow: early-stopped" in labels and any("linear fit" in t for t in labels)
+    assert "zero-shot" in labels and "hollow: early-stopped" in labels and "a trial's last report" in labels
+    assert any("fit on logit scale" in t for t in labels)
+    assert (ax.get_xscale(), ax.get_yscale()) == ("logit", "logit")  # effective robustness as the field draws it
+
+
+def test_id_ood_plot_labels_best_checkpoints_and_confirmed_means_and_fits_on_logits(experiments):
+    import numpy as np
+
+    exps = [report.load_experiment(e) for e in experiments]
+    points = report._points(exps)
+    best = report.best_checkpoints(exps, "id_test_acc", "ood_test_acc")
+    assert len(best) == 12  # one per trial that reported
+    confirmed = [report._Marked("dps (top)", 0.7, 0.45, (0.68, 0.72), (0.40, 0.50), 5)]
+    fig = report.plot_id_ood(points, "id_test_acc", "ood_test_acc", ZERO_SHOT, best=best, confirmed=confirmed)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "a trial's best checkpoint" in labels and "confirmed mean, 95% CI (5 seeds)" in labels
+    diamonds = [c for c in ax.collections if hasattr(c, "get_sizes") and len(c.get_offsets()) == 1
+                and c.get_sizes()[0] == 22]
+    assert len(diamonds) == 12
+    # the dotted baseline is a straight line in logit space through the CE trials' logits
+    ce = [(p.value("id_test_acc"), p.value("ood_test_acc")) for p in points if p.method == "ce"]
+    slope, intercept = np.polyfit(report._logit([x for x, _ in ce]), report._logit([y for _, y in ce]), 1)
+    fit = next(line for line in ax.lines if line.get_linestyle() == ":")
+    xs, ys = fit.get_data()
+    assert np.allclose(report._logit(ys), slope * report._logit(xs) + intercept, atol=1e-6)
+
+
+def test_ensemble_table_shows_every_alpha_and_both_choices_and_the_frontier_gap():
+    import numpy as np
+
+    def m(id_acc, ood_acc, id_val, ood_val):
+        return {"id_test_acc": id_acc, "ood_test_acc": ood_acc, "id_val_f1": id_val, "ood_val_f1": ood_val}
+
+    ce = report._Curve("ce", [(0.0, m(0.60, 0.45, 0.50, 0.40)), (0.5, m(0.70, 0.50, 0.60, 0.48)),
+                              (1.0, m(0.80, 0.30, 0.70, 0.30))], chosen=1.0)
+    table_ = report.ensemble_table([ce], [], [{"kind": "wise", "select": "id_val_f1"}])
+    rows = table_[table_["method"] == "ce"].set_index("variant")
+    assert list(rows.index) == ["WiSE-FT, alpha 0", "WiSE-FT, alpha 0.5", "fine-tuned (alpha 1)"]
+    assert rows.loc["fine-tuned (alpha 1)", "alpha chosen"] == "chosen on id_val_f1"
+    assert rows.loc["WiSE-FT, alpha 0.5", "alpha chosen"] == "chosen on ood_val_f1 (OOD validation)"
+    # DPS's best checkpoint against CE's curve: 0.43 OOD at ID 0.75, where the curve gives 0.40
+    rng = np.random.default_rng(0)
+    correct = ((rng.random((1, 300)) < 0.75).astype(float), (rng.random((1, 300)) < 0.43).astype(float))
+    best = [{"method": "dps (top)", "id_test_acc": 0.75, "ood_test_acc": 0.43, "_correct": correct},
+            {"method": "flyp", "id_test_acc": 0.9, "ood_test_acc": 0.2}]  # beyond the curve's ID range
+    confirmed = [report._Marked("dps (top)", 0.65, 0.40, (0.6, 0.7), (0.3, 0.5), 5)]
+    gaps = report.frontier_table([ce], best, confirmed).set_index("point")
+    top = gaps.loc["best checkpoint (selected on validation)"]
+    assert top.iloc[0]["OOD minus CE's WiSE-FT curve"] == pytest.approx(0.03)
+    assert top.iloc[0]["95% CI"].startswith("[")
+    assert np.isnan(top.iloc[1]["OOD minus CE's WiSE-FT curve"])  # flyp: outside, no number made up
+    assert gaps.loc["confirmed mean (5 seeds)", "OOD minus CE's WiSE-FT curve"] == pytest.approx(0.40 - 0.475)
+    assert report.frontier_table([], best, confirmed) is None  # no CE curve, no comparison

@@ -26,6 +26,10 @@ def test_every_kind_to_optuna(base):
     assert dists["optim.warmup_steps"] == od.IntDistribution(0, 9)  # randint's high is exclusive
     assert dists["dps.masking"].step == pytest.approx(0.1) and dists["dps.masking"].high == pytest.approx(0.9)
     assert dists["dps.suppress"].choices == ("top", "random")
+    variants = to_optuna(parse_search({"quota": {"choice": ["global", "per_tensor"]},
+                                       "exclude": {"choice": ["bias,positional_embedding,ln",
+                                                              "bias,positional_embedding,ln,token_embedding"]}}, base))
+    assert variants["dps.quota"].choices == ("global", "per_tensor") and len(variants["dps.exclude"].choices) == 2
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -35,7 +39,9 @@ def test_every_kind_to_optuna(base):
     ({"lr": {"uniform": [1e-3, 1e-4]}}, "low must be below high"),
     ({"lr": {"uniform": [1e-4]}}, "uniform takes [low, high]"),
     ({"lr": [1e-4, 1e-3]}, "expected one distribution"),
-    ({"masking": {"uniform": [0.1, 1.0]}}, "search.dps.masking can produce 1.0, which is invalid: dps.masking = 1.0"),
+    ({"masking": {"uniform": [0.1, 1.5]}}, "search.dps.masking can produce 1.5, which is invalid: dps.masking = 1.5"),
+    ({"quota": {"choice": ["global", "per_row"]}}, "dps.quota = 'per_row'"),
+    ({"exclude": {"choice": ["bias,ln", "bias,,ln"]}}, "dps.exclude = ['bias', '', 'ln']"),
     ({"wd": {"uniform": [-0.1, 0.2]}}, "optim.wd = -0.1: must be >= 0"),
     ({"suppress": {"choice": ["top", "middle"]}}, "dps.suppress = 'middle'"),
     ({"suppress": {"choice": []}}, "choice takes a non-empty list"),
