@@ -29,11 +29,14 @@ class Comparison:
     low: float
     high: float
     note: str = ""  # what the interval counts (seeds, images, adjustment)
+    differs: bool | None = None  # the test's own verdict (Holm-adjusted), where there is one
 
     @property
     def verdict(self) -> int:
-        """+1 when a is above b, -1 when below, 0 when the interval includes 0."""
-        return 1 if self.low > 0 else -1 if self.high < 0 else 0
+        """+1 when a is above b, -1 when below, 0 when the data cannot tell (the interval includes 0)."""
+        if self.differs is False or not (self.low > 0 or self.high < 0):
+            return 0
+        return 1 if self.mean > 0 else -1
 
 
 def _figure(c: Comparison) -> str:
@@ -63,6 +66,23 @@ def sentences(comparisons: Iterable[Comparison]) -> list[str]:
     for c in comparisons:
         groups.setdefault((c.a, c.b), []).append(c)
     return [sentence(g) for g in groups.values()]
+
+
+def frontier_sentence(method: str, gap, id_acc: float, seeds: int) -> str:
+    """Where ``method`` lies against CE's WiSE-FT curve (``gap``: a :class:`dps_tune.stats.FrontierGap`)."""
+    if gap.gap is None:
+        return (f"{method}'s ID test accuracy ({id_acc:.3f}) lies outside CE's WiSE-FT curve, so the data cannot "
+                "place it against the curve.")
+    if gap.interval is None:
+        return f"{method} lies {gap.gap:+.3f} from CE's WiSE-FT curve on OOD test accuracy at its ID accuracy (no interval)."
+    c = Comparison(method, "CE's WiSE-FT curve", "ood_test_acc", gap.gap, gap.interval.low, gap.interval.high,
+                   note=f"at its ID test accuracy {id_acc:.3f}, {seeds} seeds and the test images resampled")
+    if c.verdict > 0:
+        return f"{method} lies above CE's WiSE-FT curve on OOD test accuracy: {_figure(c)} ({c.note})."
+    if c.verdict < 0:
+        return f"{method} lies below CE's WiSE-FT curve on OOD test accuracy: {_figure(c)} ({c.note})."
+    return (f"The data cannot tell {method} from CE's WiSE-FT curve on OOD test accuracy: {_figure(c)} "
+            f"({c.note}).")
 
 
 def render(title: str, header: Sequence[str], sections: Sequence[tuple[str, Sequence[str]]]) -> str:

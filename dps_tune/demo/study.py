@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from dps_tune.config import default_mode, objectives
-from dps_tune.demo import pretrain
+from dps_tune.demo import findings, pretrain
 from dps_tune.errors import UserError
 from dps_tune.files import new_directory
 from dps_tune.paths import command_path, tensorboard_hint
@@ -44,6 +44,9 @@ COLUMNS = ("id_val_acc", "id_test_acc", "id_test_f1", "ood_test_acc", "ood_test_
 # WiSE-FT's grid in the demo: five points keep the stage short on a laptop.
 DEMO_ALPHAS = "0:1:0.25"
 CONFIRM_SEEDS = (1, 2, 3)
+# The demo's confirmation leaves out the bottom-rows ablation to stay a laptop run;
+# `dps-tune confirm` runs it too.
+DEMO_SKIPS = ("dps (bottom)",)
 STAGES_TOTAL = 7
 
 
@@ -142,18 +145,20 @@ def _ensembles(out: Path, exp_dirs: list[Path], metric: str) -> tuple[dict, dict
 
 
 def _confirm(out: Path, exp_dirs: list[Path], metric: str, overrides: list[str]) -> tuple[Path, dict]:
-    """Stage 7: each method's selected configuration, retrained with fresh seeds on the demo's Ray."""
+    """Stage 6: each method's selected configuration, and DPS's controls at its configuration, retrained with
+    fresh seeds on the demo's Ray; zero-shot beside them."""
     from dps_tune.config import parse_override
 
     start = time.time()
-    variants = confirm.select_variants(exp_dirs, metric)
+    variants = [v for v in confirm.select_variants(exp_dirs, metric) if v.method not in DEMO_SKIPS]
     base = variants[0].config
     resources = {k[len("tune."):]: v for k, v in map(parse_override, overrides)
                  if k in ("tune.cpus_per_trial", "tune.gpus_per_trial")}
     tune_cfg = confirm.run_tune(results.sweep_meta(exp_dirs[0])["tune"], metric, resources)
     ranking = confirm.dps_ranking([v.config for v in variants])
-    _say(f"\n[6/{STAGES_TOTAL}] confirmation: {len(variants)} selected configurations x {len(CONFIRM_SEEDS)} fresh "
-         f"seeds, full epochs, no early stopping")
+    _say(f"\n[6/{STAGES_TOTAL}] confirmation: {len(variants)} configurations ({', '.join(v.method for v in variants)}; "
+         f"the DPS controls at dps (top)'s configuration) x {len(CONFIRM_SEEDS)} fresh seeds, full epochs, "
+         "no early stopping")
     exp = Path(ray_tune.run_points(base, [confirm.overrides(base, v.config) for v in variants],
                                    list(CONFIRM_SEEDS), tune_cfg, ranking=ranking, name="confirm",
                                    storage_path=str(out), dashboard=False,
@@ -163,6 +168,47 @@ def _confirm(out: Path, exp_dirs: list[Path], metric: str, overrides: list[str])
     confirm.write_summary(exp, summary, confirm.selected(variants))
     _say(f"      {len(variants) * len(CONFIRM_SEEDS)} trials in {time.time() - start:.0f} s")
     return exp, summary
+
+
+def ce_wise_curve(wise_dir: Path) -> list[tuple[float, float, float]]:
+    """CE's WiSE-FT curve, (alpha, id_test_acc, ood_test_acc) per alpha, from ``wise.csv``."""
+    import pandas as pd
+
+    rows = pd.read_csv(wise_dir / results.WISE_CSV)
+    rows = rows[rows["method"] == "ce"]
+    return [(float(r.alpha), float(r.id_test_acc), float(r.ood_test_acc)) for r in rows.itertuples()]
+
+
+def write_findings(out: Path, header: list[str], exp_confirm: Path, summary: dict, wise_dir: Path) -> Path:
+    """``findings.md``: the confirmation's comparisons, and where each method lies against CE's WiSE-FT curve."""
+    from dps_tune import stats
+
+    seeds = len(CONFIRM_SEEDS)
+    comparisons = [findings.Comparison(p["a"], p["b"], p["metric"], p["mean"], p["low"], p["high"],
+                                       note=f"{p['n']} seed{'s' * (p['n'] != 1)}, Holm-adjusted over "
+                                            f"{p['family']} comparisons", differs=p["differs"])
+                   for p in summary["pairs"]]
+    against_zero = [c for c in comparisons if c.b == confirm.ZERO_SHOT]
+    between = [c for c in comparisons if c.b != confirm.ZERO_SHOT]
+    curve = ce_wise_curve(wise_dir)
+    _, correct = confirm.finished_seeds(exp_confirm)
+    frontier = []
+    for method, row in summary["methods"].items():
+        if method in ("ce", confirm.ZERO_SHOT) or "id_test_acc" not in row or "ood_test_acc" not in row:
+            continue
+        chosen = sorted(correct.get(method, {}))
+        mats = [confirm.matrix(correct[method], chosen, m) for m in ("id_test_acc", "ood_test_acc")]
+        gap = stats.wise_frontier_gap(curve, row["id_test_acc"]["mean"], row["ood_test_acc"]["mean"],
+                                      method_correct=tuple(mats) if all(m is not None for m in mats) else None)
+        frontier.append(findings.frontier_sentence(method, gap, row["id_test_acc"]["mean"], seeds))
+    page = findings.render("What the demo found", header, [
+        ("Against zero-shot", findings.sentences(against_zero)),
+        ("Between methods and DPS's controls", findings.sentences(between)),
+        ("Against CE's WiSE-FT curve", frontier),
+    ])
+    path = out / "findings.md"
+    path.write_text(page)
+    return path
 
 
 def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool = True) -> int:
@@ -211,14 +257,23 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
     text = format_comparison(rows)
     _say(text)
     exp_confirm, summary = confirmed
-    confirmed_text = (f"confirmed over seeds {', '.join(map(str, CONFIRM_SEEDS))} (mean [95% t-interval]):\n"
+    confirmed_text = (f"confirmed over seeds {', '.join(map(str, CONFIRM_SEEDS))}:\n"
                       + confirm.format_summary(summary))
     _say("\n" + confirmed_text)
     text = text + "\n\n" + confirmed_text
     (out / "comparison.txt").write_text(text + "\n")
-    report = render_report([*exp_dirs, out / "wise", out / "soup"], out / "report.html", zero_shot=zero_shot)
+    header = [f"Written by `dps-tune demo` ({env['dps_tune']}, torch {env['torch']}, {env['device']}); every sentence "
+              "below is chosen by its interval.", "", "```", world_header(base), "```", "",
+              f"Confirmation: each method's selected configuration and DPS's controls at dps (top)'s configuration, "
+              f"retrained with seeds {', '.join(map(str, CONFIRM_SEEDS))}; intervals from a two-level bootstrap "
+              "(seeds, then test images), paired on the same seeds and images, Holm-adjusted over the family."]
+    found = write_findings(out, header, exp_confirm, summary, out / "wise")
+    _say("\n" + found.read_text())
+    report = render_report([*exp_dirs, out / "wise", out / "soup", exp_confirm], out / "report.html",
+                           zero_shot=zero_shot)
     minutes = (time.time() - start) / 60
     _say(f"\nreport:   {report}   (open it in a browser)")
+    _say(f"findings: {found}")
     cmd = command_path()
     _say(f"inspect:  {cmd} results {exp_dirs[1]}")
     _say(f"          {cmd} best {exp_dirs[0]} --export {out / 'best_ce'}")

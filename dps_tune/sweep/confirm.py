@@ -185,6 +185,21 @@ def _correct(predictions: dict) -> dict[str, Any]:
             for split, (y_true, y_pred) in predictions.items() if split.endswith("_test")}
 
 
+def finished_seeds(exp_dir: str | os.PathLike) -> tuple[dict[str, dict[int, dict[str, float]]],
+                                                          dict[str, dict[int, dict[str, Any]]]]:
+    """Per method and seed, the last metrics of each seed that trained to its end, and its per-image
+    correctness on the test splits (``{metric: (labels, correct)}``)."""
+    per_method: dict[str, dict[int, dict[str, float]]] = {}
+    correct: dict[str, dict[int, dict[str, Any]]] = {}
+    for t in results.load_trials(exp_dir):
+        if not t.history or t.last.get("epoch", 0) < (t.param("optim.epochs") or 0):
+            continue  # an unfinished seed would mix epochs into the interval
+        method, seed = results.method_name(t.config), int(t.param("seed"))
+        per_method.setdefault(method, {})[seed] = t.last
+        correct.setdefault(method, {})[seed] = _last_predictions(t)
+    return per_method, correct
+
+
 def summarize(exp_dir: str | os.PathLike, metrics: Sequence[str] = METRICS, *, with_zero_shot: bool = True,
               resamples: int = 4000) -> dict[str, Any]:
     """Per-method intervals and the Holm-adjusted family of paired comparisons of a confirmation run.
@@ -195,14 +210,7 @@ def summarize(exp_dir: str | os.PathLike, metrics: Sequence[str] = METRICS, *, w
     from dps_tune import stats
     from dps_tune.checkpoint import read_predictions
 
-    per_method: dict[str, dict[int, dict[str, float]]] = {}
-    correct: dict[str, dict[int, dict[str, Any]]] = {}
-    for t in results.load_trials(exp_dir):
-        if not t.history or t.last.get("epoch", 0) < (t.param("optim.epochs") or 0):
-            continue  # an unfinished seed would mix epochs into the interval
-        method, seed = results.method_name(t.config), int(t.param("seed"))
-        per_method.setdefault(method, {})[seed] = t.last
-        correct.setdefault(method, {})[seed] = _last_predictions(t)
+    per_method, correct = finished_seeds(exp_dir)
     zs = None
     if with_zero_shot and per_method:
         zs_dir = zero_shot(exp_dir)
@@ -215,9 +223,9 @@ def summarize(exp_dir: str | os.PathLike, metrics: Sequence[str] = METRICS, *, w
         row: dict[str, Any] = {"seeds": seeds}
         for m in metrics:
             values = [by_seed[s][m] for s in seeds if m in by_seed[s]]
-            matrix = _matrix(correct[method], seeds, m) if m in COMPARED else None
-            if matrix is not None:
-                iv = stats.two_level_bootstrap(matrix, resamples=resamples).interval()
+            mat = matrix(correct[method], seeds, m) if m in COMPARED else None
+            if mat is not None:
+                iv = stats.two_level_bootstrap(mat, resamples=resamples).interval()
                 row[m] = {"mean": iv.mean, "std": iv.std, "low": iv.low, "high": iv.high, "n": len(seeds),
                           "values": values, "kind": "bootstrap"}
             elif len(values) >= 2:
@@ -240,8 +248,8 @@ def summarize(exp_dir: str | os.PathLike, metrics: Sequence[str] = METRICS, *, w
     for a, b in pairs:
         shared = sorted(set(per_method[a]) & set(per_method[b])) if b != ZERO_SHOT else sorted(per_method[a])
         for m in COMPARED:
-            left = _matrix(correct[a], shared, m)
-            right = (_matrix({0: zs["correct"]}, [0], m) if b == ZERO_SHOT else _matrix(correct[b], shared, m))
+            left = matrix(correct[a], shared, m)
+            right = (matrix({0: zs["correct"]}, [0], m) if b == ZERO_SHOT else matrix(correct[b], shared, m))
             if left is None or right is None or len(shared) < (1 if b == ZERO_SHOT else 2):
                 continue
             _same_images(exp_dir, a, b, m, correct[a][shared[0]][m][0],
@@ -257,7 +265,7 @@ def summarize(exp_dir: str | os.PathLike, metrics: Sequence[str] = METRICS, *, w
     return out
 
 
-def _matrix(by_seed: dict[int, dict[str, Any]], seeds: Sequence[int], metric: str) -> Any:
+def matrix(by_seed: dict[int, dict[str, Any]], seeds: Sequence[int], metric: str) -> Any:
     """[seeds, images] per-image correctness on ``metric``'s split, or None if a seed lacks it."""
     import numpy as np
 

@@ -24,25 +24,32 @@ def test_demo_runs_the_whole_study(tmp_path):
     assert [text.index(s) for s in stages] == sorted(text.index(s) for s in stages)
     assert text.startswith("environment: dps_tune ") and "torch" in text.splitlines()[0]
     table = text[text.index("[7/7]"):]
-    for method in ("zero-shot", "ce", "flyp"):
+    for method in ("zero-shot", "ce", "flyp", "dps (top)"):
         assert f"\n{method} " in table, method
-    # Both DPS arms, the method and its random control: with tune.seed 0 the two sampled
-    # trials draw suppress = top, then random (Optuna's seeded start-up sampling).
-    assert "\ndps (top) " in table and "\ndps (random) " in table
     # WiSE-FT under every method, the greedy soup under CE, both chosen on validation
-    assert table.count("  + wise a=") == 4 and table.count("  greedy soup") == 1
+    assert table.count("  + wise a=") == 3 and table.count("  greedy soup") == 1
     wise = json.loads((out / "wise" / "wise.json").read_text())
-    assert set(wise["methods"]) == {"ce", "dps (top)", "dps (random)", "flyp"} and wise["alphas"] == [0, 0.25, 0.5,
-                                                                                                     0.75, 1.0]
+    assert set(wise["methods"]) == {"ce", "dps (top)", "flyp"} and wise["alphas"] == [0, 0.25, 0.5, 0.75, 1.0]
     assert all(Path(m["export"], "model.safetensors").is_file() for m in wise["methods"].values())
     assert (out / "soup" / "soup_ce" / "model.safetensors").is_file()
-    # the confirmation: every method over the same 3 seeds, its interval, and the paired DPS line
+    # the confirmation: every method and DPS's matched controls over the same 3 seeds, zero-shot beside them
     confirmed = json.loads((out / "confirm" / "confirm.json").read_text())
-    assert set(confirmed["methods"]) == {"ce", "dps (top)", "dps (random)", "flyp"}
-    assert all(r["seeds"] == [1, 2, 3] for r in confirmed["methods"].values())
-    assert "dps (top) - dps (random)" in table and "ood_test_acc mean [95% CI]" in table
+    assert set(confirmed["methods"]) == {"ce", "dps (top)", "dps (random)", "dps (masking 1.0)", "flyp", "zero-shot"}
+    assert all(r["seeds"] == [1, 2, 3] for m, r in confirmed["methods"].items() if m != "zero-shot")
+    pairs = {(p["a"], p["b"], p["metric"]) for p in confirmed["pairs"]}
+    for a in ("ce", "flyp", "dps (top)"):
+        assert {(a, "zero-shot", "id_test_acc"), (a, "zero-shot", "ood_test_acc")} <= pairs, a
+    assert ("dps (top)", "dps (random)", "ood_test_acc") in pairs and "Holm" in table
+    # the world's header: every split's size and its standard error
+    assert "id_val     1,000 images at 12 locations" in text and "ood_test   1,000 images at 12 locations" in text
+    # findings.md: each sentence chosen by its interval, one per compared pair
+    findings = (out / "findings.md").read_text()
+    assert "## Against zero-shot" in findings and "## Against CE's WiSE-FT curve" in findings
+    for a in ("ce", "flyp", "dps (top)"):
+        assert any(line.startswith(f"- {a} beats zero-shot") or line.startswith(f"- {a} is below zero-shot")
+                   or line.startswith(f"- The data cannot tell {a} from zero-shot") for line in findings.splitlines()), a
     zero_shot = json.loads((out / "zero_shot.json").read_text())
-    assert zero_shot["id_test_acc"] > 0.2 and zero_shot["ood_test_acc"] > 0.2  # chance is 0.1
+    assert 0.2 < zero_shot["id_test_acc"] < 0.6 and zero_shot["ood_test_acc"] > 0.15  # chance is 0.1
     page = (out / "report.html").read_text()
     for plot in ("plot-id-ood-acc", "plot-masking", "plot-learning-curves", "summary-table", "results-table",
                  "ensemble-table"):
