@@ -40,7 +40,7 @@ def test_wild_ood_is_new_locations_under_every_condition(wild):
         domains = Counter(r["domain"] for r in _rows(wild, split))
         # both sides mix times of day and weather
         assert {"day", "night", "dusk"} <= set(domains), (split, domains)
-        assert 0.35 < domains["day"] / sum(domains.values()) < 0.65, (split, domains)
+        assert 0.45 < domains["day"] / sum(domains.values()) < 0.75, (split, domains)
 
 
 def test_wild_splits_are_class_balanced_but_locations_are_not(wild):
