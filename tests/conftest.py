@@ -92,3 +92,35 @@ def pytest_terminal_summary(terminalreporter):
     matrix = sys.modules.get("test_input_matrix")
     if matrix is not None:
         terminalreporter.write_line(matrix.summary())
+
+
+# Every function that deletes a superseded checkpoint: Ray's own, and dps_tune's deferred one.
+CHECKPOINT_DELETERS = "ray.train._internal.checkpoint_manager:_delete_fs_path,dps_tune.sweep.storage:delete_checkpoint"
+
+
+def kill_after_first_checkpoint_deletion(*args, timeout=600):
+    """``dps-tune ARGS``, SIGKILLed right after the first checkpoint it deletes, with every process it started.
+
+    The window a resume must survive: a checkpoint is gone, and the experiment state on
+    the storage may still name it. Asserts that the kill came.
+    """
+    import signal
+    import subprocess
+    import sys
+
+    import tempfile
+
+    killer = Path(__file__).resolve().parent / "kill_after.py"
+    with tempfile.TemporaryFile("w+") as err:  # not a pipe: Ray's processes would hold it open
+        proc = subprocess.Popen([sys.executable, str(killer), CHECKPOINT_DELETERS, "1", "--after", "--",
+                                 *map(str, args)], stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the Ray it started, as a lost machine takes it
+            except ProcessLookupError:
+                pass
+        err.seek(0)
+        assert proc.returncode == -signal.SIGKILL, f"never killed (exit {proc.returncode}): {err.read()[-2000:]}"

@@ -105,19 +105,13 @@ def trainable(params: dict[str, Any], *, base: Config, ranking: suppression.Scor
     cfg = with_overrides(base, flat_params(params))
     trial_id = tune.get_context().get_trial_id()
     keep = _retention(cfg, tune_cfg)
-    newest_state: list[tune.Checkpoint] = []  # the persisted checkpoint whose train state is the newest
-
     derive = _objective_mean(tune_cfg)
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        # Superseded checkpoints and train state are deleted by the driver (_CheckpointPruner), never here.
         metrics = {**metrics, "max_epoch": cfg.optim.epochs}
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        with_state = checkpoint_dir is not None and (checkpoint_dir / ckpt.STATE_FILE).is_file()
         tune.report(metrics, checkpoint=checkpoint)
-        if with_state and keep is not None:  # only the newest train state is kept
-            for old in newest_state:
-                storage.delete_file(old.filesystem, f"{old.path}/{ckpt.STATE_FILE}")
-            newest_state[:] = [tune.get_checkpoint()]
         _maybe_inject_crash(trial_id, metrics["epoch"])
 
     latest = tune.get_checkpoint()
@@ -128,7 +122,6 @@ def trainable(params: dict[str, Any], *, base: Config, ranking: suppression.Scor
                            "it starts over from epoch 0", trial_id, tune_cfg.resume_every_minutes)
         run_trial(cfg, report, ranking=ranking, memory_fraction=gpu_share, keep=keep, derive=derive)
         return
-    newest_state.append(start)
     with start.as_directory() as path:
         logger.info("trial %s resumes from epoch %s (%s)", trial_id, _epoch_of(path), start.path)
         run_trial(cfg, report, resume_from=path, ranking=ranking, memory_fraction=gpu_share, keep=keep,
@@ -186,18 +179,98 @@ class _ResolvedConfigWriter(tune.Callback):
         storage.write_fs_text(trial.storage.storage_filesystem, f"{trial.path}/{TRIAL_CONFIG_FILE}", text)
 
 
-class _TrainStateCleaner(tune.Callback):
-    """A trial that finished, or that the scheduler stopped, will not resume: drop its train state.
+class _CheckpointPruner(tune.Callback):
+    """Deletes what the trials no longer need, once the experiment state on the storage no longer needs it.
 
-    Errored trials keep theirs, for ``dps-tune resume``. Deleting goes through the trial's
-    storage filesystem, the one Ray writes checkpoints with.
+    Per trial, a sweep keeps the ``keep`` best checkpoints by the metric (later winning
+    ties) and the latest; under the economy scheme only the newest train state, and none
+    once the trial ended (finished, or stopped by the scheduler; an errored trial keeps
+    its own, for `dps-tune resume`).
+
+    Ray would delete a superseded checkpoint the moment a newer one registers, and the
+    trainable its train state the moment it reports the next; the experiment state that
+    stops naming them reaches the storage seconds later. A driver killed in between left
+    `resume` a restore point that was gone (the trial errored on every retry), or one
+    without train state (it started over). So Ray deletes nothing (``num_to_keep=None``)
+    and this callback applies the rule to the checkpoints up to the latest one *the
+    experiment state on the storage* names: that one stays, and every newer one.
     """
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        fs, trial_path = trial.storage.storage_filesystem, trial.storage.trial_fs_path
-        for path, _, state in storage.checkpoint_dirs(fs, trial_path):
-            if state:
-                storage.delete_file(fs, f"{path}/{ckpt.STATE_FILE}")
+    PERIOD_S = 1.0
+
+    def __init__(self, t: TuneConfig):
+        metric, mode = scalar_objective(t)
+        self.metric, self.sign, self.keep = metric, (1.0 if mode == "max" else -1.0), t.keep_checkpoints
+        self.economy = t.checkpoint_scheme == "economy"
+        self._seen: Any = None  # the stored experiment state last pruned against
+        self._last = 0.0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_seen": None, "_last": 0.0}
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() - self._last >= self.PERIOD_S:
+            self._prune(trials)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._prune(trials)  # Ray has saved its final experiment state, and waited for it
+
+    def _prune(self, trials: list) -> None:
+        self._last = time.monotonic()
+        if not trials:
+            return
+        fs = trials[0].storage.storage_filesystem
+        stored = _stored_trials(fs, trials[0].storage.experiment_fs_path, self._seen)
+        if stored is None:  # unchanged since the last pass, or not readable yet
+            return
+        self._seen, states = stored
+        for trial in trials:
+            status, latest = states.get(trial.trial_id, (None, None))
+            if latest is not None:
+                self._prune_trial(fs, trial.storage.trial_fs_path, status, latest)
+
+    def _prune_trial(self, fs: Any, trial_path: str, status: str, latest: str) -> None:
+        known = [c for c in storage.checkpoint_dirs(fs, trial_path) if c[0].rstrip("/").rsplit("/", 1)[1] <= latest]
+        if not known or not known[-1][0].rstrip("/").endswith("/" + latest):
+            return  # the restore point is not there: delete nothing that could stand in for it
+        keep = retention.kept([retention.score(m, self.metric, self.sign) for _, m, _ in known], self.keep)
+        for i, (path, _, _) in enumerate(known):
+            if i not in keep:
+                storage.delete_checkpoint(fs, path)
+        if not self.economy:
+            return
+        with_state = [path for i, (path, _, state) in enumerate(known) if state and i in keep]
+        ended = status == "TERMINATED"  # finished or stopped: it will not resume
+        for path in with_state if ended else with_state[:-1]:
+            storage.delete_file(fs, f"{path}/{ckpt.STATE_FILE}")
+
+
+def _stored_trials(fs: Any, experiment_path: str, seen: Any) -> tuple[Any, dict[str, tuple[str, str | None]]] | None:
+    """Each trial's status and latest checkpoint (its directory name) in the newest experiment state on the
+    storage, with what identifies that state; None when it is the ``seen`` one, missing or being written."""
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    path = _find_newest_experiment_checkpoint(experiment_path, fs)
+    if path is None:
+        return None
+    info = fs.get_file_info(path)
+    key = (path, info.mtime_ns, info.size)
+    if key == seen:
+        return None
+    try:
+        with fs.open_input_stream(path) as f:
+            data = json.loads(f.read().decode())
+        states = {}
+        for trial_json, metadata_json in data.get("trial_data", []):
+            trial = json.loads(trial_json)
+            manager = _TrainingRunMetadata.from_json_state(metadata_json).checkpoint_manager
+            latest = manager.latest_checkpoint_result if manager is not None else None
+            name = latest.checkpoint.path.rstrip("/").rsplit("/", 1)[1] if latest and latest.checkpoint else None
+            states[trial["trial_id"]] = (trial["status"], name)
+    except (OSError, ValueError, KeyError, TypeError):  # one being written: the next pass reads it whole
+        return None
+    return key, states
 
 
 class _CheckpointRecorder(tune.Callback):
@@ -508,12 +581,13 @@ def _run_config(name: str, storage_path: str, searched_keys: list[str], t: TuneC
         name=name,
         storage_path=storage_path,
         storage_filesystem=filesystem,
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=scalar,
+        # Ray keeps every checkpoint: _CheckpointPruner deletes, when that is safe.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=scalar,
                                                 checkpoint_score_order=scalar_mode),
         failure_config=tune.FailureConfig(max_failures=t.max_failures),
         progress_reporter=reporter,
         callbacks=[_ResolvedConfigWriter(base), _StudyUploader(local, location),
-                   *([_TrainStateCleaner()] if t.checkpoint_scheme == "economy" else []),
+                   _CheckpointPruner(t),
                    *([_CheckpointRecorder(local / OPTUNA_FILE, name)] if with_study else [])],
         verbose=1,
     )

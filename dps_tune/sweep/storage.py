@@ -163,9 +163,18 @@ def checkpoint_dirs(fs: pafs.FileSystem, trial_path: str) -> list[tuple[str, dic
 
 
 def delete_file(fs: pafs.FileSystem, path: str) -> bool:
-    """Delete one file on ``fs``; False when it was not there (a checkpoint Ray dropped meanwhile)."""
+    """Delete one file on ``fs``; False when it was not there (a checkpoint deleted meanwhile)."""
+    return _delete(fs.delete_file, path)
+
+
+def delete_checkpoint(fs: pafs.FileSystem, path: str) -> bool:
+    """Delete a checkpoint directory and all it holds on ``fs``; False when it was not there."""
+    return _delete(fs.delete_dir, path)
+
+
+def _delete(delete, path: str) -> bool:
     try:
-        fs.delete_file(path)
+        delete(path)
     except FileNotFoundError:
         return False
     except OSError as exc:  # not fatal: the file only costs space

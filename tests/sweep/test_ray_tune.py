@@ -14,7 +14,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from conftest import tiny_raw
+from conftest import kill_after_first_checkpoint_deletion, tiny_raw
 from dps_tune import models
 from dps_tune.data import datasets as data_mod
 from dps_tune.sweep import results
@@ -218,22 +218,11 @@ def test_economy_writes_weights_for_the_top_k_only_and_an_errored_trial_resumes_
 
 
 def test_killed_driver_resumes(tmp_path):
+    """SIGKILL right after the first superseded checkpoint is deleted; `resume` finishes every trial from there."""
     path = space(tmp_path, "resume", tune={"num_samples": 4, "grace_period": 4}, **{"optim.epochs": 4})
     exp = tmp_path / "runs" / "resume"
-    proc = subprocess.Popen([sys.executable, "-m", "dps_tune.cli", "sweep", str(path), "--storage",
-                             str(tmp_path / "runs"), "--name", "resume", "--no-dashboard"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # wait until some trial has a checkpoint but the sweep is far from done
-        if len(list(exp.glob("*/checkpoint_*"))) >= 2:
-            break
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("no checkpoint appeared")
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-    proc.wait()
-    time.sleep(2)
+    kill_after_first_checkpoint_deletion("sweep", path, "--storage", tmp_path / "runs", "--name", "resume",
+                                         "--no-dashboard")
     assert json.loads((exp / "dps_tune_sweep.json").read_text())["status"] == "running"
     # The newest checkpoint of each trial when the driver died: its training must not be redone.
     saved = {}
