@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 # Nothing in the test suite may reach a model hub.
@@ -124,3 +125,23 @@ def kill_after_first_checkpoint_deletion(*args, timeout=600):
                 pass
         err.seek(0)
         assert proc.returncode == -signal.SIGKILL, f"never killed (exit {proc.returncode}): {err.read()[-2000:]}"
+
+
+def restore_points_left(exp: Path) -> dict[str, int]:
+    """Trial directory name -> step of the checkpoint `resume` takes it up from (the newest one the experiment
+    state on the storage names), for the trials that have one; asserts each of them is still there.
+
+    Training up to that step must not be redone. A checkpoint written after that state was
+    saved is not one Ray knows of: the trial trains its steps again (one resume interval).
+    """
+    from dps_tune.sweep import ray_tune
+
+    points = {}
+    for trial_id, (_, name) in ray_tune.restore_points(str(exp)).items():
+        if name is None:
+            continue
+        trial_dir = next(exp.glob(f"*_{trial_id}_*"))
+        metrics = trial_dir / name / "metrics.json"
+        assert metrics.is_file(), f"{trial_dir.name}: its restore point {name} is gone"
+        points[trial_dir.name] = json.loads(metrics.read_text())["step"]
+    return points

@@ -245,6 +245,13 @@ class _CheckpointPruner(tune.Callback):
             storage.delete_file(fs, f"{path}/{ckpt.STATE_FILE}")
 
 
+def restore_points(location: str) -> dict[str, tuple[str, str | None]]:
+    """Ray's trial id -> (status, name of its latest checkpoint), as in the experiment state last saved to the
+    storage of the experiment at ``location``: where `resume` would take each trial up."""
+    stored = _stored_trials(*storage.resolve(location), None)
+    return stored[1] if stored else {}
+
+
 def _stored_trials(fs: Any, experiment_path: str, seen: Any) -> tuple[Any, dict[str, tuple[str, str | None]]] | None:
     """Each trial's status and latest checkpoint (its directory name) in the newest experiment state on the
     storage, with what identifies that state; None when it is the ``seen`` one, missing or being written."""

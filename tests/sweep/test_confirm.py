@@ -6,7 +6,7 @@ import optuna
 import pytest
 import yaml
 
-from conftest import kill_after_first_checkpoint_deletion, run_cli, tiny_raw
+from conftest import kill_after_first_checkpoint_deletion, restore_points_left, run_cli, tiny_raw
 from dps_tune.sweep import confirm, results
 
 pytestmark = pytest.mark.slow
@@ -135,10 +135,7 @@ def test_a_killed_confirmation_is_finished_by_resume_without_redoing_training(tw
     kill_after_first_checkpoint_deletion("confirm", exp, "--seeds", "3", "--storage", tmp_path, "--name", "conf",
                                          "--no-dashboard", "--set", "tune.resume_every=1", "--set", "epochs=3")
     assert not (conf / "confirm.json").exists()
-    saved = {}
-    for metrics in conf.glob("*/checkpoint_*/metrics.json"):
-        name = metrics.parent.parent.name
-        saved[name] = max(json.loads(metrics.read_text())["step"], saved.get(name, 0))
+    saved = restore_points_left(conf)
 
     again = dps_tune("resume", conf, "--no-dashboard")
     assert "paired differences" in again.stdout or "seeds" in again.stdout, again.stdout[-2000:]

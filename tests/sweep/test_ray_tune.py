@@ -14,7 +14,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from conftest import kill_after_first_checkpoint_deletion, tiny_raw
+from conftest import kill_after_first_checkpoint_deletion, restore_points_left, tiny_raw
 from dps_tune import models
 from dps_tune.data import datasets as data_mod
 from dps_tune.sweep import results
@@ -224,11 +224,7 @@ def test_killed_driver_resumes(tmp_path):
     kill_after_first_checkpoint_deletion("sweep", path, "--storage", tmp_path / "runs", "--name", "resume",
                                          "--no-dashboard")
     assert json.loads((exp / "dps_tune_sweep.json").read_text())["status"] == "running"
-    # The newest checkpoint of each trial when the driver died: its training must not be redone.
-    saved = {}
-    for ckpt in exp.glob("*/checkpoint_*/metrics.json"):
-        step = json.loads(ckpt.read_text())["step"]
-        saved[ckpt.parent.parent.name] = max(step, saved.get(ckpt.parent.parent.name, 0))
+    saved = restore_points_left(exp)
     assert saved
     dps_tune("resume", exp, "--no-dashboard")
     table = results.results_table(exp)
