@@ -2,14 +2,15 @@
 
 Usage::
 
-    python tests/kill_after.py MODULE:FUNCTION[,MODULE:FUNCTION...] N [--after] [--attr MODULE:NAME=INT ...] -- ARGS...
+    python tests/kill_after.py MODULE:FUNCTION[,MODULE:FUNCTION...] N [--after] [--signal INT]
+        [--attr MODULE:NAME=INT ...] -- ARGS...
 
 The Nth call of ``MODULE.FUNCTION`` (counted over every function named) kills the
 process before it runs, or with ``--after`` right after it returned: no ``finally``, no
 atexit, no flushed buffers, as when the machine or the OOM killer takes it. N = 0 never
 kills; the number of calls is then written to ``$CALLS_FILE``, if set, at exit, so a test
 can see how much work a rerun redid. ``--attr`` sets a module constant first (a small
-shard size, say).
+shard size, say). ``--signal INT`` sends SIGINT instead, as Ctrl-C at a terminal does.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> int:
     opts, cli_args = args[:split], args[split + 1:]
     targets, n = opts[0].split(","), int(opts[1])
     after = "--after" in opts[2:]
+    sig = signal.SIGINT if "--signal" in opts and opts[opts.index("--signal") + 1] == "INT" else signal.SIGKILL
     for i, opt in enumerate(opts[2:]):
         if opt == "--attr":
             where, value = opts[3 + i].split("=")
@@ -44,10 +46,10 @@ def main() -> int:
         def wrapper(*a, **kw):
             calls[0] += 1
             if calls[0] == n and not after:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), sig)
             out = real(*a, **kw)
-            if calls[0] == n:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if calls[0] == n and after:
+                os.kill(os.getpid(), sig)
             return out
 
         setattr(module, fn_name, wrapper)

@@ -15,7 +15,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,7 +43,7 @@ from dps_tune import preflight, retention, suppression  # noqa: E402
 from dps_tune.config import (OBJECTIVE_MEAN, Config, TuneConfig, config_from_dict, merge_dotted,  # noqa: E402
                              objective_mean, objectives, scalar_objective, to_dict, tune_config_from_dict,
                              with_overrides)
-from dps_tune.errors import LaunchError, UserError, first_line  # noqa: E402
+from dps_tune.errors import Interrupted, LaunchError, UserError, first_line  # noqa: E402
 from dps_tune.files import write_json  # noqa: E402
 from dps_tune.paths import is_remote  # noqa: E402
 from dps_tune.sweep import reference, storage  # noqa: E402
@@ -111,7 +113,12 @@ def trainable(params: dict[str, Any], *, base: Config, ranking: suppression.Scor
         # Superseded checkpoints and train state are deleted by the driver (_CheckpointPruner), never here.
         metrics = {**metrics, "max_epoch": cfg.optim.epochs}
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        tune.report(metrics, checkpoint=checkpoint)
+        try:
+            tune.report(metrics, checkpoint=checkpoint)
+        except OSError as exc:
+            if not storage.disk_full(exc):
+                raise
+            raise RuntimeError(_lost_checkpoint(metrics["epoch"])) from None
         _maybe_inject_crash(trial_id, metrics["epoch"])
 
     latest = tune.get_checkpoint()
@@ -126,6 +133,27 @@ def trainable(params: dict[str, Any], *, base: Config, ranking: suppression.Scor
         logger.info("trial %s resumes from epoch %s (%s)", trial_id, _epoch_of(path), start.path)
         run_trial(cfg, report, resume_from=path, ranking=ranking, memory_fraction=gpu_share, keep=keep,
                   derive=derive)
+
+
+FULL = "the storage is full"  # how a trial's error names a full storage
+
+
+def _full(error: BaseException | str) -> bool:
+    """Whether a trial's error (the exception, or the text of its error.txt) is a full storage."""
+    return FULL in str(error) or "No space left on device" in str(error) or (
+        isinstance(error, BaseException) and storage.disk_full(error))
+
+
+def _lost_checkpoint(epoch: float) -> str:
+    """A checkpoint the full storage cut short: removed, so nothing reads it; the trial's error names the disk."""
+    from ray.train._internal.session import get_session
+
+    where = get_session().storage
+    storage.delete_checkpoint(where.storage_filesystem, where.checkpoint_fs_path)
+    local = isinstance(where.storage_filesystem, storage.pafs.LocalFileSystem)
+    space = storage.space_left(where.trial_fs_path) if local else "free space not known"
+    return (f"{FULL} ({space}, at {where.trial_fs_path}): the checkpoint of epoch {epoch:g} was not "
+            "saved; make room, then `dps-tune resume` goes on from the last one that was")
 
 
 def _objective_mean(t: TuneConfig) -> Any:
@@ -280,6 +308,28 @@ def _stored_trials(fs: Any, experiment_path: str, seen: Any) -> tuple[Any, dict[
     return key, states
 
 
+# Set in the driver when a trial failed on a full storage; the run then stops as on Ctrl-C.
+_STORAGE_FULL = threading.Event()
+
+
+class _FullStorageStops(tune.Callback):
+    """A trial that failed because the storage is full stops the whole run: every other would fail the same way.
+
+    It stops as Ctrl-C does (SIGINT to this process, which Ray handles): Ray saves the
+    experiment state with the other trials still to finish, and ``_finish`` says so in
+    one line (:class:`StorageFull`). The trials' errors are in their error.txt.
+    """
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        path = trial.error_file
+        text = Path(path).read_text(errors="replace") if path and Path(path).is_file() else ""
+        if _full(text) and not _STORAGE_FULL.is_set():
+            _STORAGE_FULL.set()
+            os.kill(os.getpid(), signal.SIGINT)
+
+    on_trial_recover = on_trial_error
+
+
 class _CheckpointRecorder(tune.Callback):
     """Tells the Optuna study where each trial's newest checkpoint is (a user attribute).
 
@@ -377,6 +427,8 @@ class PrunedOptunaSearch(OptunaSearch):
             status = ("errored" if error else "completed" if (result or {}).get("epoch", 0) >= finish
                       else "stopped by ASHA")
             self._attrs(trial_id, result, status)
+        if known and error:  # left RUNNING, for `resume` to continue and tell its real outcome
+            return
         if known and not error and result and "epoch" in result:
             finish = min(self._max_t, result.get("max_epoch", self._max_t))
             if result["epoch"] < finish:
@@ -520,7 +572,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | N
                                   grace_period=min(t.grace_period, sweep.max_t), reduction_factor=t.reduction_factor)
         write_json(local / SWEEP_FILE, {
             "name": name, "base": to_dict(base), "tune": to_dict(t), "search": sweep.raw_search,
-            "space_file": str(sweep.path), "max_t": sweep.max_t, "status": "running",
+            "space_file": str(sweep.path), "max_t": sweep.max_t, "status": "running", "trials": t.num_samples,
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         })
         _upload_state(local, location)
@@ -536,8 +588,8 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | N
             run_config=_run_config(name, storage_path, sweep.space.keys, t, base, local, location,
                                    with_study=searcher is not None),
         )
-        result = tuner.fit()
-        _finish(local, location, result)
+        with _ctrl_c_pauses(), _full_storage_stops(location, "sweep"):
+            _finish(local, location, tuner.fit(), "sweep")
         return location
 
 
@@ -557,7 +609,8 @@ def run_points(base: Config, variants: list[dict[str, Any]], seeds: list[int], t
         epochs = max(with_overrides(base, v).optim.epochs for v in variants)
         write_json(local / SWEEP_FILE, {
             "name": name, "base": to_dict(base), "tune": to_dict(tune_cfg), "search": {}, "max_t": epochs,
-            "status": "running", "started": time.strftime("%Y-%m-%d %H:%M:%S"), **(meta or {}),
+            "status": "running", "trials": len(variants) * len(seeds),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), **(meta or {}),
         })
         _upload_state(local, location)
         tuner = tune.Tuner(
@@ -567,7 +620,8 @@ def run_points(base: Config, variants: list[dict[str, Any]], seeds: list[int], t
                                         reuse_actors=True),
             run_config=_run_config(name, storage_path, ["seed"], tune_cfg, base, local, location),
         )
-        _finish(local, location, tuner.fit())
+        with _ctrl_c_pauses(), _full_storage_stops(location, "confirmation run"):
+            _finish(local, location, tuner.fit(), "confirmation run")
         return location
 
 
@@ -593,17 +647,77 @@ def _run_config(name: str, storage_path: str, searched_keys: list[str], t: TuneC
                                                 checkpoint_score_order=scalar_mode),
         failure_config=tune.FailureConfig(max_failures=t.max_failures),
         progress_reporter=reporter,
-        callbacks=[_ResolvedConfigWriter(base), _StudyUploader(local, location),
+        callbacks=[_ResolvedConfigWriter(base), _StudyUploader(local, location), _FullStorageStops(),
                    _CheckpointPruner(t),
                    *([_CheckpointRecorder(local / OPTUNA_FILE, name)] if with_study else [])],
         verbose=1,
     )
 
 
-def _finish(local: Path, location: str, result) -> None:
-    """Record the end of a sweep; mark Optuna trials a killed driver left RUNNING as FAIL."""
+class _RayLines(logging.Filter):
+    """Ray's lines on Ctrl-C name its own Python API (``Tuner.restore``): say it in dps-tune's words instead.
+    A trial's failure on a full storage is no traceback: the run stops with one line (:class:`StorageFull`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and _full(record.exc_info[1]):
+            return False
+        if text.startswith("Stop signal received"):
+            if _STORAGE_FULL.is_set():
+                return False
+            print("dps-tune: Ctrl-C: stopping the trials and saving the sweep, so that `resume` continues it",
+                  file=sys.stderr, flush=True)
+            return False
+        return not text.startswith(("Experiment has been interrupted", "Trials did not complete"))
+
+
+@contextlib.contextmanager
+def _ctrl_c_pauses() -> Iterator[None]:
+    """Ctrl-C while the trials run is a pause: Ray's own handler (installed by ``fit``) stops them and saves
+    the experiment state, then hands SIGINT back to this one, which puts off a second Ctrl-C while that is
+    under way, so what is saved is whole. A third quits at once (the last saved state still resumes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    presses = [0]
+    _STORAGE_FULL.clear()
+
+    def later(signum: int, frame: Any) -> None:
+        presses[0] += 1
+        if presses[0] > 1:
+            raise KeyboardInterrupt
+        print("dps-tune: still saving the sweep's state; Ctrl-C once more quits at once (`resume` then goes on "
+              "from the last state saved)", file=sys.stderr, flush=True)
+
+    quiet = _RayLines()
+    ray_logs = [logging.getLogger(name) for name in ("ray.tune.tune", "ray.tune.execution.tune_controller")]
+    previous = signal.signal(signal.SIGINT, later)
+    for log in ray_logs:
+        log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        for log in ray_logs:
+            log.removeFilter(quiet)
+
+
+def _finish(local: Path, location: str, result: Any, what: str) -> None:
+    """Record the end of a run, finished or interrupted; raise :class:`Interrupted` for the second.
+
+    The experiment state Ray saved last tells which trials ended (finished, stopped or
+    errored). When some did not, or were never started, the run was interrupted (Ctrl-C):
+    their Optuna trials stay RUNNING, for the resumed run to tell; so do errored trials,
+    which `resume` continues. Other Optuna trials still RUNNING are ones a killed driver
+    left behind: FAIL. A full storage, behind the trials' errors, is :class:`StorageFull`.
+    """
     meta = sweep_meta(local)
-    meta["status"] = "finished"
+    states = restore_points(location)
+    ended = [t for t, (status, _) in states.items() if status in ("TERMINATED", "ERROR")]
+    total = int(meta.get("trials") or meta.get("tune", {}).get("num_samples") or len(states))
+    interrupted = len(ended) < total
+    meta["status"] = "interrupted" if interrupted else "finished"
+    meta["interrupted"] = sorted(set(states) - set(ended)) if interrupted else []
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     meta["errors"] = len(result.errors)
     write_json(local / SWEEP_FILE, meta)
@@ -611,9 +725,38 @@ def _finish(local: Path, location: str, result) -> None:
     if db.exists():
         study = optuna.storages.RDBStorage(f"sqlite:///{db}")
         study_id = study.get_study_id_from_name(meta["name"])
+        errored = {t for t, (status, _) in states.items() if status == "ERROR"}
         for trial in study.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            study.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            if interrupted and trial.user_attrs.get("status") != "errored":
+                study.set_trial_user_attr(trial._trial_id, "status", "interrupted")
+            elif trial.user_attrs.get("ray_trial_id") not in errored and not interrupted:
+                study.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     _upload_state(local, location)
+    if _STORAGE_FULL.is_set() or any(_full(e) for e in result.errors):
+        raise StorageFull(location, what)
+    if interrupted:
+        raise Interrupted(what, location, len(ended), total - len(ended))
+
+
+class StorageFull(UserError):
+    """The experiment's storage filled up: one line naming it and its free space, and how to go on."""
+
+    def __init__(self, location: str, what: str):
+        super().__init__(f"storage {location} is full ({storage.space_left(location)}): the {what} stopped; make "
+                         f"room, then continue it with `dps-tune resume {location}`")
+
+
+@contextlib.contextmanager
+def _full_storage_stops(location: str, what: str) -> Iterator[None]:
+    """A full storage met by the driver itself (its callbacks, Ray's logs, the sweep file) is :class:`StorageFull`."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        if not storage.disk_full(exc):
+            raise
+        raise StorageFull(location, what) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -673,7 +816,9 @@ def resume_sweep(exp: str | os.PathLike | Resumable, *, address: str | None = No
         trainable = _build_trainable(resolved.config, resolved.ranking, tune_cfg)
         tuner = tune.Tuner.restore(restore_at, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    restart_errored=False, storage_filesystem=filesystem)
-        _finish(local, location, tuner.fit())
+        what = "confirmation run" if "confirm" in meta else "sweep"
+        with _ctrl_c_pauses(), _full_storage_stops(location, what):
+            _finish(local, location, tuner.fit(), what)
         return location
 
 

@@ -182,6 +182,9 @@ def test_resume_reruns_trials_that_errored_out(tmp_path):
     dps_tune("resume", exp, "--no-dashboard", env=env)  # each trial crashes once only
     table = results.results_table(exp)
     assert len(table) == 2 and set(table["status"]) == {"completed"}, table
+    # the study was told each trial's real outcome once, not FAIL at the first error
+    study = optuna.load_study(study_name="errored", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2, study.trials
     for trial in results.load_trials(exp):
         epochs = [json.loads(x)["epoch"] for x in (trial.path / "result.json").read_text().splitlines()]
         assert epochs == [1.0, 2.0, 3.0], epochs  # went on after epoch 2, not from the start
@@ -338,3 +341,102 @@ def test_sweep_on_a_running_cluster(tmp_path):
         assert all(not p.startswith(str(shipped)) for p in imported_from), imported_from  # a shipped copy
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_ctrl_c_pauses_a_sweep_that_resume_finishes(tmp_path):
+    """Ctrl-C (SIGINT to the sweep's process group, twice, as an impatient user at a terminal) after the first
+    checkpoint: one block naming the resume command, exit 130; `resume` then finishes every trial once."""
+    path = space(tmp_path, "pause", tune={"num_samples": 3, "grace_period": 2}, **{"optim.epochs": 2})
+    exp = tmp_path / "runs" / "pause"
+    proc = subprocess.Popen([sys.executable, "-m", "dps_tune.cli", "sweep", str(path), "--storage",
+                             str(tmp_path / "runs"), "--name", "pause", "--no-dashboard"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not list(exp.glob("*/checkpoint_*/metrics.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the sweep ended before its first checkpoint"
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(1)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)  # a second Ctrl-C while it saves
+    except ProcessLookupError:
+        pass
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "Tuner.restore" not in err, err[-3000:]
+    block = err[err.index("dps-tune: sweep interrupted"):].strip().splitlines()
+    assert len(block) == 2 and "to go" in block[0] and "trial(s) finished" in block[0], err[-2000:]
+    assert block[1].strip().endswith(f"resume {exp}"), block
+    assert "experiment:" not in out  # no summary of a finished sweep
+    meta = json.loads((exp / "dps_tune_sweep.json").read_text())
+    assert meta["status"] == "interrupted" and meta["interrupted"], meta
+    table = results.results_table(exp)
+    assert "interrupted" in set(table["status"]) and "early-stopped" not in set(table["status"]), table
+    assert "interrupted" in dps_tune("results", exp).stdout
+    study = optuna.load_study(study_name="pause", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert TrialState.FAIL not in {t.state for t in study.trials}  # nothing told finished that did not finish
+
+    dps_tune("resume", exp, "--no-dashboard")
+    study = optuna.load_study(study_name="pause", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert len(study.trials) == 3, study.trials
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials), study.trials
+    table = results.results_table(exp)
+    assert len(table) == 3 and set(table["status"]) <= {"completed", "early-stopped"}, table
+    for trial in results.load_trials(exp):  # no hole in any trial's reported history
+        epochs = [h["epoch"] for h in trial.history]
+        assert epochs == [float(e) for e in range(1, len(epochs) + 1)], (trial.trial_id, epochs)
+    dps_tune("results", exp)
+    dps_tune("best", exp, "--export", tmp_path / "best")
+    dps_tune("report", exp, "--out", tmp_path / "r.html")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem that fills up: a tmpfs (CI runs as root), grown by ``grow(MB)``; unmounted afterwards."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=90m", "tmpfs", str(mnt)], capture_output=True,
+                           text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mount.stderr.strip()[:200]}); the full-disk test needs a real "
+                    "small filesystem, and has no patched-writer fallback")
+
+    def grow(mb: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={mb}m", str(mnt)], check=True, capture_output=True)
+
+    yield mnt, grow
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_storage_stops_the_sweep_in_one_line_and_resume_finishes_it(tmp_path, small_disk):
+    """Two trials of two epochs on a 90 MB tmpfs: the first epoch's checkpoints (weights and train state, 41 MB
+    each) fit, the second's (13.5 MB of weights each) do not. One line names the storage; after it grows,
+    `resume` finishes both trials from what was whole."""
+    disk, grow = small_disk
+    path = space(tmp_path, "full", search={"lr": {"uniform": [1e-3, 2e-3]}}, **{"optim.epochs": 2},
+                 tune={"num_samples": 2, "grace_period": 2, "max_failures": 0})
+    exp = disk / "full"
+    first = dps_tune("sweep", path, "--storage", disk, "--name", "full", "--no-dashboard", check=False)
+    err = first.stderr.strip().splitlines()
+    assert first.returncode == 2, first.stderr[-3000:]
+    assert err[-1].startswith(f"dps-tune: error: storage {exp} is full (") and "MB free of 9" in err[-1], err[-3:]
+    assert err[-1].endswith(f"continue it with `dps-tune resume {exp}`"), err[-1]
+    assert "Traceback" not in first.stderr, first.stderr[-3000:]
+    for error in exp.glob("*/error.txt"):  # the trials' errors name the disk
+        assert "the storage is full" in error.read_text(), error.read_text()[-1500:]
+    # nothing half-written is left where a reader takes it for a checkpoint
+    for ckpt in exp.glob("*/checkpoint_*"):
+        assert (ckpt / "metrics.json").is_file() and (ckpt / "model.safetensors").stat().st_size > 13_000_000, ckpt
+
+    grow(400)
+    again = dps_tune("resume", exp, "--no-dashboard")
+    assert again.stderr.count("resumes from epoch 1") == 2, again.stderr[-3000:]
+    study = optuna.load_study(study_name="full", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert len(study.trials) == 2 and {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    table = results.results_table(exp)
+    assert len(table) == 2 and set(table["status"]) == {"completed"}, table
+    for trial in results.load_trials(exp):
+        assert [h["epoch"] for h in trial.history] == [1.0, 2.0], trial.history
+    dps_tune("results", exp)
+    dps_tune("best", exp, "--export", tmp_path / "best")
+    dps_tune("report", exp, "--out", tmp_path / "r.html")
