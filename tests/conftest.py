@@ -145,3 +145,31 @@ def restore_points_left(exp: Path) -> dict[str, int]:
         assert metrics.is_file(), f"{trial_dir.name}: its restore point {name} is gone"
         points[trial_dir.name] = json.loads(metrics.read_text())["step"]
     return points
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk("90m")``: a real filesystem of that size that fills up (a tmpfs: CI runs as root), and
+    ``grow("400m")`` to make room; unmounted afterwards. Skips where mounting is refused."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mounted = []
+
+    def mount(size: str):
+        mnt.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()[:200]}); the full-disk tests need a real "
+                        "small filesystem, and have no patched-writer fallback")
+        mounted.append(mnt)
+
+        def grow(bigger: str) -> None:
+            subprocess.run(["mount", "-o", f"remount,size={bigger}", str(mnt)], check=True, capture_output=True)
+
+        return mnt, grow
+
+    yield mount
+    for m in mounted:
+        subprocess.run(["umount", "-l", str(m)], capture_output=True)

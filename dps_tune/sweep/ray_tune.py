@@ -413,7 +413,9 @@ class PrunedOptunaSearch(OptunaSearch):
 
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        known = trial_id in self._ot_trials and trial_id not in self._completed_trials
+        if trial_id not in self._ot_trials:
+            return
+        known = trial_id not in self._completed_trials
         single = isinstance(self.metric, str)  # Optuna keeps no learning curves for several objectives
         if known and result and single and self.metric in result:
             # The result that made ASHA stop the trial (or its last one) never reached
@@ -439,6 +441,17 @@ class PrunedOptunaSearch(OptunaSearch):
                 self._completed_trials.add(trial_id)
                 return
         super().on_trial_complete(trial_id, result, error)
+
+
+class _Limiter(ConcurrencyLimiter):
+    """Ray's ConcurrencyLimiter, except that the end of a trial it already let go (one that errored, and that
+    `resume` then continued) still reaches the searcher, which left its Optuna trial RUNNING for it."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.live_trials or not self._limit_concurrency:
+            super().on_trial_complete(trial_id, result, error)
+        else:
+            self.searcher.on_trial_complete(trial_id, result, error)
 
 
 # ---------------------------------------------------------------------------- launch
@@ -562,7 +575,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | N
         if sweep.space:
             study_storage = optuna.storages.RDBStorage(f"sqlite:///{local / OPTUNA_FILE}")
             one = len(metrics) == 1
-            searcher = ConcurrencyLimiter(
+            searcher = _Limiter(
                 PrunedOptunaSearch(space=to_optuna(sweep.space), metric=metrics[0] if one else list(metrics),
                                    mode=modes[0] if one else list(modes), seed=t.seed, study_name=name,
                                    storage=study_storage, max_t=sweep.max_t),

@@ -383,3 +383,26 @@ def test_every_kind_of_change_to_a_source_image_makes_the_cache_stale(tmp_path, 
         expected = f"{stat.st_size} bytes, now {stat.st_size - 100} bytes"
     with pytest.raises(DataError, match=f"stale.*{victim.name}.*{expected}"):
         cache_reader.open_for(out, _iwildcam_spec(tmp_path))
+
+
+def test_prepare_on_a_full_disk_is_one_line_and_a_rerun_after_room_is_made_finishes_it(tmp_path, write_yaml,
+                                                                                       small_disk, monkeypatch,
+                                                                                       capsys):
+    """A 200 KB tmpfs holds two shards of 8 images at --size 64 (98 KB each), not four."""
+    make_iwildcam(tmp_path)
+    config = write_yaml(tiny_raw(**{"data.dataset": "iwildcam", "data.root": str(tmp_path)}))
+    disk, grow = small_disk("200k")
+    out = disk / "cache"
+    monkeypatch.setattr(cache_writer, "SHARD_BYTES", 8 * cache_writer._shard_bytes(1, 64))
+    args = ["prepare", str(config), "--out", str(out), "--size", "64", "--workers", "0", "--no-progress"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dps-tune: error: the disk is full writing "), err
+    assert "KB free" in err[0] or "MB free" in err[0], err
+    with pytest.raises(DataError, match="incomplete"):  # nothing half-written is taken for a cache
+        cache_reader.ImageCache.open(out)
+    grow("2m")
+    assert cli.main(args) == 0
+    assert "from an earlier run" in capsys.readouterr().out
+    cache_reader.ImageCache.open(out)
+    assert not list(out.glob(".*.tmp-*"))

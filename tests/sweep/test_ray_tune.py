@@ -390,36 +390,18 @@ def test_ctrl_c_pauses_a_sweep_that_resume_finishes(tmp_path):
     dps_tune("report", exp, "--out", tmp_path / "r.html")
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real filesystem that fills up: a tmpfs (CI runs as root), grown by ``grow(MB)``; unmounted afterwards."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=90m", "tmpfs", str(mnt)], capture_output=True,
-                           text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mount.stderr.strip()[:200]}); the full-disk test needs a real "
-                    "small filesystem, and has no patched-writer fallback")
-
-    def grow(mb: int) -> None:
-        subprocess.run(["mount", "-o", f"remount,size={mb}m", str(mnt)], check=True, capture_output=True)
-
-    yield mnt, grow
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
 def test_a_full_storage_stops_the_sweep_in_one_line_and_resume_finishes_it(tmp_path, small_disk):
-    """Two trials of two epochs on a 90 MB tmpfs: the first epoch's checkpoints (weights and train state, 41 MB
+    """Two trials of two epochs on an 85 MiB tmpfs: the first epoch's checkpoints (weights and train state, 41 MB
     each) fit, the second's (13.5 MB of weights each) do not. One line names the storage; after it grows,
     `resume` finishes both trials from what was whole."""
-    disk, grow = small_disk
+    disk, grow = small_disk("85m")
     path = space(tmp_path, "full", search={"lr": {"uniform": [1e-3, 2e-3]}}, **{"optim.epochs": 2},
                  tune={"num_samples": 2, "grace_period": 2, "max_failures": 0})
     exp = disk / "full"
     first = dps_tune("sweep", path, "--storage", disk, "--name", "full", "--no-dashboard", check=False)
     err = first.stderr.strip().splitlines()
     assert first.returncode == 2, first.stderr[-3000:]
-    assert err[-1].startswith(f"dps-tune: error: storage {exp} is full (") and "MB free of 9" in err[-1], err[-3:]
+    assert err[-1].startswith(f"dps-tune: error: storage {exp} is full (") and "MB free of 89" in err[-1], err[-3:]
     assert err[-1].endswith(f"continue it with `dps-tune resume {exp}`"), err[-1]
     assert "Traceback" not in first.stderr, first.stderr[-3000:]
     for error in exp.glob("*/error.txt"):  # the trials' errors name the disk
@@ -428,15 +410,19 @@ def test_a_full_storage_stops_the_sweep_in_one_line_and_resume_finishes_it(tmp_p
     for ckpt in exp.glob("*/checkpoint_*"):
         assert (ckpt / "metrics.json").is_file() and (ckpt / "model.safetensors").stat().st_size > 13_000_000, ckpt
 
-    grow(400)
+    saved = restore_points_left(exp)  # each trial's newest complete train state that Ray's saved state knows
+
+    grow("400m")
     again = dps_tune("resume", exp, "--no-dashboard")
-    assert again.stderr.count("resumes from epoch 1") == 2, again.stderr[-3000:]
+    assert again.stderr.count("resumes from epoch 1") == len(saved), again.stderr[-3000:]
     study = optuna.load_study(study_name="full", storage=f"sqlite:///{exp / 'optuna.db'}")
     assert len(study.trials) == 2 and {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
     table = results.results_table(exp)
     assert len(table) == 2 and set(table["status"]) == {"completed"}, table
     for trial in results.load_trials(exp):
         assert [h["epoch"] for h in trial.history] == [1.0, 2.0], trial.history
+        raw = [json.loads(line)["step"] for line in (trial.path / "result.json").read_text().splitlines() if line]
+        assert all(raw.count(step) == 1 for step in raw if step <= saved.get(trial.path.name, 0)), raw
     dps_tune("results", exp)
     dps_tune("best", exp, "--export", tmp_path / "best")
     dps_tune("report", exp, "--out", tmp_path / "r.html")
