@@ -351,10 +351,11 @@ def test_ctrl_c_pauses_a_sweep_that_resume_finishes(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "dps_tune.cli", "sweep", str(path), "--storage",
                              str(tmp_path / "runs"), "--name", "pause", "--no-dashboard"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while not list(exp.glob("*/checkpoint_*/metrics.json")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, "the sweep ended before its first checkpoint"
+    assert list(exp.glob("*/checkpoint_*/metrics.json")), "no checkpoint in 10 minutes"
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(1)
     try:
