@@ -26,7 +26,7 @@ from dps_tune.cli_base import (Command, Parser, add_cluster_options, add_set_opt
                                check_out_dir, check_out_file, format_table, print_sweep_summary)
 from dps_tune.config import (PAPER_EXCLUDE, QUOTAS, SYNTHETIC_WORLDS, check_choice, check_exclude, scalar_objective,
                              split_list)
-from dps_tune.errors import UserError, first_line
+from dps_tune.errors import Interrupted, UserError, first_line
 
 logger = logging.getLogger("dps_tune")
 
@@ -500,9 +500,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"dps-tune: error: {' '.join(first_line(exc, 2000).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("dps-tune: interrupted", file=sys.stderr)
+    except Interrupted as exc:
+        print(interrupted_block(exc), file=sys.stderr)
         return 130
+    except OSError as exc:
+        from dps_tune.sweep.storage import disk_full, space_left
+
+        if not disk_full(exc):
+            raise
+        where = exc.filename or "the output"
+        print(f"dps-tune: error: the disk is full writing {where} ({space_left(where)}); nothing half-written is "
+              "kept: make room, then run the same command again", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(rerun_block(args.command, list(sys.argv[1:] if argv is None else argv)), file=sys.stderr)
+        return 130
+
+
+# Commands whose finished work survives a Ctrl-C and that the same command line continues.
+RERUN_CONTINUES = ("wise", "soup", "prepare")
+
+
+def rerun_block(command: str, argv: list[str]) -> str:
+    """What a Ctrl-C'd command prints: for one that keeps its finished work, the command that continues it."""
+    import shlex
+
+    from dps_tune.paths import command_path
+
+    if command not in RERUN_CONTINUES:
+        return "dps-tune: interrupted"
+    return (f"\ndps-tune: {command} interrupted (Ctrl-C); what it finished is kept.\n"
+            f"  continue it with: {command_path()} {shlex.join(argv)}")
+
+
+def interrupted_block(exc: Interrupted) -> str:
+    """What a Ctrl-C'd sweep or confirmation prints: where it stands and the command that continues it."""
+    import shlex
+
+    from dps_tune.paths import command_path
+
+    return (f"\ndps-tune: {exc.what} interrupted (Ctrl-C): {exc.finished} trial(s) finished, {exc.to_go} to go; "
+            f"its state is saved.\n  continue it with: {command_path()} resume {shlex.quote(exc.location)}")
 
 
 if __name__ == "__main__":

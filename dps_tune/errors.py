@@ -43,3 +43,14 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
         text = last.split(": ", 1)[1] if ": " in last else last
     line = text.splitlines()[0].strip() if text else ""
     return line[:limit] if line else type(exc).__name__
+
+
+class Interrupted(Exception):
+    """The user stopped a run with Ctrl-C; what it had done is saved, and ``resume`` continues it.
+
+    Not a :class:`UserError`: the CLI prints its own short block and exits 130.
+    """
+
+    def __init__(self, what: str, location: str, finished: int, to_go: int):
+        super().__init__(f"{what} interrupted: {finished} trial(s) finished, {to_go} to go")
+        self.what, self.location, self.finished, self.to_go = what, location, finished, to_go

@@ -27,6 +27,21 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 
+def score(metrics: Mapping, metric: str, sign: float) -> float:
+    """How Ray ranks a checkpoint by ``metric`` (``sign`` 1 for max, -1 for min): higher is better."""
+    value = metrics.get(metric)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+        return -math.inf  # Ray ranks NaN and a missing metric below every number
+    return sign * float(value)
+
+
+def kept(scores: list[float], keep: int) -> set[int]:
+    """Which of a trial's checkpoints (their scores, oldest first) Ray keeps: the best ``keep``, later winning
+    ties, and the latest."""
+    ranked = sorted(range(len(scores)), key=lambda i: (scores[i], i))
+    return set(ranked[-keep:]) | ({len(scores) - 1} if scores else set())
+
+
 @dataclass(frozen=True)
 class Plan:
     """What one report writes: ``weights`` (with config and metrics) and ``state`` (resume)."""
@@ -74,10 +89,7 @@ class Retention:
     # -------------------------------------------------------------------- plan
 
     def _score(self, metrics: Mapping) -> float:
-        value = metrics.get(self.metric)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
-            return -math.inf  # Ray ranks NaN and a missing metric below every number
-        return self.sign * float(value)
+        return score(metrics, self.metric, self.sign)
 
     def state_due(self, epoch: float) -> bool:
         if self.resume_every:

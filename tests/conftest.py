@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 # Nothing in the test suite may reach a model hub.
@@ -92,3 +93,83 @@ def pytest_terminal_summary(terminalreporter):
     matrix = sys.modules.get("test_input_matrix")
     if matrix is not None:
         terminalreporter.write_line(matrix.summary())
+
+
+# Every function that deletes a superseded checkpoint: Ray's own, and dps_tune's deferred one.
+CHECKPOINT_DELETERS = "ray.train._internal.checkpoint_manager:_delete_fs_path,dps_tune.sweep.storage:delete_checkpoint"
+
+
+def kill_after_first_checkpoint_deletion(*args, timeout=600):
+    """``dps-tune ARGS``, SIGKILLed right after the first checkpoint it deletes, with every process it started.
+
+    The window a resume must survive: a checkpoint is gone, and the experiment state on
+    the storage may still name it. Asserts that the kill came.
+    """
+    import signal
+    import subprocess
+    import sys
+
+    import tempfile
+
+    killer = Path(__file__).resolve().parent / "kill_after.py"
+    with tempfile.TemporaryFile("w+") as err:  # not a pipe: Ray's processes would hold it open
+        proc = subprocess.Popen([sys.executable, str(killer), CHECKPOINT_DELETERS, "1", "--after", "--",
+                                 *map(str, args)], stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the Ray it started, as a lost machine takes it
+            except ProcessLookupError:
+                pass
+        err.seek(0)
+        assert proc.returncode == -signal.SIGKILL, f"never killed (exit {proc.returncode}): {err.read()[-2000:]}"
+
+
+def restore_points_left(exp: Path) -> dict[str, int]:
+    """Trial directory name -> step of the checkpoint `resume` takes it up from (the newest one the experiment
+    state on the storage names), for the trials that have one; asserts each of them is still there.
+
+    Training up to that step must not be redone. A checkpoint written after that state was
+    saved is not one Ray knows of: the trial trains its steps again (one resume interval).
+    """
+    from dps_tune.sweep import ray_tune
+
+    points = {}
+    for trial_id, (_, name) in ray_tune.restore_points(str(exp)).items():
+        if name is None:
+            continue
+        trial_dir = next(exp.glob(f"*_{trial_id}_*"))
+        metrics = trial_dir / name / "metrics.json"
+        assert metrics.is_file(), f"{trial_dir.name}: its restore point {name} is gone"
+        points[trial_dir.name] = json.loads(metrics.read_text())["step"]
+    return points
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk("90m")``: a real filesystem of that size that fills up (a tmpfs: CI runs as root), and
+    ``grow("400m")`` to make room; unmounted afterwards. Skips where mounting is refused."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mounted = []
+
+    def mount(size: str):
+        mnt.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()[:200]}); the full-disk tests need a real "
+                        "small filesystem, and have no patched-writer fallback")
+        mounted.append(mnt)
+
+        def grow(bigger: str) -> None:
+            subprocess.run(["mount", "-o", f"remount,size={bigger}", str(mnt)], check=True, capture_output=True)
+
+        return mnt, grow
+
+    yield mount
+    for m in mounted:
+        subprocess.run(["umount", "-l", str(m)], capture_output=True)

@@ -323,6 +323,18 @@ def _pool(workers: int):
     return ctx.Pool(workers)
 
 
+def _reserve(path: Path) -> None:
+    """Give the sparse file at ``path`` its disk blocks now. On a full disk, writing through a memory map
+    is a SIGBUS that kills the process; reserving first is an ENOSPC, reported as one line."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with path.open("rb+") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, path.stat().st_size)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(path.parent)) from None
+
+
 def _fill_shards(root: Path, manifest: dict[str, Any], sources: Sources, todo: list[int], workers: int | None,
                  skip_bad: bool, progress: bool) -> int:
     """Decode and write the shards ``todo``, recording each in the manifest as it lands; returns images decoded."""
@@ -350,6 +362,7 @@ def _fill_shards(root: Path, manifest: dict[str, Any], sources: Sources, todo: l
             skipped: list[list[Any]] = []
             with atomic_path(final) as tmp:
                 shard = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(span), size, size, 3))
+                _reserve(tmp)
                 for local, (row, image, error) in zip(range(len(span)), results):
                     if error is not None:
                         if not skip_bad:

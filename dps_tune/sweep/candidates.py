@@ -69,7 +69,7 @@ def load_candidates(exp_dirs: Sequence[str | os.PathLike], metric: str, *, inclu
     seen_metric = False
     for exp in exp_dirs:
         view, meta = results.open_experiment(exp)
-        finished = meta.get("status") == "finished"
+        finished = results.ended(meta)
         for trial in results.load_trials(view):
             status = results.trial_status(trial, meta.get("max_t"), finished)
             for path, metrics in results.checkpoints(trial.path):

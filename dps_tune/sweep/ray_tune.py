@@ -15,7 +15,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,7 +43,7 @@ from dps_tune import preflight, retention, suppression  # noqa: E402
 from dps_tune.config import (OBJECTIVE_MEAN, Config, TuneConfig, config_from_dict, merge_dotted,  # noqa: E402
                              objective_mean, objectives, scalar_objective, to_dict, tune_config_from_dict,
                              with_overrides)
-from dps_tune.errors import LaunchError, UserError, first_line  # noqa: E402
+from dps_tune.errors import Interrupted, LaunchError, UserError, first_line  # noqa: E402
 from dps_tune.files import write_json  # noqa: E402
 from dps_tune.paths import is_remote  # noqa: E402
 from dps_tune.sweep import reference, storage, test_figures  # noqa: E402
@@ -105,19 +107,18 @@ def trainable(params: dict[str, Any], *, base: Config, ranking: suppression.Scor
     cfg = with_overrides(base, flat_params(params))
     trial_id = tune.get_context().get_trial_id()
     keep = _retention(cfg, tune_cfg)
-    newest_state: list[tune.Checkpoint] = []  # the persisted checkpoint whose train state is the newest
-
     derive = _objective_mean(tune_cfg)
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        # Superseded checkpoints and train state are deleted by the driver (_CheckpointPruner), never here.
         metrics = {**metrics, "max_epoch": cfg.optim.epochs}
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        with_state = checkpoint_dir is not None and (checkpoint_dir / ckpt.STATE_FILE).is_file()
-        tune.report(metrics, checkpoint=checkpoint)
-        if with_state and keep is not None:  # only the newest train state is kept
-            for old in newest_state:
-                storage.delete_file(old.filesystem, f"{old.path}/{ckpt.STATE_FILE}")
-            newest_state[:] = [tune.get_checkpoint()]
+        try:
+            tune.report(metrics, checkpoint=checkpoint)
+        except OSError as exc:
+            if not storage.disk_full(exc):
+                raise
+            raise RuntimeError(_lost_checkpoint(metrics["epoch"])) from None
         _maybe_inject_crash(trial_id, metrics["epoch"])
 
     latest = tune.get_checkpoint()
@@ -128,11 +129,31 @@ def trainable(params: dict[str, Any], *, base: Config, ranking: suppression.Scor
                            "it starts over from epoch 0", trial_id, tune_cfg.resume_every_minutes)
         run_trial(cfg, report, ranking=ranking, memory_fraction=gpu_share, keep=keep, derive=derive)
         return
-    newest_state.append(start)
     with start.as_directory() as path:
         logger.info("trial %s resumes from epoch %s (%s)", trial_id, _epoch_of(path), start.path)
         run_trial(cfg, report, resume_from=path, ranking=ranking, memory_fraction=gpu_share, keep=keep,
                   derive=derive)
+
+
+FULL = "the storage is full"  # how a trial's error names a full storage
+
+
+def _full(error: BaseException | str) -> bool:
+    """Whether a trial's error (the exception, or the text of its error.txt) is a full storage."""
+    return FULL in str(error) or "No space left on device" in str(error) or (
+        isinstance(error, BaseException) and storage.disk_full(error))
+
+
+def _lost_checkpoint(epoch: float) -> str:
+    """A checkpoint the full storage cut short: removed, so nothing reads it; the trial's error names the disk."""
+    from ray.train._internal.session import get_session
+
+    where = get_session().storage
+    storage.delete_checkpoint(where.storage_filesystem, where.checkpoint_fs_path)
+    local = isinstance(where.storage_filesystem, storage.pafs.LocalFileSystem)
+    space = storage.space_left(where.trial_fs_path) if local else "free space not known"
+    return (f"{FULL} ({space}, at {where.trial_fs_path}): the checkpoint of epoch {epoch:g} was not "
+            "saved; make room, then `dps-tune resume` goes on from the last one that was")
 
 
 def _objective_mean(t: TuneConfig) -> Any:
@@ -186,18 +207,127 @@ class _ResolvedConfigWriter(tune.Callback):
         storage.write_fs_text(trial.storage.storage_filesystem, f"{trial.path}/{TRIAL_CONFIG_FILE}", text)
 
 
-class _TrainStateCleaner(tune.Callback):
-    """A trial that finished, or that the scheduler stopped, will not resume: drop its train state.
+class _CheckpointPruner(tune.Callback):
+    """Deletes what the trials no longer need, once the experiment state on the storage no longer needs it.
 
-    Errored trials keep theirs, for ``dps-tune resume``. Deleting goes through the trial's
-    storage filesystem, the one Ray writes checkpoints with.
+    Per trial, a sweep keeps the ``keep`` best checkpoints by the metric (later winning
+    ties) and the latest; under the economy scheme only the newest train state, and none
+    once the trial ended (finished, or stopped by the scheduler; an errored trial keeps
+    its own, for `dps-tune resume`).
+
+    Ray would delete a superseded checkpoint the moment a newer one registers, and the
+    trainable its train state the moment it reports the next; the experiment state that
+    stops naming them reaches the storage seconds later. A driver killed in between left
+    `resume` a restore point that was gone (the trial errored on every retry), or one
+    without train state (it started over). So Ray deletes nothing (``num_to_keep=None``)
+    and this callback applies the rule to the checkpoints up to the latest one *the
+    experiment state on the storage* names: that one stays, and every newer one.
     """
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        fs, trial_path = trial.storage.storage_filesystem, trial.storage.trial_fs_path
-        for path, _, state in storage.checkpoint_dirs(fs, trial_path):
-            if state:
-                storage.delete_file(fs, f"{path}/{ckpt.STATE_FILE}")
+    PERIOD_S = 1.0
+
+    def __init__(self, t: TuneConfig):
+        metric, mode = scalar_objective(t)
+        self.metric, self.sign, self.keep = metric, (1.0 if mode == "max" else -1.0), t.keep_checkpoints
+        self.economy = t.checkpoint_scheme == "economy"
+        self._seen: Any = None  # the stored experiment state last pruned against
+        self._last = 0.0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_seen": None, "_last": 0.0}
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() - self._last >= self.PERIOD_S:
+            self._prune(trials)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._prune(trials)  # Ray has saved its final experiment state, and waited for it
+
+    def _prune(self, trials: list) -> None:
+        self._last = time.monotonic()
+        if not trials:
+            return
+        fs = trials[0].storage.storage_filesystem
+        stored = _stored_trials(fs, trials[0].storage.experiment_fs_path, self._seen)
+        if stored is None:  # unchanged since the last pass, or not readable yet
+            return
+        self._seen, states = stored
+        for trial in trials:
+            status, latest = states.get(trial.trial_id, (None, None))
+            if latest is not None:
+                self._prune_trial(fs, trial.storage.trial_fs_path, status, latest)
+
+    def _prune_trial(self, fs: Any, trial_path: str, status: str, latest: str) -> None:
+        known = [c for c in storage.checkpoint_dirs(fs, trial_path) if c[0].rstrip("/").rsplit("/", 1)[1] <= latest]
+        if not known or not known[-1][0].rstrip("/").endswith("/" + latest):
+            return  # the restore point is not there: delete nothing that could stand in for it
+        keep = retention.kept([retention.score(m, self.metric, self.sign) for _, m, _ in known], self.keep)
+        for i, (path, _, _) in enumerate(known):
+            if i not in keep:
+                storage.delete_checkpoint(fs, path)
+        if not self.economy:
+            return
+        with_state = [path for i, (path, _, state) in enumerate(known) if state and i in keep]
+        ended = status == "TERMINATED"  # finished or stopped: it will not resume
+        for path in with_state if ended else with_state[:-1]:
+            storage.delete_file(fs, f"{path}/{ckpt.STATE_FILE}")
+
+
+def restore_points(location: str) -> dict[str, tuple[str, str | None]]:
+    """Ray's trial id -> (status, name of its latest checkpoint), as in the experiment state last saved to the
+    storage of the experiment at ``location``: where `resume` would take each trial up."""
+    stored = _stored_trials(*storage.resolve(location), None)
+    return stored[1] if stored else {}
+
+
+def _stored_trials(fs: Any, experiment_path: str, seen: Any) -> tuple[Any, dict[str, tuple[str, str | None]]] | None:
+    """Each trial's status and latest checkpoint (its directory name) in the newest experiment state on the
+    storage, with what identifies that state; None when it is the ``seen`` one, missing or being written."""
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    path = _find_newest_experiment_checkpoint(experiment_path, fs)
+    if path is None:
+        return None
+    info = fs.get_file_info(path)
+    key = (path, info.mtime_ns, info.size)
+    if key == seen:
+        return None
+    try:
+        with fs.open_input_stream(path) as f:
+            data = json.loads(f.read().decode())
+        states = {}
+        for trial_json, metadata_json in data.get("trial_data", []):
+            trial = json.loads(trial_json)
+            manager = _TrainingRunMetadata.from_json_state(metadata_json).checkpoint_manager
+            latest = manager.latest_checkpoint_result if manager is not None else None
+            name = latest.checkpoint.path.rstrip("/").rsplit("/", 1)[1] if latest and latest.checkpoint else None
+            states[trial["trial_id"]] = (trial["status"], name)
+    except (OSError, ValueError, KeyError, TypeError):  # one being written: the next pass reads it whole
+        return None
+    return key, states
+
+
+# Set in the driver when a trial failed on a full storage; the run then stops as on Ctrl-C.
+_STORAGE_FULL = threading.Event()
+
+
+class _FullStorageStops(tune.Callback):
+    """A trial that failed because the storage is full stops the whole run: every other would fail the same way.
+
+    It stops as Ctrl-C does (SIGINT to this process, which Ray handles): Ray saves the
+    experiment state with the other trials still to finish, and ``_finish`` says so in
+    one line (:class:`StorageFull`). The trials' errors are in their error.txt.
+    """
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        path = trial.error_file
+        text = Path(path).read_text(errors="replace") if path and Path(path).is_file() else ""
+        if _full(text) and not _STORAGE_FULL.is_set():
+            _STORAGE_FULL.set()
+            os.kill(os.getpid(), signal.SIGINT)
+
+    on_trial_recover = on_trial_error
 
 
 class _CheckpointRecorder(tune.Callback):
@@ -284,7 +414,9 @@ class PrunedOptunaSearch(OptunaSearch):
 
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        known = trial_id in self._ot_trials and trial_id not in self._completed_trials
+        if trial_id not in self._ot_trials:
+            return
+        known = trial_id not in self._completed_trials
         single = isinstance(self.metric, str)  # Optuna keeps no learning curves for several objectives
         if known and result and single and self.metric in result:
             # The result that made ASHA stop the trial (or its last one) never reached
@@ -298,6 +430,8 @@ class PrunedOptunaSearch(OptunaSearch):
             status = ("errored" if error else "completed" if (result or {}).get("epoch", 0) >= finish
                       else "stopped by ASHA")
             self._attrs(trial_id, result, status)
+        if known and error:  # left RUNNING, for `resume` to continue and tell its real outcome
+            return
         if known and not error and result and "epoch" in result:
             finish = min(self._max_t, result.get("max_epoch", self._max_t))
             if result["epoch"] < finish:
@@ -308,6 +442,17 @@ class PrunedOptunaSearch(OptunaSearch):
                 self._completed_trials.add(trial_id)
                 return
         super().on_trial_complete(trial_id, result, error)
+
+
+class _Limiter(ConcurrencyLimiter):
+    """Ray's ConcurrencyLimiter, except that the end of a trial it already let go (one that errored, and that
+    `resume` then continued) still reaches the searcher, which left its Optuna trial RUNNING for it."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.live_trials or not self._limit_concurrency:
+            super().on_trial_complete(trial_id, result, error)
+        else:
+            self.searcher.on_trial_complete(trial_id, result, error)
 
 
 # ---------------------------------------------------------------------------- launch
@@ -431,7 +576,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | N
         if sweep.space:
             study_storage = optuna.storages.RDBStorage(f"sqlite:///{local / OPTUNA_FILE}")
             one = len(metrics) == 1
-            searcher = ConcurrencyLimiter(
+            searcher = _Limiter(
                 PrunedOptunaSearch(space=to_optuna(sweep.space), metric=metrics[0] if one else list(metrics),
                                    mode=modes[0] if one else list(modes), seed=t.seed, study_name=name,
                                    storage=study_storage, max_t=sweep.max_t),
@@ -441,7 +586,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | N
                                   grace_period=min(t.grace_period, sweep.max_t), reduction_factor=t.reduction_factor)
         write_json(local / SWEEP_FILE, {
             "name": name, "base": to_dict(base), "tune": to_dict(t), "search": sweep.raw_search,
-            "space_file": str(sweep.path), "max_t": sweep.max_t, "status": "running",
+            "space_file": str(sweep.path), "max_t": sweep.max_t, "status": "running", "trials": t.num_samples,
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         })
         _upload_state(local, location)
@@ -457,8 +602,8 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | N
             run_config=_run_config(name, storage_path, sweep.space.keys, t, base, local, location,
                                    with_study=searcher is not None),
         )
-        result = tuner.fit()
-        _finish(local, location, result)
+        with _ctrl_c_pauses(), _full_storage_stops(location, "sweep"):
+            _finish(local, location, tuner.fit(), "sweep")
         return location
 
 
@@ -478,7 +623,8 @@ def run_points(base: Config, variants: list[dict[str, Any]], seeds: list[int], t
         epochs = max(with_overrides(base, v).optim.epochs for v in variants)
         write_json(local / SWEEP_FILE, {
             "name": name, "base": to_dict(base), "tune": to_dict(tune_cfg), "search": {}, "max_t": epochs,
-            "status": "running", "started": time.strftime("%Y-%m-%d %H:%M:%S"), **(meta or {}),
+            "status": "running", "trials": len(variants) * len(seeds),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), **(meta or {}),
         })
         _upload_state(local, location)
         tuner = tune.Tuner(
@@ -488,7 +634,8 @@ def run_points(base: Config, variants: list[dict[str, Any]], seeds: list[int], t
                                         reuse_actors=True),
             run_config=_run_config(name, storage_path, ["seed"], tune_cfg, base, local, location),
         )
-        _finish(local, location, tuner.fit())
+        with _ctrl_c_pauses(), _full_storage_stops(location, "confirmation run"):
+            _finish(local, location, tuner.fit(), "confirmation run")
         return location
 
 
@@ -509,12 +656,13 @@ def _run_config(name: str, storage_path: str, searched_keys: list[str], t: TuneC
         name=name,
         storage_path=storage_path,
         storage_filesystem=filesystem,
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=scalar,
+        # Ray keeps every checkpoint: _CheckpointPruner deletes, when that is safe.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=scalar,
                                                 checkpoint_score_order=scalar_mode),
         failure_config=tune.FailureConfig(max_failures=t.max_failures),
         progress_reporter=reporter,
-        callbacks=[_ResolvedConfigWriter(base), _StudyUploader(local, location),
-                   *([_TrainStateCleaner()] if t.checkpoint_scheme == "economy" else []),
+        callbacks=[_ResolvedConfigWriter(base), _StudyUploader(local, location), _FullStorageStops(),
+                   _CheckpointPruner(t),
                    *([_CheckpointRecorder(local / OPTUNA_FILE, name)] if with_study else []),
                    *_tracker_callbacks(t.loggers, name)],
         verbose=1,
@@ -544,26 +692,113 @@ def _tracker_callbacks(loggers: tuple[str, ...], name: str) -> list[Any]:
     return callbacks
 
 
-def _finish(local: Path, location: str, result) -> None:
-    """Record the end of a sweep; mark Optuna trials a killed driver left RUNNING as FAIL.
+class _RayLines(logging.Filter):
+    """Ray's lines on Ctrl-C name its own Python API (``Tuner.restore``): say it in dps-tune's words instead.
+    A trial's failure on a full storage is no traceback: the run stops with one line (:class:`StorageFull`)."""
 
-    First every kept checkpoint that lacks test figures gets them, as Ray tasks
-    (:mod:`dps_tune.sweep.test_figures`).
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and _full(record.exc_info[1]):
+            return False
+        if text.startswith("Stop signal received"):
+            if _STORAGE_FULL.is_set():
+                return False
+            print("dps-tune: Ctrl-C: stopping the trials and saving the sweep, so that `resume` continues it",
+                  file=sys.stderr, flush=True)
+            return False
+        return not text.startswith(("Experiment has been interrupted", "Trials did not complete"))
+
+
+@contextlib.contextmanager
+def _ctrl_c_pauses() -> Iterator[None]:
+    """Ctrl-C while the trials run is a pause: Ray's own handler (installed by ``fit``) stops them and saves
+    the experiment state, then hands SIGINT back to this one, which puts off a second Ctrl-C while that is
+    under way, so what is saved is whole. A third quits at once (the last saved state still resumes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    presses = [0]
+    _STORAGE_FULL.clear()
+
+    def later(signum: int, frame: Any) -> None:
+        presses[0] += 1
+        if presses[0] > 1:
+            raise KeyboardInterrupt
+        print("dps-tune: still saving the sweep's state; Ctrl-C once more quits at once (`resume` then goes on "
+              "from the last state saved)", file=sys.stderr, flush=True)
+
+    quiet = _RayLines()
+    ray_logs = [logging.getLogger(name) for name in ("ray.tune.tune", "ray.tune.execution.tune_controller")]
+    previous = signal.signal(signal.SIGINT, later)
+    for log in ray_logs:
+        log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        for log in ray_logs:
+            log.removeFilter(quiet)
+
+
+def _finish(local: Path, location: str, result: Any, what: str) -> None:
+    """Record the end of a run, finished or interrupted; raise :class:`Interrupted` for the second.
+
+    The experiment state Ray saved last tells which trials ended (finished, stopped or
+    errored). When some did not, or were never started, the run was interrupted (Ctrl-C):
+    their Optuna trials stay RUNNING, for the resumed run to tell; so do errored trials,
+    which `resume` continues. Other Optuna trials still RUNNING are ones a killed driver
+    left behind: FAIL. A full storage, behind the trials' errors, is :class:`StorageFull`.
     """
-    test_figures.complete(location, lambda jobs: map_jobs(test_figures.evaluate_job, jobs),
-                          say=lambda line: print(line, file=sys.stderr, flush=True))
     meta = sweep_meta(local)
-    meta["status"] = "finished"
+    states = restore_points(location)
+    ended = [t for t, (status, _) in states.items() if status in ("TERMINATED", "ERROR")]
+    total = int(meta.get("trials") or meta.get("tune", {}).get("num_samples") or len(states))
+    interrupted = len(ended) < total
+    meta["status"] = "interrupted" if interrupted else "finished"
+    meta["interrupted"] = sorted(set(states) - set(ended)) if interrupted else []
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     meta["errors"] = len(result.errors)
+    full = _STORAGE_FULL.is_set() or any(_full(e) for e in result.errors)
+    if not interrupted and not full:  # kept checkpoints get their test figures once, as Ray tasks
+        test_figures.complete(location, lambda jobs: map_jobs(test_figures.evaluate_job, jobs),
+                              say=lambda line: print(line, file=sys.stderr, flush=True))
     write_json(local / SWEEP_FILE, meta)
     db = local / OPTUNA_FILE
     if db.exists():
         study = optuna.storages.RDBStorage(f"sqlite:///{db}")
         study_id = study.get_study_id_from_name(meta["name"])
+        errored = {t for t, (status, _) in states.items() if status == "ERROR"}
         for trial in study.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            study.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            if interrupted and trial.user_attrs.get("status") != "errored":
+                study.set_trial_user_attr(trial._trial_id, "status", "interrupted")
+            elif trial.user_attrs.get("ray_trial_id") not in errored and not interrupted:
+                study.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     _upload_state(local, location)
+    if full:
+        raise StorageFull(location, what)
+    if interrupted:
+        raise Interrupted(what, location, len(ended), total - len(ended))
+
+
+class StorageFull(UserError):
+    """The experiment's storage filled up: one line naming it and its free space, and how to go on."""
+
+    def __init__(self, location: str, what: str):
+        super().__init__(f"storage {location} is full ({storage.space_left(location)}): the {what} stopped; make "
+                         f"room, then continue it with `dps-tune resume {location}`")
+
+
+@contextlib.contextmanager
+def _full_storage_stops(location: str, what: str) -> Iterator[None]:
+    """A full storage met by the driver itself (its callbacks, Ray's logs, the sweep file) is :class:`StorageFull`."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        if not storage.disk_full(exc):
+            raise
+        raise StorageFull(location, what) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -625,7 +860,9 @@ def resume_sweep(exp: str | os.PathLike | Resumable, *, address: str | None = No
         trainable = _build_trainable(resolved.config, resolved.ranking, tune_cfg)
         tuner = tune.Tuner.restore(restore_at, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    restart_errored=False, storage_filesystem=filesystem)
-        _finish(local, location, tuner.fit())
+        what = "confirmation run" if "confirm" in meta else "sweep"
+        with _ctrl_c_pauses(), _full_storage_stops(location, what):
+            _finish(local, location, tuner.fit(), what)
         return location
 
 

@@ -37,8 +37,8 @@ from matplotlib.lines import Line2D
 from dps_tune.config import DEFAULT_METRIC, SUPPRESS_MODES, best_of, default_mode, scalar_objective
 from dps_tune.errors import UserError, first_line
 from dps_tune.files import write_text
-from dps_tune.sweep.results import (Trial, checkpoints, ensemble_kind, load_trials, method_name, pareto_objectives,
-                                    open_experiment, read_ensemble, results_table, trial_status)
+from dps_tune.sweep.results import (Trial, checkpoints, ended, ensemble_kind, load_trials, method_name,
+                                    pareto_objectives, open_experiment, read_ensemble, results_table, trial_status)
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ STATUS_STYLE = {  # line style and end marker of a learning curve
     "completed": ("-", "o"),
     "early-stopped": ("--", "x"),
     "running": (":", ">"),
+    "interrupted": (":", ">"),
     "error": (":", "X"),
 }
 SPLIT_NAMES = {"id_val": "ID val", "id_test": "ID test", "ood_val": "OOD val", "ood_test": "OOD test"}
@@ -83,7 +84,7 @@ table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
 th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; white-space: nowrap; }
 th { background: #f3f3f3; position: sticky; top: 0; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.zero-shot td { background: #fff6d5; font-weight: 600; }
-tr.early-stopped td, tr.running td { color: #777; } tr.error td { color: #a00; }
+tr.early-stopped td, tr.running td, tr.interrupted td { color: #777; } tr.error td { color: #a00; }
 """
 
 
@@ -104,7 +105,7 @@ class Experiment:
 
     @property
     def finished(self) -> bool:
-        return self.meta.get("status") == "finished"
+        return ended(self.meta)
 
     def status(self, trial: Trial) -> str:
         return trial_status(trial, self.meta.get("max_t"), self.finished)

@@ -114,6 +114,7 @@ class Trial:
     config: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     errored: bool = False
+    interrupted: bool = False  # stopped by a Ctrl-C of the sweep; `resume` continues it
 
     @property
     def last(self) -> dict[str, Any]:
@@ -161,12 +162,14 @@ def load_trials(exp_dir: str | os.PathLike) -> list[Trial]:
     exp, meta = open_experiment(exp_dir)
     base = meta["base"]
     trials = []
+    stopped = set(meta.get("interrupted") or ())  # Ray's trial ids; also in the directory name trainable_ID_...
     for params_path in sorted(exp.glob("*/params.json")):
         tdir = params_path.parent
         history = _with_checkpoint_figures(_read_history(tdir / "result.json"), tdir)
         trial_id = history[-1].get("trial_id") if history else None
         config = merge_dotted(base, flat_params(json.loads(params_path.read_text())))
-        trials.append(Trial(trial_id or tdir.name, tdir, config, history, errored=(tdir / "error.txt").exists()))
+        trials.append(Trial(trial_id or tdir.name, tdir, config, history, errored=(tdir / "error.txt").exists(),
+                            interrupted=trial_id in stopped or any(f"_{i}_" in tdir.name for i in stopped)))
     if not trials:
         raise UserError(f"experiment {str(exp)!r}: no dps_tune trials in it")
     return sorted(trials, key=lambda t: t.trial_id)
@@ -208,13 +211,21 @@ def open_experiment(location: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     return view, meta
 
 
+def ended(meta: Mapping[str, Any]) -> bool:
+    """Whether the sweep of this ``dps_tune_sweep.json`` has stopped running: finished, or interrupted (Ctrl-C)."""
+    return meta.get("status") in ("finished", "interrupted")
+
+
 def trial_status(trial: Trial, max_t: float | None, finished: bool) -> str:
+    """completed, early-stopped, error, interrupted or running; ``finished``: the sweep has :func:`ended`."""
     target = trial.param("optim.epochs") or 0
     if max_t:
         target = min(target, max_t)
     epoch = trial.last.get("epoch", 0)
     if epoch >= target:
         return "completed"
+    if trial.interrupted:
+        return "interrupted"
     if trial.errored and finished:
         return "error"
     return "early-stopped" if finished else "running"
@@ -227,7 +238,7 @@ def results_table(exp_dir: str | os.PathLike, metric: str | None = None, mode: s
         metric, own_mode = scalar_objective(meta.get("tune", {})) if meta.get("tune") else (DEFAULT_METRIC, None)
         mode = mode or own_mode
     mode = mode or default_mode(metric)
-    finished = meta.get("status") == "finished"
+    finished = ended(meta)
     rows = []
     for t in load_trials(exp_dir):
         row: dict[str, Any] = {"trial_id": t.trial_id}

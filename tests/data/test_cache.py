@@ -111,8 +111,9 @@ def test_prepare_resumes_after_an_interrupted_run(tmp_path, monkeypatch):
     assert result.content_hash == fresh.content_hash
 
 
-def test_prepare_killed_mid_shard_resumes_without_redoing_or_trusting_the_partial_shard(tmp_path, write_yaml):
-    """SIGKILL (no cleanup at all) while the second shard is being decoded, then `prepare` again."""
+@pytest.mark.parametrize("sig", ["KILL", "INT"])
+def test_prepare_killed_mid_shard_resumes_without_redoing_or_trusting_the_partial_shard(tmp_path, write_yaml, sig):
+    """SIGKILL (no cleanup at all), or Ctrl-C, while the second shard is being decoded, then `prepare` again."""
     import subprocess
     import sys
     from pathlib import Path
@@ -125,18 +126,24 @@ def test_prepare_killed_mid_shard_resumes_without_redoing_or_trusting_the_partia
 
     def prepare(kill_at: int, calls_file=None):
         return subprocess.run(
-            [sys.executable, str(killer), "dps_tune.data.cache_writer:decode_square", str(kill_at),
+            [sys.executable, str(killer), "dps_tune.data.cache_writer:decode_square", str(kill_at), "--signal", sig,
              "--attr", f"dps_tune.data.cache_writer:SHARD_BYTES={eight_rows}", "--",
              "prepare", str(config), "--out", str(out), "--size", "16", "--workers", "0", "--no-progress"],
             capture_output=True, text=True, timeout=300,
             env={**os.environ, **({"CALLS_FILE": str(calls_file)} if calls_file else {})})
 
     killed = prepare(13)  # images 1-8 make shard 0; the kill comes in the middle of shard 1
-    assert killed.returncode == -9, killed.stderr[-2000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert not manifest["complete"] and [s is not None for s in manifest["shards"]][:2] == [True, False]
-    # Shard 1 died half-filled, under a temporary name that nothing reads.
-    assert list(out.glob(".shard-00001.npy.tmp-*")) and not (out / "shard-00001.npy").exists()
+    if sig == "INT":  # one block, exit 130, and the command that continues it; the half shard is cleaned up
+        block = killed.stderr.strip().splitlines()[-2:]
+        assert killed.returncode == 130 and "Traceback" not in killed.stderr, killed.stderr[-2000:]
+        assert block[0] == "dps-tune: prepare interrupted (Ctrl-C); what it finished is kept.", block
+        assert block[1].endswith(f"prepare {config} --out {out} --size 16 --workers 0 --no-progress"), block
+        assert not (out / "shard-00001.npy").exists()
+    else:  # shard 1 died half-filled, under a temporary name that nothing reads
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        assert list(out.glob(".shard-00001.npy.tmp-*")) and not (out / "shard-00001.npy").exists()
     with pytest.raises(DataError, match="incomplete"):  # a trial refuses it as it stands
         cache_reader.ImageCache.open(out)
 
@@ -376,3 +383,26 @@ def test_every_kind_of_change_to_a_source_image_makes_the_cache_stale(tmp_path, 
         expected = f"{stat.st_size} bytes, now {stat.st_size - 100} bytes"
     with pytest.raises(DataError, match=f"stale.*{victim.name}.*{expected}"):
         cache_reader.open_for(out, _iwildcam_spec(tmp_path))
+
+
+def test_prepare_on_a_full_disk_is_one_line_and_a_rerun_after_room_is_made_finishes_it(tmp_path, write_yaml,
+                                                                                       small_disk, monkeypatch,
+                                                                                       capsys):
+    """A 200 KB tmpfs holds two shards of 8 images at --size 64 (98 KB each), not four."""
+    make_iwildcam(tmp_path)
+    config = write_yaml(tiny_raw(**{"data.dataset": "iwildcam", "data.root": str(tmp_path)}))
+    disk, grow = small_disk("200k")
+    out = disk / "cache"
+    monkeypatch.setattr(cache_writer, "SHARD_BYTES", 8 * cache_writer._shard_bytes(1, 64))
+    args = ["prepare", str(config), "--out", str(out), "--size", "64", "--workers", "0", "--no-progress"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dps-tune: error: the disk is full writing "), err
+    assert "KB free" in err[0] or "MB free" in err[0], err
+    with pytest.raises(DataError, match="incomplete"):  # nothing half-written is taken for a cache
+        cache_reader.ImageCache.open(out)
+    grow("2m")
+    assert cli.main(args) == 0
+    assert "from an earlier run" in capsys.readouterr().out
+    cache_reader.ImageCache.open(out)
+    assert not list(out.glob(".*.tmp-*"))

@@ -135,10 +135,12 @@ def test_soup_on_a_sweep_through_ray(sweep, tmp_path):
     assert soup_marks
 
 
-@pytest.mark.parametrize("command,csv_name,extra", [("wise", "wise.csv", ["--alphas", "0:1:0.25"]),
-                                                    ("soup", "soup_steps.csv", [])])
-def test_a_killed_ensemble_run_is_finished_by_a_rerun_that_redoes_nothing(sweep, tmp_path, command, csv_name, extra):
-    """SIGKILL before the third evaluation, then the same command: it evaluates only what is missing."""
+@pytest.mark.parametrize("command,csv_name,extra,sig", [("wise", "wise.csv", ["--alphas", "0:1:0.25"], "KILL"),
+                                                        ("soup", "soup_steps.csv", [], "KILL"),
+                                                        ("wise", "wise.csv", ["--alphas", "0:1:0.25"], "INT")])
+def test_a_killed_ensemble_run_is_finished_by_a_rerun_that_redoes_nothing(sweep, tmp_path, command, csv_name, extra,
+                                                                          sig):
+    """SIGKILL (or Ctrl-C) before the third evaluation, then the same command: it evaluates only what is missing."""
     import os
     import subprocess
     import sys
@@ -149,7 +151,7 @@ def test_a_killed_ensemble_run_is_finished_by_a_rerun_that_redoes_nothing(sweep,
 
     def run(kill_at: int, calls=None):
         return subprocess.run([sys.executable, str(killer), "dps_tune.sweep.ensembles:evaluate_job", str(kill_at),
-                               "--", command, str(exp), *extra, "--out", str(out), "--in-process", "--no-progress"],
+                               "--signal", sig, "--", command, str(exp), *extra, "--out", str(out), "--in-process", "--no-progress"],
                               capture_output=True, text=True, timeout=600,
                               env={**os.environ, **({"CALLS_FILE": str(calls)} if calls else {})})
 
@@ -157,7 +159,13 @@ def test_a_killed_ensemble_run_is_finished_by_a_rerun_that_redoes_nothing(sweep,
     total = len(read_csv(whole / csv_name))
     assert total >= 3
     killed = run(3)
-    assert killed.returncode == -9, killed.stderr[-2000:]
+    if sig == "INT":  # one block, exit 130, and the command that continues it
+        block = killed.stderr.strip().splitlines()[-2:]
+        assert killed.returncode == 130 and "Traceback" not in killed.stderr, killed.stderr[-2000:]
+        assert block[0] == f"dps-tune: {command} interrupted (Ctrl-C); what it finished is kept.", block
+        assert block[1].endswith(f"{command} {exp} {' '.join(extra)} --out {out} --in-process --no-progress"), block
+    else:
+        assert killed.returncode == -9, killed.stderr[-2000:]
     assert len([r for r in read_csv(out / csv_name) if r["complete"] == "1"]) == 2
     assert not (out / f"{command}.json").exists()  # nothing claims the run finished
 

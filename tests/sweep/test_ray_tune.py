@@ -14,7 +14,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from conftest import tiny_raw
+from conftest import kill_after_first_checkpoint_deletion, restore_points_left, tiny_raw
 from dps_tune import models
 from dps_tune.data import datasets as data_mod
 from dps_tune.sweep import results
@@ -189,6 +189,9 @@ def test_resume_reruns_trials_that_errored_out(tmp_path):
     dps_tune("resume", exp, "--no-dashboard", env=env)  # each trial crashes once only
     table = results.results_table(exp)
     assert len(table) == 2 and set(table["status"]) == {"completed"}, table
+    # the study was told each trial's real outcome once, not FAIL at the first error
+    study = optuna.load_study(study_name="errored", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2, study.trials
     for trial in results.load_trials(exp):
         epochs = [json.loads(x)["epoch"] for x in (trial.path / "result.json").read_text().splitlines()]
         assert epochs == [1.0, 2.0, 3.0], epochs  # went on after epoch 2, not from the start
@@ -225,28 +228,13 @@ def test_economy_writes_weights_for_the_top_k_only_and_an_errored_trial_resumes_
 
 
 def test_killed_driver_resumes(tmp_path):
+    """SIGKILL right after the first superseded checkpoint is deleted; `resume` finishes every trial from there."""
     path = space(tmp_path, "resume", tune={"num_samples": 4, "grace_period": 4}, **{"optim.epochs": 4})
     exp = tmp_path / "runs" / "resume"
-    proc = subprocess.Popen([sys.executable, "-m", "dps_tune.cli", "sweep", str(path), "--storage",
-                             str(tmp_path / "runs"), "--name", "resume", "--no-dashboard"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # wait until some trial has a checkpoint but the sweep is far from done
-        if len(list(exp.glob("*/checkpoint_*"))) >= 2:
-            break
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("no checkpoint appeared")
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-    proc.wait()
-    time.sleep(2)
+    kill_after_first_checkpoint_deletion("sweep", path, "--storage", tmp_path / "runs", "--name", "resume",
+                                         "--no-dashboard")
     assert json.loads((exp / "dps_tune_sweep.json").read_text())["status"] == "running"
-    # The newest checkpoint of each trial when the driver died: its training must not be redone.
-    saved = {}
-    for ckpt in exp.glob("*/checkpoint_*/metrics.json"):
-        step = json.loads(ckpt.read_text())["step"]
-        saved[ckpt.parent.parent.name] = max(step, saved.get(ckpt.parent.parent.name, 0))
+    saved = restore_points_left(exp)
     assert saved
     dps_tune("resume", exp, "--no-dashboard")
     table = results.results_table(exp)
@@ -360,3 +348,89 @@ def test_sweep_on_a_running_cluster(tmp_path):
         assert all(not p.startswith(str(shipped)) for p in imported_from), imported_from  # a shipped copy
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_ctrl_c_pauses_a_sweep_that_resume_finishes(tmp_path):
+    """Ctrl-C (SIGINT to the sweep's process group, twice, as an impatient user at a terminal) after the first
+    checkpoint: one block naming the resume command, exit 130; `resume` then finishes every trial once."""
+    path = space(tmp_path, "pause", tune={"num_samples": 3, "grace_period": 2}, **{"optim.epochs": 2})
+    exp = tmp_path / "runs" / "pause"
+    proc = subprocess.Popen([sys.executable, "-m", "dps_tune.cli", "sweep", str(path), "--storage",
+                             str(tmp_path / "runs"), "--name", "pause", "--no-dashboard"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while not list(exp.glob("*/checkpoint_*/metrics.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the sweep ended before its first checkpoint"
+    assert list(exp.glob("*/checkpoint_*/metrics.json")), "no checkpoint in 10 minutes"
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(1)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)  # a second Ctrl-C while it saves
+    except ProcessLookupError:
+        pass
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "Tuner.restore" not in err, err[-3000:]
+    block = err[err.index("dps-tune: sweep interrupted"):].strip().splitlines()
+    assert len(block) == 2 and "to go" in block[0] and "trial(s) finished" in block[0], err[-2000:]
+    assert block[1].strip().endswith(f"resume {exp}"), block
+    assert "experiment:" not in out  # no summary of a finished sweep
+    meta = json.loads((exp / "dps_tune_sweep.json").read_text())
+    assert meta["status"] == "interrupted" and meta["interrupted"], meta
+    table = results.results_table(exp)
+    assert "interrupted" in set(table["status"]) and "early-stopped" not in set(table["status"]), table
+    assert "interrupted" in dps_tune("results", exp).stdout
+    study = optuna.load_study(study_name="pause", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert TrialState.FAIL not in {t.state for t in study.trials}  # nothing told finished that did not finish
+
+    dps_tune("resume", exp, "--no-dashboard")
+    study = optuna.load_study(study_name="pause", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert len(study.trials) == 3, study.trials
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials), study.trials
+    table = results.results_table(exp)
+    assert len(table) == 3 and set(table["status"]) <= {"completed", "early-stopped"}, table
+    for trial in results.load_trials(exp):  # no hole in any trial's reported history
+        epochs = [h["epoch"] for h in trial.history]
+        assert epochs == [float(e) for e in range(1, len(epochs) + 1)], (trial.trial_id, epochs)
+    dps_tune("results", exp)
+    dps_tune("best", exp, "--export", tmp_path / "best")
+    dps_tune("report", exp, "--out", tmp_path / "r.html")
+
+
+def test_a_full_storage_stops_the_sweep_in_one_line_and_resume_finishes_it(tmp_path, small_disk):
+    """Two trials of two epochs on an 85 MiB tmpfs: the first epoch's checkpoints (weights and train state, 41 MB
+    each) fit, the second's (13.5 MB of weights each) do not. One line names the storage; after it grows,
+    `resume` finishes both trials from what was whole."""
+    disk, grow = small_disk("85m")
+    path = space(tmp_path, "full", search={"lr": {"uniform": [1e-3, 2e-3]}}, **{"optim.epochs": 2},
+                 tune={"num_samples": 2, "grace_period": 2, "max_failures": 0})
+    exp = disk / "full"
+    first = dps_tune("sweep", path, "--storage", disk, "--name", "full", "--no-dashboard", check=False)
+    err = first.stderr.strip().splitlines()
+    assert first.returncode == 2, first.stderr[-3000:]
+    assert err[-1].startswith(f"dps-tune: error: storage {exp} is full (") and "MB free of 89" in err[-1], err[-3:]
+    assert err[-1].endswith(f"continue it with `dps-tune resume {exp}`"), err[-1]
+    assert "Traceback" not in first.stderr, first.stderr[-3000:]
+    for error in exp.glob("*/error.txt"):  # the trials' errors name the disk
+        assert "the storage is full" in error.read_text(), error.read_text()[-1500:]
+    # nothing half-written is left where a reader takes it for a checkpoint
+    for ckpt in exp.glob("*/checkpoint_*"):
+        assert (ckpt / "metrics.json").is_file() and (ckpt / "model.safetensors").stat().st_size > 13_000_000, ckpt
+
+    saved = restore_points_left(exp)  # each trial's newest complete train state that Ray's saved state knows
+
+    grow("400m")
+    again = dps_tune("resume", exp, "--no-dashboard")
+    assert again.stderr.count("resumes from epoch 1") == len(saved), again.stderr[-3000:]
+    study = optuna.load_study(study_name="full", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert len(study.trials) == 2 and {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    table = results.results_table(exp)
+    assert len(table) == 2 and set(table["status"]) == {"completed"}, table
+    for trial in results.load_trials(exp):
+        assert [h["epoch"] for h in trial.history] == [1.0, 2.0], trial.history
+        raw = [json.loads(line)["step"] for line in (trial.path / "result.json").read_text().splitlines() if line]
+        assert all(raw.count(step) == 1 for step in raw if step <= saved.get(trial.path.name, 0)), raw
+    dps_tune("results", exp)
+    dps_tune("best", exp, "--export", tmp_path / "best")
+    dps_tune("report", exp, "--out", tmp_path / "r.html")
