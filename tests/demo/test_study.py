@@ -32,10 +32,10 @@ def test_demo_runs_the_whole_study(tmp_path):
     assert set(wise["methods"]) == {"ce", "dps (top)", "flyp"} and wise["alphas"] == [0, 0.25, 0.5, 0.75, 1.0]
     assert all(Path(m["export"], "model.safetensors").is_file() for m in wise["methods"].values())
     assert (out / "soup" / "soup_ce" / "model.safetensors").is_file()
-    # the confirmation: every method and DPS's matched controls over the same 3 seeds, zero-shot beside them
+    # the confirmation: every method and DPS's matched controls over the same 2 seeds, zero-shot beside them
     confirmed = json.loads((out / "confirm" / "confirm.json").read_text())
     assert set(confirmed["methods"]) == {"ce", "dps (top)", "dps (random)", "dps (masking 1.0)", "flyp", "zero-shot"}
-    assert all(r["seeds"] == [1, 2, 3] for m, r in confirmed["methods"].items() if m != "zero-shot")
+    assert all(r["seeds"] == [1, 2] for m, r in confirmed["methods"].items() if m != "zero-shot")
     pairs = {(p["a"], p["b"], p["metric"]) for p in confirmed["pairs"]}
     for a in ("ce", "flyp", "dps (top)"):
         assert {(a, "zero-shot", "id_test_acc"), (a, "zero-shot", "ood_test_acc")} <= pairs, a
