@@ -100,11 +100,11 @@ def test_synthetic_world_is_deterministic(tmp_path):
     assert digest(other) != digest(a)
 
 
-def test_ood_split_is_a_different_domain(tmp_path):
+def test_eroding_worlds_ood_split_is_a_different_domain(tmp_path):
     from PIL import Image
     import numpy as np
 
-    root = synthetic.generate(SyntheticConfig(**TINY_WORLD), tmp_path / "w")
+    root = synthetic.generate(SyntheticConfig(**TINY_WORLD, world="eroding"), tmp_path / "w")
     spec = data_mod.load_dataset(DataConfig(dataset="synthetic", root=str(root)))
 
     def mean_saturation(records):
