@@ -694,13 +694,19 @@ def _tracker_callbacks(loggers: tuple[str, ...], name: str) -> list[Any]:
 
 class _RayLines(logging.Filter):
     """Ray's lines on Ctrl-C name its own Python API (``Tuner.restore``): say it in dps-tune's words instead.
-    A trial's failure on a full storage is no traceback: the run stops with one line (:class:`StorageFull`)."""
+    A trial's failure on a full storage is no traceback: the run stops with one line (:class:`StorageFull`).
+    Once stopped, Ray's warning that trials not yet started have no results is no news either."""
+
+    stopped = False
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
         if record.exc_info and _full(record.exc_info[1]):
             return False
+        if self.stopped and text.startswith("Failed to fetch metrics"):
+            return False
         if text.startswith("Stop signal received"):
+            self.stopped = True
             if _STORAGE_FULL.is_set():
                 return False
             print("dps-tune: Ctrl-C: stopping the trials and saving the sweep, so that `resume` continues it",
@@ -709,27 +715,38 @@ class _RayLines(logging.Filter):
         return not text.startswith(("Experiment has been interrupted", "Trials did not complete"))
 
 
+# Ctrl-C presses since the run began; the third quits at once (see _ctrl_c_pauses).
+_PRESSES = [0]
+
+
+def _put_off_ctrl_c(doing: str, after: str = "") -> Any:
+    """A SIGINT handler that puts off the first Ctrl-C while ``doing`` and quits on the next."""
+
+    def later(signum: int, frame: Any) -> None:
+        _PRESSES[0] += 1
+        if _PRESSES[0] > 1:
+            raise KeyboardInterrupt
+        print(f"dps-tune: still {doing}; Ctrl-C once more quits at once{after}", file=sys.stderr, flush=True)
+
+    return later
+
+
 @contextlib.contextmanager
 def _ctrl_c_pauses() -> Iterator[None]:
     """Ctrl-C while the trials run is a pause: Ray's own handler (installed by ``fit``) stops them and saves
     the experiment state, then hands SIGINT back to this one, which puts off a second Ctrl-C while that is
-    under way, so what is saved is whole. A third quits at once (the last saved state still resumes)."""
+    under way, so what is saved is whole. A third quits at once (the last saved state still resumes).
+    :func:`shutdown` goes on counting, so that a second Ctrl-C while Ray stops does not hide the pause."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    presses = [0]
+    _PRESSES[0] = 0
     _STORAGE_FULL.clear()
-
-    def later(signum: int, frame: Any) -> None:
-        presses[0] += 1
-        if presses[0] > 1:
-            raise KeyboardInterrupt
-        print("dps-tune: still saving the sweep's state; Ctrl-C once more quits at once (`resume` then goes on "
-              "from the last state saved)", file=sys.stderr, flush=True)
-
     quiet = _RayLines()
-    ray_logs = [logging.getLogger(name) for name in ("ray.tune.tune", "ray.tune.execution.tune_controller")]
-    previous = signal.signal(signal.SIGINT, later)
+    ray_logs = [logging.getLogger(name) for name in ("ray.tune.tune", "ray.tune.execution.tune_controller",
+                                                     "ray.tune.analysis.experiment_analysis")]
+    previous = signal.signal(signal.SIGINT, _put_off_ctrl_c("saving the sweep's state",
+                                                                 " (`resume` then goes on from the last state saved)"))
     for log in ray_logs:
         log.addFilter(quiet)
     try:
@@ -904,5 +921,14 @@ def map_jobs(fn: Any, jobs: list[dict], *, address: str | None = None, gpus: flo
 
 
 def shutdown() -> None:
-    if ray.is_initialized():
+    """Stop this process's Ray. A Ctrl-C meanwhile is put off once, as while a run saves its state."""
+    if not ray.is_initialized():
+        return
+    if threading.current_thread() is not threading.main_thread():
         ray.shutdown()
+        return
+    previous = signal.signal(signal.SIGINT, _put_off_ctrl_c("stopping Ray"))
+    try:
+        ray.shutdown()
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -57,7 +57,17 @@ def token_env(monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")  # a job's `dps-tune`, as `make` installs it
-    return env
+    _reload_ray_auth()  # this process read RAY_AUTH_MODE once, when an earlier test first used Ray
+    yield env
+    monkeypatch.undo()
+    _reload_ray_auth()
+
+
+def _reload_ray_auth() -> None:
+    """Make this process's Ray read RAY_AUTH_MODE and the token again (``ray.cluster_utils.Cluster`` runs in it)."""
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    reset_auth_token_state()
 
 
 def test_ray_job_submit_runs_a_sweep_on_a_token_authenticated_head(tmp_path, token_env):

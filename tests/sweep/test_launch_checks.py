@@ -76,7 +76,7 @@ def test_the_sweep_file_is_replaced_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pathlib.Path, "write_text", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        ray_tune._finish(exp, str(exp), types.SimpleNamespace(errors=[]))
+        ray_tune._finish(exp, str(exp), types.SimpleNamespace(errors=[]), "sweep")
     monkeypatch.undo()
     assert (exp / "dps_tune_sweep.json").read_text() == before
     assert not list(exp.glob(".*.tmp-*"))  # nothing half-written is left to mistake for it

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from conftest import kill_after_first_checkpoint_deletion, restore_points_left, tiny_raw
 from dps_tune import models
 from dps_tune.data import datasets as data_mod
-from dps_tune.sweep import results
+from dps_tune.sweep import ray_tune, results
 from dps_tune.checkpoint import load_checkpoint
 from dps_tune.evaluate import evaluate_splits, tokenize_prompts
 
@@ -371,7 +371,11 @@ def test_ctrl_c_pauses_a_sweep_that_resume_finishes(tmp_path):
         pass
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
-    assert "Traceback" not in err and "Tuner.restore" not in err, err[-3000:]
+    # dps-tune's own lines hold no traceback. Lines forwarded from the trials' worker processes may: Ray ends
+    # them with SIGTERM, and its handler's SystemExit can land in a weakref callback, which Python prints.
+    own = "\n".join(line for line in err.splitlines() if "(trainable pid=" not in line)
+    assert "Traceback" not in own and "Tuner.restore" not in err, err[-3000:]
+    assert "dps-tune: sweep interrupted" in err, err[-3000:]
     block = err[err.index("dps-tune: sweep interrupted"):].strip().splitlines()
     assert len(block) == 2 and "to go" in block[0] and "trial(s) finished" in block[0], err[-2000:]
     assert block[1].strip().endswith(f"resume {exp}"), block
@@ -419,10 +423,13 @@ def test_a_full_storage_stops_the_sweep_in_one_line_and_resume_finishes_it(tmp_p
         assert (ckpt / "metrics.json").is_file() and (ckpt / "model.safetensors").stat().st_size > 13_000_000, ckpt
 
     saved = restore_points_left(exp)  # each trial's newest complete train state that Ray's saved state knows
+    # A trial that finished before the disk filled (trials start staggered on a loaded machine) is not run again.
+    to_resume = [t for t, (status, name) in ray_tune.restore_points(str(exp)).items()
+                 if name is not None and status != "TERMINATED"]
 
     grow("400m")
     again = dps_tune("resume", exp, "--no-dashboard")
-    assert again.stderr.count("resumes from epoch 1") == len(saved), again.stderr[-3000:]
+    assert again.stderr.count("resumes from epoch 1") == len(to_resume), again.stderr[-3000:]
     study = optuna.load_study(study_name="full", storage=f"sqlite:///{exp / 'optuna.db'}")
     assert len(study.trials) == 2 and {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
     table = results.results_table(exp)
