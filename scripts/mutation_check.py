@@ -1,17 +1,52 @@
 """Mutation check: break the code in ways the tests claim to catch, and see that they do.
 
-Each entry copies the repository, applies one small mutation, and runs the tests that
-should fail on it. Run from the repository root: `python scripts/mutation_check.py [N ...]`
-(with the project's Python, e.g. `.venv/bin/python`). Prints CAUGHT or MISSED per mutation.
+Each mutation is applied to a fresh copy of the repository, and the tests named for it
+run there, twice. The verdict comes from pytest's own report (JUnit XML), never from its
+exit status:
+
+- CAUGHT: a named test failed on an assertion (``assert``, ``pytest.fail``, ``pytest.raises``
+  that saw nothing), both times;
+- MISSED: every named test passed, both times;
+- ERROR: a named test broke another way (an import or collection error, a TypeError, a
+  fixture that failed): the mutation broke the code, but no test caught what it changed;
+- NOT RUN: pytest ran none of the named tests (a misspelt name);
+- TIMEOUT: the run outlived ``--timeout`` seconds and was killed;
+- FLAKY: the two runs disagreed.
+
+A control run, in a copy made the same way but left unmutated, comes first: every named
+test must pass there, or the check stops (exit 2). Exit 1 when any mutation was not CAUGHT.
+
+Run from the repository root with the project's Python:
+``.venv/bin/python scripts/mutation_check.py [N ...] [--timeout S] [--runs R]``.
 """
+from __future__ import annotations
+
+import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
-SRC = str(Path(__file__).resolve().parents[1])
+SRC = Path(__file__).resolve().parents[1]
+COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "*.egg-info", "node_modules")
+# What a failure's message starts with when the test failed on an assertion.
+ASSERTION = ("AssertionError", "assert ", "Failed:")
+
+
+@dataclass(frozen=True)
+class Mutation:
+    what: str
+    path: str  # relative to the repository root
+    old: str  # replaced once; must occur in the file
+    new: str
+    tests: tuple[str, ...]  # pytest node ids (a file, or file::test[param])
+
+
 MUTS = [
  ("iWildCam id_val/id_test swapped", "dps_tune/data/datasets.py",
   '"id_val": "id_val", "id_test": "id_test"', '"id_val": "id_test", "id_test": "id_val"',
@@ -81,30 +116,138 @@ MUTS = [
   "dps_tune/sweep/ray_tune.py",
   "tune.CheckpointConfig(num_to_keep=None,", "tune.CheckpointConfig(num_to_keep=t.keep_checkpoints,",
   "tests/sweep/test_ray_tune.py::test_killed_driver_resumes"),
+ ("a trial resumes from its latest checkpoint, with train state or without", "dps_tune/sweep/ray_tune.py",
+  "with_state = [(path, metrics) for path, metrics, state in kept if state]",
+  "with_state = [(path, metrics) for path, metrics, state in kept]",
+  "tests/sweep/test_pruning.py::test_a_trial_resumes_from_the_newest_checkpoint_ray_knows_that_holds_train_state"),
+ ("a trial resumes from a checkpoint written after the experiment state Ray restores", "dps_tune/sweep/ray_tune.py",
+  'if k[0].rstrip("/").rsplit("/", 1)[1] <= latest_name]', "if True]",
+  "tests/sweep/test_pruning.py::test_a_trial_resumes_from_the_newest_checkpoint_ray_knows_that_holds_train_state"),
+ ("the driver deletes the train state an unfinished trial resumes from", "dps_tune/sweep/ray_tune.py",
+  "for path in with_state if ended else with_state[:-1]:", "for path in with_state:",
+  "tests/sweep/test_pruning.py::test_an_unfinished_trial_keeps_its_best_its_restore_point_with_state_and_all_that_is_newer"),
+ ("the driver deletes while the restore point is not on the storage", "dps_tune/sweep/ray_tune.py",
+  'if not known or not known[-1][0].rstrip("/").endswith("/" + latest):', "if not known:",
+  "tests/sweep/test_pruning.py::test_nothing_is_deleted_while_the_restore_point_is_missing"),
 ]
-only = sys.argv[1:]
-missed = 0
-# Control: without a mutation every listed test passes, so a failure below is the mutation's doing.
-control = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          *sorted({t for m in MUTS for t in m[4].split()})], cwd=SRC, capture_output=True, text=True)
-print(f" - control, no mutation: {control.stdout.strip().splitlines()[-1]}", flush=True)
-if control.returncode != 0:
-    sys.exit(2)
-for i, (what, path, old, new, tests) in enumerate(MUTS):
-    if only and str(i) not in only:
-        continue
-    dst = os.path.join(tempfile.mkdtemp(prefix="dps_tune_mutation_"), "repo")
-    shutil.copytree(SRC, dst, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "*.egg-info"))
-    f = os.path.join(dst, path)
-    s = open(f).read()
-    assert old in s, (what, old)
-    open(f, "w").write(s.replace(old, new, 1))
-    env = {**os.environ, "PYTHONPATH": dst}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests.split()],
-                          cwd=dst, env=env, capture_output=True, text=True, timeout=900)
-    tail = [l for l in proc.stdout.splitlines() if "passed" in l or "failed" in l]
-    missed += proc.returncode == 0
-    print(f"{i:2d} {'CAUGHT' if proc.returncode != 0 else 'MISSED'}  {what}: {tail[-1] if tail else proc.stdout[-300:]}",
-          flush=True)
-    shutil.rmtree(os.path.dirname(dst), ignore_errors=True)
-sys.exit(1 if missed else 0)
+
+MUTATIONS = [Mutation(what, path, old, new, tuple(tests.split())) for what, path, old, new, tests in MUTS]
+
+
+def copy_repo(mutation: Mutation | None) -> Path:
+    """A copy of the repository (without its environment, history or caches), with ``mutation`` applied."""
+    dst = Path(tempfile.mkdtemp(prefix="dps_tune_mutation_")) / "repo"
+    shutil.copytree(SRC, dst, ignore=COPY_IGNORE)
+    if mutation is not None:
+        target = dst / mutation.path
+        text = target.read_text()
+        if mutation.old not in text:
+            raise SystemExit(f"mutation {mutation.what!r}: its text is no longer in {mutation.path}; update it")
+        target.write_text(text.replace(mutation.old, mutation.new, 1))
+    return dst
+
+
+def node_id(case: ET.Element) -> str:
+    """A JUnit testcase's pytest node id: classname ``tests.sweep.test_x[.Class]`` and name ``test_y[param]``."""
+    parts = case.get("classname", "").split(".")
+    names = [p for p in parts if p]
+    # The module is the last part that names a test file; what follows is a test class.
+    module = max((i for i, p in enumerate(names) if p.startswith("test_")), default=len(names) - 1)
+    path = "/".join(names[:module + 1]) + ".py"
+    return "::".join([path, *names[module + 1:], case.get("name", "")])
+
+
+def matches(node: str, named: tuple[str, ...]) -> bool:
+    """Whether ``node`` is one of the named tests (a file names all its tests; a test name all its params)."""
+    return any(node == n or node.startswith(n + "::") or node.startswith(n + "[") for n in named)
+
+
+def verdict(report: Path, named: tuple[str, ...]) -> tuple[str, str]:
+    """One run's outcome from its JUnit report: (CAUGHT | PASSED | ERROR | NOT RUN, the line that says why)."""
+    if not report.is_file():
+        return "ERROR", "pytest wrote no report"
+    cases = [c for c in ET.parse(report).getroot().iter("testcase")]
+    errors = [c for c in cases if c.find("error") is not None]
+    if any(c.get("name", "") == "" or not c.get("classname") for c in errors):
+        return "ERROR", "a collection error: " + (errors[0].find("error").get("message") or "")[:200]
+    ours = [c for c in cases if matches(node_id(c), named)]
+    if not ours:
+        return "NOT RUN", f"none of {' '.join(named)} ran"
+    for case in ours:
+        failure = case.find("failure")
+        if failure is not None and (failure.get("message") or "").startswith(ASSERTION):
+            return "CAUGHT", f"{node_id(case)}: {(failure.get('message') or '').splitlines()[0][:160]}"
+    broken = next((c for c in ours if c.find("failure") is not None or c.find("error") is not None), None)
+    if broken is not None:
+        element = broken.find("failure") if broken.find("failure") is not None else broken.find("error")
+        return "ERROR", f"{node_id(broken)}: {(element.get('message') or '').splitlines()[0][:160]}"
+    if all(c.find("skipped") is not None for c in ours):
+        return "NOT RUN", "every named test was skipped"
+    return "PASSED", f"{sum(c.find('skipped') is None for c in ours)} named test(s) passed"
+
+
+def run_tests(repo: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, str]:
+    """The named tests in ``repo``, in a process group of their own; TIMEOUT when they outlive ``timeout``."""
+    report = repo.parent / "report.xml"
+    report.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                             f"--junitxml={report}", *tests], cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "TIMEOUT", f"still running after {timeout:.0f} s"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # and whatever it started (Ray)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return verdict(report, tests)
+
+
+def judge(outcomes: list[tuple[str, str]]) -> tuple[str, str]:
+    """The mutation's verdict from its runs."""
+    kinds = {kind for kind, _ in outcomes}
+    if len(kinds) > 1:
+        return "FLAKY", " / ".join(f"{kind}: {why}" for kind, why in outcomes)
+    kind, why = outcomes[0]
+    return {"PASSED": "MISSED"}.get(kind, kind), why
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("only", nargs="*", type=int, help="run only these mutations (their numbers)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds one run of a mutation's tests may take")
+    parser.add_argument("--runs", type=int, default=2, help="runs per mutation; results that differ are FLAKY")
+    args = parser.parse_args(argv)
+    chosen = [(i, m) for i, m in enumerate(MUTATIONS) if not args.only or i in args.only]
+
+    control = copy_repo(None)
+    try:
+        tests = tuple(sorted({t for _, m in chosen for t in m.tests}))
+        kind, why = run_tests(control, tests, args.timeout * max(1, len(chosen)))
+    finally:
+        shutil.rmtree(control.parent, ignore_errors=True)
+    print(f" - control, an unmutated copy: {kind}: {why}", flush=True)
+    if kind != "PASSED":
+        return 2
+
+    counts: dict[str, int] = {}
+    for i, mutation in chosen:
+        outcomes = []
+        for _ in range(args.runs):
+            repo = copy_repo(mutation)
+            try:
+                outcomes.append(run_tests(repo, mutation.tests, args.timeout))
+            finally:
+                shutil.rmtree(repo.parent, ignore_errors=True)
+        kind, why = judge(outcomes)
+        counts[kind] = counts.get(kind, 0) + 1
+        print(f"{i:2d} {kind:7s} {mutation.what}: {why}", flush=True)
+    print("summary: " + ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())), flush=True)
+    return 0 if set(counts) <= {"CAUGHT"} else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
