@@ -9,7 +9,9 @@ Ray-free, like :mod:`dps_tune.results`, whose readers it builds on. The page hol
 * the best trial per method and the full results table;
 * given the output of ``dps-tune wise`` or ``dps-tune soup`` beside the sweeps: WiSE-FT
   curves from the zero-shot star to each fine-tuned model and soups on the ID-vs-OOD
-  plots, and a table of each method alone, with WiSE-FT and as a soup.
+  plots, a table of each method alone, with WiSE-FT and as a soup, and each method's OOD
+  test accuracy against CE's WiSE-FT curve at the same ID test accuracy, with an interval
+  that resamples the method's and the curve's test images together (:func:`frontier_table`).
 
 Images are PNGs embedded as base64 ``data:`` URIs and the CSS is inline, so the file
 opens offline and can be mailed or attached as it is.
