@@ -96,13 +96,15 @@ def _write_checkpoint(path: Path, model_state: Mapping[str, torch.Tensor], confi
             torch.save(state, tmp / STATE_FILE)
 
 
-def _write_predictions(predictions: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
+def write_predictions(predictions: Mapping[str, tuple[torch.Tensor, torch.Tensor]], path: str | os.PathLike) -> None:
+    """``predictions`` (per split: labels and predicted classes, [images] each) as one safetensors
+    file at ``path``: tensors ``<split>.true`` and ``<split>.pred``, int32."""
     save_file({f"{split}.{what}": t.to(torch.int32).contiguous() for split, pair in predictions.items()
                for what, t in zip(("true", "pred"), pair)}, str(path))
 
 
 def _save_predictions(directory: Path, predictions: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    _write_predictions(predictions, directory / PREDICTIONS_FILE)
+    write_predictions(predictions, directory / PREDICTIONS_FILE)
 
 
 def save_evaluation(path: str | os.PathLike, metrics: Mapping[str, Any],
@@ -162,9 +164,12 @@ def load_checkpoint(path: str | os.PathLike, *, with_state: bool = True) -> Load
 def read_predictions(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The labels and predicted classes a checkpoint's evaluation recorded, per split ({} if none)."""
     file = Path(path) / PREDICTIONS_FILE
-    if not file.is_file():
-        return {}
-    flat = models.read_safetensors(file, f"checkpoint {path}")
+    return read_prediction_file(file, f"checkpoint {path}") if file.is_file() else {}
+
+
+def read_prediction_file(file: str | os.PathLike, what: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The labels and predicted classes per split of a file :func:`write_predictions` wrote."""
+    flat = models.read_safetensors(Path(file), what)
     splits = {k.rsplit(".", 1)[0] for k in flat}
     return {s: (flat[f"{s}.true"].long(), flat[f"{s}.pred"].long()) for s in sorted(splits)
             if f"{s}.true" in flat and f"{s}.pred" in flat}
@@ -182,7 +187,7 @@ def add_figures(path: str | os.PathLike, metrics: Mapping[str, float],
     if predictions:
         merged = {**read_predictions(path), **predictions}
         with atomic_path(path / PREDICTIONS_FILE) as tmp:
-            _write_predictions(merged, tmp)
+            write_predictions(merged, tmp)
     old = read_json_object(path / METRICS_FILE, f"checkpoint {str(path)!r}") if (path / METRICS_FILE).is_file() else {}
     save_json({**old, **metrics}, path / METRICS_FILE)
 

@@ -314,6 +314,12 @@ def wise_frontier_gap(curve: Sequence[tuple[float, float, float]], id_acc: float
     m_id, m_ood = _as_matrix(method_correct[0]), _as_matrix(method_correct[1])
     alphas = [a for a, _, _ in sorted(curve)]
     paired = curve_correct is not None and all(a in curve_correct for a in alphas)
+    if paired:  # [alphas, images] per split
+        c_id = np.stack([np.asarray(curve_correct[a][0], dtype=np.float64) for a in alphas])
+        c_ood = np.stack([np.asarray(curve_correct[a][1], dtype=np.float64) for a in alphas])
+        if c_id.shape[1] != m_id.shape[1] or c_ood.shape[1] != m_ood.shape[1]:
+            raise ValueError(f"the curve and the method were evaluated on different images (ID {c_id.shape[1]} "
+                             f"and {m_id.shape[1]}, OOD {c_ood.shape[1]} and {m_ood.shape[1]})")
     draws = []
     for _ in range(resamples):
         seeds = rng.integers(0, m_id.shape[0], m_id.shape[0])
@@ -321,8 +327,7 @@ def wise_frontier_gap(curve: Sequence[tuple[float, float, float]], id_acc: float
         w_ood = np.bincount(rng.integers(0, m_ood.shape[1], m_ood.shape[1]), minlength=m_ood.shape[1]) / m_ood.shape[1]
         mid, mood = float((m_id[seeds] @ w_id).mean()), float((m_ood[seeds] @ w_ood).mean())
         if paired:
-            resampled = [(a, float(np.asarray(curve_correct[a][0], dtype=float) @ w_id),
-                          float(np.asarray(curve_correct[a][1], dtype=float) @ w_ood)) for a in alphas]
+            resampled = list(zip(alphas, (c_id @ w_id).tolist(), (c_ood @ w_ood).tolist()))
         else:
             resampled = curve
         at = curve_ood_at(resampled, mid)

@@ -97,3 +97,32 @@ def write_experiment(root: Path, name: str, trials: list[tuple], *,
         (ckpt / "config.json").write_text(json.dumps(cfg))
         (ckpt / "metrics.json").write_text(json.dumps({k: v for k, v in row.items() if k != "config"}))
     return exp
+
+
+def write_wise_output(root: Path, correct: dict, method: str = "ce", checkpoint: str = "/runs/ce/t0/checkpoint_000002",
+                      with_predictions: bool = True) -> Path:
+    """A `dps-tune wise` output directory for one curve: ``correct`` maps alpha to (id_test, ood_test)
+    per-image correctness; wise.csv holds their means, and each row its predictions file."""
+    import csv
+
+    import torch
+
+    from dps_tune import checkpoint as ckpt
+    from dps_tune.sweep.results import WISE_CSV, WISE_JSON, wise_prediction_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    columns = ["method", "rank", "trial", "checkpoint", "alpha", "id_test_acc", "ood_test_acc", "complete"]
+    with (root / WISE_CSV).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for alpha, (id_c, ood_c) in sorted(correct.items()):
+            writer.writerow({"method": method, "rank": 1, "trial": "t0", "checkpoint": checkpoint, "alpha": alpha,
+                             "id_test_acc": float(id_c.mean()), "ood_test_acc": float(ood_c.mean()), "complete": 1})
+            if with_predictions:  # labels all 0; predicted 0 where right, 1 where wrong
+                file = wise_prediction_file(root, checkpoint, alpha)
+                file.parent.mkdir(parents=True, exist_ok=True)
+                ckpt.write_predictions({s: (torch.zeros(len(c), dtype=torch.int32), torch.tensor(1 - c).int())
+                                        for s, c in (("id_test", id_c), ("ood_test", ood_c))}, file)
+    (root / WISE_JSON).write_text(json.dumps({"select": "id_val_f1", "methods": {
+        method: {"checkpoint": checkpoint, "alpha": 1.0, "trial": "t0"}}}))
+    return root

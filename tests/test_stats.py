@@ -152,3 +152,57 @@ def test_wise_frontier_gap_interpolates_along_alpha():
     # a non-monotone curve crossing the ID twice: the frontier (higher OOD) counts
     bent = [(0.0, 0.60, 0.45), (0.5, 0.80, 0.50), (1.0, 0.70, 0.20)]
     assert stats.curve_ood_at(bent, 0.75) == pytest.approx(max(0.45 + 0.75 * 0.05, 0.50 - 0.5 * 0.30))
+
+
+def _curve_of(correct: dict) -> list[tuple[float, float, float]]:
+    return [(a, float(i.mean()), float(o.mean())) for a, (i, o) in sorted(correct.items())]
+
+
+def test_the_frontier_interval_resamples_the_curve_on_the_method_s_own_images():
+    rng = np.random.default_rng(3)
+    n = 400
+    # CE's curve: ID well apart at each alpha (0.5, 0.7, 0.9), so every resample keeps its order
+    curve_correct = {a: ((rng.random(n) < p_id).astype(float), (rng.random(n) < p_ood).astype(float))
+                     for a, p_id, p_ood in ((0.0, 0.5, 0.45), (0.5, 0.7, 0.5), (1.0, 0.9, 0.3))}
+    curve = _curve_of(curve_correct)
+    # A method that is, image for image, the curve's alpha 0.5: on the curve in every resample of
+    # the same images, so a paired interval is 0 wide; a fixed (or differently resampled) curve is not.
+    same = tuple(v[None, :] for v in curve_correct[0.5])
+    paired = stats.wise_frontier_gap(curve, curve[1][1], curve[1][2], method_correct=same,
+                                     curve_correct=curve_correct, resamples=500)
+    fixed = stats.wise_frontier_gap(curve, curve[1][1], curve[1][2], method_correct=same, resamples=500)
+    assert paired.curve_resampled and not fixed.curve_resampled
+    assert paired.gap == pytest.approx(0.0, abs=1e-12) and fixed.gap == pytest.approx(0.0, abs=1e-12)
+    assert paired.interval.low == pytest.approx(0.0, abs=1e-9) and paired.interval.high == pytest.approx(0.0, abs=1e-9)
+    assert fixed.interval.high - fixed.interval.low > 0.05
+    # A method independent of the curve: the curve's own test-set noise widens the interval.
+    other = tuple((rng.random((1, n)) < p).astype(float) for p in (0.75, 0.43))
+    x, y = float(other[0].mean()), float(other[1].mean())
+    wide = stats.wise_frontier_gap(curve, x, y, method_correct=other, curve_correct=curve_correct, resamples=1000)
+    narrow = stats.wise_frontier_gap(curve, x, y, method_correct=other, resamples=1000)
+    assert wide.gap == narrow.gap
+    assert wide.interval.std > 1.15 * narrow.interval.std  # here 0.038 against 0.030
+
+
+def test_a_curve_without_test_set_noise_gives_the_fixed_curve_s_interval():
+    # every image right (or wrong) at each alpha: resampling cannot move the curve
+    n = 300
+    constant = {0.0: (np.zeros(n), np.ones(n)), 1.0: (np.ones(n), np.zeros(n))}
+    rng = np.random.default_rng(4)
+    method = tuple((rng.random((2, n)) < p).astype(float) for p in (0.6, 0.55))
+    x, y = float(method[0].mean()), float(method[1].mean())
+    paired = stats.wise_frontier_gap(_curve_of(constant), x, y, method_correct=method, curve_correct=constant,
+                                     resamples=400, seed=7)
+    fixed = stats.wise_frontier_gap(_curve_of(constant), x, y, method_correct=method, resamples=400, seed=7)
+    assert paired.curve_resampled and paired.gap == fixed.gap
+    got, want = paired.interval, fixed.interval  # the same draws, up to rounding of the resampled weights' sum
+    assert (got.low, got.high, got.std) == pytest.approx((want.low, want.high, want.std), abs=1e-12)
+
+
+def test_a_curve_on_other_images_is_refused():
+    n = 100
+    curve_correct = {0.0: (np.zeros(n + 1), np.ones(n)), 1.0: (np.ones(n + 1), np.zeros(n))}  # one ID image more
+    method = (np.full((1, n), 0.5), np.full((1, n), 0.5))
+    with pytest.raises(ValueError, match="different images"):
+        stats.wise_frontier_gap([(0.0, 0.0, 1.0), (1.0, 1.0, 0.0)], 0.5, 0.5, method_correct=method,
+                                curve_correct=curve_correct, resamples=10)

@@ -75,8 +75,10 @@ def frontier_sentence(method: str, gap, id_acc: float, seeds: int) -> str:
                 "place it against the curve.")
     if gap.interval is None:
         return f"{method} lies {gap.gap:+.3f} from CE's WiSE-FT curve on OOD test accuracy at its ID accuracy (no interval)."
+    curve = ("CE's curve recomputed on the same images" if gap.curve_resampled
+             else "CE's curve held fixed: its wise output has no per-image predictions")
     c = Comparison(method, "CE's WiSE-FT curve", "ood_test_acc", gap.gap, gap.interval.low, gap.interval.high,
-                   note=f"at its ID test accuracy {id_acc:.3f}, {seeds} seeds and the test images resampled")
+                   note=f"at its ID test accuracy {id_acc:.3f}, {seeds} seeds and the test images resampled, {curve}")
     if c.verdict > 0:
         return f"{method} lies above CE's WiSE-FT curve on OOD test accuracy: {_figure(c)} ({c.note})."
     if c.verdict < 0:

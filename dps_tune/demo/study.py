@@ -171,12 +171,11 @@ def _confirm(out: Path, exp_dirs: list[Path], metric: str, overrides: list[str])
 
 
 def ce_wise_curve(wise_dir: Path) -> list[tuple[float, float, float]]:
-    """CE's WiSE-FT curve, (alpha, id_test_acc, ood_test_acc) per alpha, from ``wise.csv``."""
-    import pandas as pd
-
-    rows = pd.read_csv(wise_dir / results.WISE_CSV)
-    rows = rows[rows["method"] == "ce"]
-    return [(float(r.alpha), float(r.id_test_acc), float(r.ood_test_acc)) for r in rows.itertuples()]
+    """CE's WiSE-FT curve, (alpha, id_test_acc, ood_test_acc) per alpha of the checkpoint ``wise`` chose."""
+    summary = results.read_ensemble(wise_dir)
+    chosen = summary["methods"]["ce"]["checkpoint"]
+    return [(float(r["alpha"]), float(r["id_test_acc"]), float(r["ood_test_acc"])) for r in summary["rows"]
+            if r["method"] == "ce" and r["checkpoint"] == chosen]
 
 
 def write_findings(out: Path, header: list[str], exp_confirm: Path, summary: dict, wise_dir: Path) -> Path:
@@ -191,6 +190,7 @@ def write_findings(out: Path, header: list[str], exp_confirm: Path, summary: dic
     against_zero = [c for c in comparisons if c.b == confirm.ZERO_SHOT]
     between = [c for c in comparisons if c.b != confirm.ZERO_SHOT]
     curve = ce_wise_curve(wise_dir)
+    curve_correct = results.wise_curve_correct(wise_dir, "ce")  # None for an older wise: the curve held fixed
     _, correct = confirm.finished_seeds(exp_confirm)
     frontier = []
     for method, row in summary["methods"].items():
@@ -199,7 +199,8 @@ def write_findings(out: Path, header: list[str], exp_confirm: Path, summary: dic
         chosen = sorted(correct.get(method, {}))
         mats = [confirm.matrix(correct[method], chosen, m) for m in ("id_test_acc", "ood_test_acc")]
         gap = stats.wise_frontier_gap(curve, row["id_test_acc"]["mean"], row["ood_test_acc"]["mean"],
-                                      method_correct=tuple(mats) if all(m is not None for m in mats) else None)
+                                      method_correct=tuple(mats) if all(m is not None for m in mats) else None,
+                                      curve_correct=curve_correct)
         frontier.append(findings.frontier_sentence(method, gap, row["id_test_acc"]["mean"], seeds))
     page = findings.render("What the demo found", header, [
         ("Against zero-shot", findings.sentences(against_zero)),

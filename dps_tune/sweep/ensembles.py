@@ -5,11 +5,18 @@ Candidates are the kept checkpoints of the given experiments, grouped by method 
 evaluation is one job (:func:`evaluate_job`), spread over Ray tasks by
 :func:`dps_tune.sweep.ray_tune.map_jobs` (or run in this process, for comparison). Each
 finished evaluation is appended to a CSV in the output directory at once, so a killed
-run, run again with the same ``--out``, redoes none of them.
+run, run again with the same ``--out``, redoes none of them. A WiSE-FT row's predictions
+file is written (atomically) before its CSV row, so a complete row always has its file.
 
 Output of ``wise`` (``--out DIR``)::
 
     DIR/wise.csv           one row per (checkpoint, alpha): method, trial, every _acc and _f1
+    DIR/predictions/<key>.safetensors
+                           per row of wise.csv, its labels and predicted classes on every evaluation
+                           split: int32 tensors ``<split>.true`` and ``<split>.pred`` [images], in the
+                           split's fixed order (that of a checkpoint's own predictions.safetensors);
+                           <key> is the first 16 hex digits of the sha256 of "<checkpoint>\n<alpha>"
+                           (alpha as ``{:.12g}``), see :func:`dps_tune.sweep.results.wise_prediction_file`
     DIR/wise.json          the settings, and per method the chosen checkpoint, alpha and figures
     DIR/wise_<method>/     the chosen model: model.safetensors, config.json, metrics.json, <arch>.json
 
@@ -31,14 +38,16 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import torch
+
 from dps_tune import checkpoint as ckpt
 from dps_tune import weight_space
 from dps_tune.config import best_of, check_selection_metric, config_from_dict, default_mode
 from dps_tune.errors import UserError
-from dps_tune.files import write_json
+from dps_tune.files import atomic_path, write_json
 from dps_tune.sweep import storage
 from dps_tune.sweep.candidates import Candidate, check_candidates, load_candidates
-from dps_tune.sweep.results import SOUP_CSV, SOUP_JSON, WISE_CSV, WISE_JSON
+from dps_tune.sweep.results import SOUP_CSV, SOUP_JSON, WISE_CSV, WISE_JSON, wise_prediction_file
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +68,27 @@ def _weights(path: str) -> dict:
     return ckpt.load_checkpoint(path, with_state=False).model_state
 
 
-def evaluate_job(job: dict) -> dict[str, float]:
+def evaluate_job(job: dict) -> dict[str, Any]:
     """Evaluate one ensemble: ``{"config", "alpha", "theta1"}`` (WiSE-FT) or ``{"config", "ingredients"}`` (soup).
 
-    Runs in a Ray task or in this process alike; the model, data and the last weights
-    read stay cached in the process for the next job.
+    Returns ``{"metrics": {...}, "predictions": {split: [labels, predicted classes]}}``, each
+    list over the split's images in its fixed order. Runs in a Ray task or in this process
+    alike; the model, data and the last weights read stay cached in the process for the next job.
     """
     ev = _evaluator(json.dumps(job["config"], sort_keys=True))
     if "alpha" in job:
         state = weight_space.interpolate(ev.theta0, _weights(job["theta1"]), float(job["alpha"]))
     else:
         state = weight_space.average([_weights(p) for p in job["ingredients"]])
-    return ev(state)
+    predictions: dict = {}
+    metrics = ev(state, predictions=predictions)
+    return {"metrics": metrics, "predictions": {s: [t.tolist(), p.tolist()] for s, (t, p) in predictions.items()}}
+
+
+def _save_predictions(file: Path, predictions: dict[str, list]) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(file) as tmp:
+        ckpt.write_predictions({s: (torch.tensor(t), torch.tensor(p)) for s, (t, p) in predictions.items()}, tmp)
 
 
 def map_in_process(jobs: list[dict]) -> Iterable[tuple[dict, dict]]:
@@ -186,8 +204,10 @@ def run_wise(exp_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, a
     if progress:
         progress(finished, total)
     try:
-        for job, metrics in mapper(jobs):
+        for job, result in mapper(jobs):
+            metrics = result["metrics"]
             row = {**job["row"], **{c: metrics[c] for c in columns if c in metrics}}
+            _save_predictions(wise_prediction_file(out, job["theta1"], job["alpha"]), result["predictions"])
             appender.add(row)
             rows.append(row)
             finished += 1
@@ -256,8 +276,8 @@ def run_soup(exp_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, m
         key = _soup_key(paths)
         if key not in cache:
             job = {"config": cands[0].config, "ingredients": paths}
-            for _, metrics in mapper([job]):
-                cache[key] = {c: metrics[c] for c in columns if c in metrics}
+            for _, result in mapper([job]):
+                cache[key] = {c: result["metrics"][c] for c in columns if c in result["metrics"]}
             appender.add({"key": key, "soup": name, "ingredients": ";".join(paths), **cache[key]})
         evaluated[0] += 1
         if progress:

@@ -9,7 +9,9 @@ Ray-free, like :mod:`dps_tune.results`, whose readers it builds on. The page hol
 * the best trial per method and the full results table;
 * given the output of ``dps-tune wise`` or ``dps-tune soup`` beside the sweeps: WiSE-FT
   curves from the zero-shot star to each fine-tuned model and soups on the ID-vs-OOD
-  plots, and a table of each method alone, with WiSE-FT and as a soup.
+  plots, a table of each method alone, with WiSE-FT and as a soup, and each method's OOD
+  test accuracy against CE's WiSE-FT curve at the same ID test accuracy, with an interval
+  that resamples the method's and the curve's test images together (:func:`frontier_table`).
 
 Images are PNGs embedded as base64 ``data:`` URIs and the CSS is inline, so the file
 opens offline and can be mailed or attached as it is.
@@ -25,7 +27,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -37,8 +39,9 @@ from matplotlib.lines import Line2D
 from dps_tune.config import DEFAULT_METRIC, SUPPRESS_MODES, best_of, default_mode, scalar_objective
 from dps_tune.errors import UserError, first_line
 from dps_tune.files import write_text
-from dps_tune.sweep.results import (Trial, checkpoints, ended, ensemble_kind, load_trials, method_name,
-                                    pareto_objectives, open_experiment, read_ensemble, results_table, trial_status)
+from dps_tune.sweep.results import (Trial, checkpoints, curve_correct, ended, ensemble_kind, load_trials,
+                                    method_name, pareto_objectives, open_experiment, read_ensemble, results_table,
+                                    trial_status)
 
 logger = logging.getLogger(__name__)
 
@@ -237,11 +240,16 @@ def _points(experiments: Sequence[Experiment]) -> list[_Point]:
 
 @dataclass(frozen=True)
 class _Curve:
-    """A WiSE-FT curve of one method: (alpha, metrics) from alpha 0 to 1, and the alpha chosen."""
+    """A WiSE-FT curve of one method: (alpha, metrics) from alpha 0 to 1, and the alpha chosen.
+
+    ``correct`` maps each alpha to its per-image correctness (id_test, ood_test), [images]
+    each, from the predictions ``wise`` recorded; None where it recorded none.
+    """
 
     method: str
     points: list[tuple[float, dict[str, float]]]
     chosen: float
+    correct: Mapping[float, tuple[np.ndarray, np.ndarray]] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -259,7 +267,8 @@ def _ensembles(summaries: Sequence[Mapping[str, Any]]) -> tuple[list[_Curve], li
             for method, rec in s.get("methods", {}).items():
                 rows = sorted((r for r in s["rows"] if r["method"] == method and r["checkpoint"] == rec["checkpoint"]),
                               key=lambda r: r["alpha"])
-                curves.append(_Curve(method, [(float(r["alpha"]), r) for r in rows], float(rec["alpha"])))
+                correct = curve_correct(s["path"], rows) if rows and "path" in s else None
+                curves.append(_Curve(method, [(float(r["alpha"]), r) for r in rows], float(rec["alpha"]), correct))
         else:
             for name, rec in s.get("soups", {}).items():
                 soups.append(_Soup(name, len(rec["ingredients"]), rec["candidates"], rec["metrics"]))
@@ -733,14 +742,21 @@ def ensemble_table(curves: Sequence[_Curve], soups: Sequence[_Soup],
     return pd.DataFrame(rows, columns=columns)
 
 
+FRONTIER_PAIRED = "the method's and the curve's test images, paired"
+FRONTIER_FIXED = "the method's test images; the curve held fixed (its wise output has no per-image predictions)"
+
+
 def frontier_table(curves: Sequence[_Curve], best: Sequence[Mapping[str, Any]], confirmed: Sequence[_Marked],
                    x_metric: str = "id_test_acc", y_metric: str = "ood_test_acc") -> pd.DataFrame | None:
     """Each method against CE's WiSE-FT curve: its OOD minus the curve's OOD at the same ID; None without that curve.
 
     ``best`` rows are the best-per-method table's (selected on validation; their interval
     resamples the checkpoint's test images, from its recorded predictions); ``confirmed``
-    are confirmed means (no per-image interval here: see ``confirm.json``). The curve is
-    held fixed: ``wise`` records no per-image predictions.
+    are confirmed means (no per-image interval here: see ``confirm.json``). Where ``wise``
+    recorded the curve's per-image predictions (``ce.correct``), each resample recomputes
+    the curve's points on the same images as the method's (paired), so the interval counts
+    the curve's own test-set noise too; otherwise (an older ``wise`` output) the curve is
+    held fixed, and the row says so.
     """
     ce = next((c for c in curves if c.method == "ce"), None)
     if ce is None:
@@ -757,16 +773,18 @@ def frontier_table(curves: Sequence[_Curve], best: Sequence[Mapping[str, Any]], 
         if not (_finite(x) and _finite(y)):
             continue
         correct = b.get("_correct")
-        gap = wise_frontier_gap(curve, x, y, method_correct=correct)
+        gap = wise_frontier_gap(curve, x, y, method_correct=correct, curve_correct=ce.correct)
         rows.append({"method": b["method"], "point": "best checkpoint (selected on validation)", x_metric: x,
                      y_metric: y, "OOD minus CE's WiSE-FT curve": gap.gap,
-                     "95% CI": f"[{gap.interval.low:+.4f}, {gap.interval.high:+.4f}]" if gap.interval else ""})
+                     "95% CI": f"[{gap.interval.low:+.4f}, {gap.interval.high:+.4f}]" if gap.interval else "",
+                     "interval resamples": "" if gap.interval is None else FRONTIER_PAIRED if gap.curve_resampled
+                     else FRONTIER_FIXED})
     for c in confirmed:
         gap = wise_frontier_gap(curve, c.x, c.y)
         rows.append({"method": c.method, "point": f"confirmed mean ({c.seeds} seeds)", x_metric: c.x, y_metric: c.y,
-                     "OOD minus CE's WiSE-FT curve": gap.gap, "95% CI": ""})
+                     "OOD minus CE's WiSE-FT curve": gap.gap, "95% CI": "", "interval resamples": ""})
     return pd.DataFrame(rows, columns=["method", "point", x_metric, y_metric, "OOD minus CE's WiSE-FT curve",
-                                       "95% CI"])
+                                       "95% CI", "interval resamples"])
 
 
 def _cell(value: Any) -> tuple[str, bool]:
@@ -814,8 +832,10 @@ def _frontier_html(curves: Sequence[_Curve], best: Sequence[Mapping[str, Any]], 
     return f"""<h3>Against CE's WiSE-FT curve</h3>
 <p class="caption">Each method's OOD test accuracy minus the OOD test accuracy of CE's WiSE-FT curve at the same ID
 test accuracy (interpolated along alpha; empty where the method's ID accuracy lies outside the curve's). Above 0:
-more robust than mixing CE with the zero-shot weights at that ID accuracy. The interval resamples the method's test
-images from its checkpoint's predictions; the curve is held fixed (no per-image predictions are recorded for it).</p>
+more robust than mixing CE with the zero-shot weights at that ID accuracy. The interval resamples the test images:
+the method's from its checkpoint's predictions and, paired on the same images, the curve's from the predictions
+<code>wise</code> recorded for each alpha, so it counts the curve's own test-set noise. Where the wise output has
+no per-image predictions (an older <code>wise</code>), the curve is held fixed; the last column says which.</p>
 {html_table(table, "frontier-table")}"""
 
 

@@ -14,13 +14,15 @@ over a copy of a cluster's results. A sweep directory looks like::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
+import numpy as np
 import pandas as pd
 
 from dps_tune.config import DEFAULT_METRIC, best_of, default_mode, merge_dotted, scalar_objective
@@ -34,6 +36,7 @@ SWEEP_FILE = "dps_tune_sweep.json"
 TRIAL_CONFIG_FILE = "dps_tune_config.json"
 # What `dps-tune wise` and `dps-tune soup` write (dps_tune.sweep.ensembles).
 WISE_CSV, WISE_JSON = "wise.csv", "wise.json"
+WISE_PREDICTIONS = "predictions"  # one safetensors file per (checkpoint, alpha) row of wise.csv
 SOUP_CSV, SOUP_JSON = "soup_steps.csv", "soup.json"
 PARAM_COLUMNS = {"algorithm": "algorithm", "optim.lr": "lr", "optim.wd": "wd", "dps.masking": "masking",
                  "dps.suppress": "suppress", "dps.quota": "quota", "seed": "seed"}
@@ -326,6 +329,46 @@ def ensemble_kind(path: str | os.PathLike) -> str | None:
     return None
 
 
+def wise_prediction_file(out: str | os.PathLike, checkpoint: str, alpha: float) -> Path:
+    """Where ``wise`` keeps the per-image predictions of its (``checkpoint``, ``alpha``) row under ``out``."""
+    key = hashlib.sha256(f"{checkpoint}\n{float(alpha):.12g}".encode()).hexdigest()[:16]
+    return Path(out) / WISE_PREDICTIONS / f"{key}.safetensors"
+
+
+def curve_correct(out: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
+                  splits: tuple[str, ...] = ("id_test", "ood_test")) -> dict[float, tuple[np.ndarray, ...]] | None:
+    """Per alpha of ``rows`` (``wise.csv`` rows of one curve), its per-image correctness on ``splits``.
+
+    Each is a float vector (1 right, 0 wrong) over the split's images in its fixed order,
+    the order of a checkpoint's own ``predictions.safetensors``, so the two pair image by
+    image. None when a row has no recorded predictions (the output of an older ``wise``,
+    which recorded none) or they lack one of ``splits``.
+    """
+    from dps_tune.checkpoint import read_prediction_file
+
+    found = {}
+    for r in rows:
+        file = wise_prediction_file(out, str(r["checkpoint"]), float(r["alpha"]))
+        if not file.is_file():
+            return None
+        preds = read_prediction_file(file, f"wise predictions {str(file)!r}")
+        if any(s not in preds for s in splits):
+            return None
+        found[float(r["alpha"])] = tuple((preds[s][0] == preds[s][1]).double().numpy() for s in splits)
+    return found or None
+
+
+def wise_curve_correct(out: str | os.PathLike, method: str) -> dict[float, tuple[np.ndarray, np.ndarray]] | None:
+    """``{alpha: (id_test correct, ood_test correct)}`` of ``method``'s curve in ``wise``'s output ``out``
+    (the checkpoint it chose), or None (see :func:`curve_correct`)."""
+    summary = read_ensemble(out)
+    rec = summary.get("methods", {}).get(method)
+    if rec is None:
+        return None
+    return curve_correct(out, [r for r in summary["rows"] if r["method"] == method
+                               and r["checkpoint"] == rec["checkpoint"]])
+
+
 def read_ensemble(path: str | os.PathLike) -> dict[str, Any]:
     """The summary a ``wise`` or ``soup`` run wrote; for WiSE-FT with every evaluated row under ``rows``."""
     p = Path(path)
@@ -339,7 +382,7 @@ def read_ensemble(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{str(p / name)!r}: damaged ({first_line(exc)})") from None
     if not isinstance(summary, dict):
         raise UserError(f"{str(p / name)!r}: not a JSON object")
-    summary["kind"] = kind
+    summary["kind"], summary["path"] = kind, str(p)
     if kind == "wise":
         rows = pd.read_csv(p / WISE_CSV) if (p / WISE_CSV).is_file() else pd.DataFrame()
         if "complete" in rows.columns:  # rows a killed run cut short lack it

@@ -1,5 +1,7 @@
 """findings.md: every sentence is chosen by its interval, never written by hand."""
 
+import re
+
 from dps_tune.demo.findings import Comparison, render, sentence, sentences
 
 
@@ -26,3 +28,33 @@ def test_two_metrics_that_agree_are_one_sentence_and_disagreeing_ones_two():
 def test_the_page_lists_each_section_and_skips_empty_ones():
     page = render("What the demo found", ["world: wild"], [("Against zero-shot", ["a.", "b."]), ("Empty", [])])
     assert page == "# What the demo found\n\nworld: wild\n\n## Against zero-shot\n\n- a.\n- b.\n"
+
+
+def test_the_frontier_sentence_says_whether_ce_s_curve_was_resampled_too(tmp_path, monkeypatch):
+    import numpy as np
+
+    from fixtures import write_wise_output
+    from dps_tune.demo import study
+    from dps_tune.sweep import confirm
+
+    rng = np.random.default_rng(6)
+    n = 300
+    correct = {a: ((rng.random(n) < p_id).astype(float), (rng.random(n) < p_ood).astype(float))
+               for a, p_id, p_ood in ((0.0, 0.5, 0.45), (0.5, 0.7, 0.5), (1.0, 0.9, 0.3))}
+    # DPS's confirmed seeds are, image for image, CE's alpha 0.5: on the curve in every paired resample
+    seeds = {s: {"id_test_acc": (np.zeros(n), correct[0.5][0]), "ood_test_acc": (np.zeros(n), correct[0.5][1])}
+             for s in study.CONFIRM_SEEDS}
+    monkeypatch.setattr(confirm, "finished_seeds", lambda exp: ({}, {"dps (top)": seeds}))
+    summary = {"pairs": [], "methods": {"dps (top)": {"id_test_acc": {"mean": float(correct[0.5][0].mean())},
+                                                      "ood_test_acc": {"mean": float(correct[0.5][1].mean())}}}}
+    for name, with_predictions, says in (("new", True, "CE's curve recomputed on the same images"),
+                                         ("old", False, "CE's curve held fixed: its wise output has no per-image")):
+        wise = write_wise_output(tmp_path / name / "wise", correct, with_predictions=with_predictions)
+        page = study.write_findings(tmp_path / name, [], tmp_path / "confirm", summary, wise).read_text()
+        [line] = [ln for ln in page.splitlines() if "CE's WiSE-FT curve on OOD" in ln]
+        low, high = map(float, re.search(r"\[([-+][\d.]+), ([-+][\d.]+)\]", line).groups())
+        assert says in line, line
+        if with_predictions:  # no width: the method and the curve move together
+            assert high - low < 1e-3, line
+        else:  # the method's own test-set noise against a fixed curve
+            assert high - low > 0.05, line

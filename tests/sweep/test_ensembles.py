@@ -1,6 +1,7 @@
 """`dps-tune wise` and `dps-tune soup` on a small finished sweep, through a real local Ray."""
 
 import csv
+import html
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ from dps_tune import checkpoint, models
 from dps_tune.config import config_from_dict
 from dps_tune.data import datasets as data_mod
 from dps_tune.evaluate import evaluate_splits, tokenize_prompts
+from dps_tune.sweep import report, results
 from dps_tune.train import evaluate_start
 
 pytestmark = pytest.mark.slow
@@ -55,6 +57,22 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def check_row_predictions(out: Path, rows: list[dict]) -> None:
+    """Every wise.csv row has its per-image predictions, and on each split their accuracy is the row's;
+    at alpha 1 they are the checkpoint's own, image for image (the same images, in the same order)."""
+    for r in rows:
+        preds = checkpoint.read_prediction_file(results.wise_prediction_file(out, r["checkpoint"], float(r["alpha"])),
+                                                "wise row")
+        assert {"id_val", "ood_val", "id_test", "ood_test"} <= set(preds), (r, sorted(preds))
+        for split, (y_true, y_pred) in preds.items():
+            # the figures are float32: within 1e-6, far below one image (1/24 here)
+            assert (y_true == y_pred).double().mean().item() == pytest.approx(float(r[f"{split}_acc"]), abs=1e-6)
+        if float(r["alpha"]) == 1.0:
+            own = checkpoint.read_predictions(r["checkpoint"])
+            for split in ("id_test", "ood_test"):
+                assert all(a.equal(b) for a, b in zip(preds[split], own[split])), (split, r)
+
+
 def test_wise_on_a_sweep_through_ray(sweep, tmp_path):
     exp, base = sweep
     out = tmp_path / "wise"
@@ -62,6 +80,7 @@ def test_wise_on_a_sweep_through_ray(sweep, tmp_path):
     assert "ce + wise a=" in proc.stdout, proc.stdout
     rows = read_csv(out / "wise.csv")
     assert len(rows) == 2 * 3 and {r["alpha"] for r in rows} == {"0.0", "0.5", "1.0"}
+    check_row_predictions(out, rows)
     zero_shot = evaluate_start(base)
     for r in rows:
         if float(r["alpha"]) == 0.0:  # alpha 0 is the zero-shot model, exactly
@@ -90,6 +109,8 @@ def test_wise_on_a_sweep_through_ray(sweep, tmp_path):
     complete = [r for r in rows_again if r["ood_test_f1"]]
     assert len(complete) == 6 and len({(r["checkpoint"], r["alpha"]) for r in complete}) == 6
     assert json.loads((out / "wise.json").read_text())["methods"]["ce"]["alpha"] == chosen["alpha"]
+    check_row_predictions(out, complete)
+    assert sorted(results.wise_curve_correct(out, "ce")) == [0.0, 0.5, 1.0]
 
 
 def test_soup_on_a_sweep_through_ray(sweep, tmp_path):
@@ -120,7 +141,8 @@ def test_soup_on_a_sweep_through_ray(sweep, tmp_path):
     dps_tune("report", exp, tmp_path / "wise", out, "--out", tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text()
     assert 'id="ensemble-table"' in page and "WiSE-FT, alpha" in page and "soup of" in page
-    from dps_tune.sweep import report
+    # CE's best checkpoint against its own curve: the interval resamples both on the same images
+    assert 'id="frontier-table"' in page and html.escape(report.FRONTIER_PAIRED) in page
     from dps_tune.sweep.results import read_ensemble
 
     curves, soups = report._ensembles([read_ensemble(tmp_path / "wise"), read_ensemble(out)])
@@ -166,8 +188,12 @@ def test_a_killed_ensemble_run_is_finished_by_a_rerun_that_redoes_nothing(sweep,
         assert block[1].endswith(f"{command} {exp} {' '.join(extra)} --out {out} --in-process --no-progress"), block
     else:
         assert killed.returncode == -9, killed.stderr[-2000:]
-    assert len([r for r in read_csv(out / csv_name) if r["complete"] == "1"]) == 2
+    finished = [r for r in read_csv(out / csv_name) if r["complete"] == "1"]
+    assert len(finished) == 2
     assert not (out / f"{command}.json").exists()  # nothing claims the run finished
+    if command == "wise":  # each finished row's predictions were written before the row
+        check_row_predictions(out, finished)
+        assert len(list((out / results.WISE_PREDICTIONS).iterdir())) == 2
 
     calls = tmp_path / "calls"
     again = run(0, calls)
@@ -176,6 +202,8 @@ def test_a_killed_ensemble_run_is_finished_by_a_rerun_that_redoes_nothing(sweep,
     rows = read_csv(out / csv_name)
     key = (lambda r: (r["checkpoint"], r["alpha"])) if command == "wise" else (lambda r: r["key"])
     assert len(rows) == total and len({key(r) for r in rows}) == total
+    if command == "wise":
+        check_row_predictions(out, rows)
     a, b = json.loads((out / f"{command}.json").read_text()), json.loads((whole / f"{command}.json").read_text())
     if command == "wise":
         assert a["methods"]["ce"]["alpha"] == b["methods"]["ce"]["alpha"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fixtures import write_experiment
+from fixtures import write_experiment, write_wise_output
 from dps_tune import cli
 from dps_tune.sweep import report, results
 from dps_tune.errors import UserError
@@ -244,6 +244,45 @@ def test_ensemble_table_shows_every_alpha_and_both_choices_and_the_frontier_gap(
     top = gaps.loc["best checkpoint (selected on validation)"]
     assert top.iloc[0]["OOD minus CE's WiSE-FT curve"] == pytest.approx(0.03)
     assert top.iloc[0]["95% CI"].startswith("[")
+    assert top.iloc[0]["interval resamples"] == report.FRONTIER_FIXED  # this curve has no per-image correctness
     assert np.isnan(top.iloc[1]["OOD minus CE's WiSE-FT curve"])  # flyp: outside, no number made up
     assert gaps.loc["confirmed mean (5 seeds)", "OOD minus CE's WiSE-FT curve"] == pytest.approx(0.40 - 0.475)
     assert report.frontier_table([], best, confirmed) is None  # no CE curve, no comparison
+
+
+def _ci(text: str) -> tuple[float, float]:
+    low, high = text.strip("[]").split(", ")
+    return float(low), float(high)
+
+
+def test_the_frontier_interval_resamples_ce_s_curve_on_the_images_wise_recorded(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    n = 300
+    correct = {a: ((rng.random(n) < p_id).astype(float), (rng.random(n) < p_ood).astype(float))
+               for a, p_id, p_ood in ((0.0, 0.5, 0.45), (0.5, 0.7, 0.5), (1.0, 0.9, 0.3))}
+    wise = write_wise_output(tmp_path / "wise", correct)
+    [ce], _ = report._ensembles([results.read_ensemble(wise)])
+    assert sorted(ce.correct) == [0.0, 0.5, 1.0]
+    for a, (id_c, ood_c) in correct.items():  # read back image for image, each row's mean its csv figure
+        assert np.array_equal(ce.correct[a][0], id_c) and np.array_equal(ce.correct[a][1], ood_c)
+        assert dict(ce.points)[a]["ood_test_acc"] == ood_c.mean()
+    # DPS's best checkpoint is, image for image, CE's alpha 0.5: on the curve in every paired resample
+    at = dict(ce.points)[0.5]
+    best = [{"method": "dps (top)", "id_test_acc": at["id_test_acc"], "ood_test_acc": at["ood_test_acc"],
+             "_correct": tuple(v[None, :] for v in correct[0.5])}]
+    row = report.frontier_table([ce], best, []).iloc[0]
+    low, high = _ci(row["95% CI"])
+    assert row["interval resamples"] == report.FRONTIER_PAIRED and abs(low) < 1e-4 and abs(high) < 1e-4
+    # an older wise output (no predictions): the curve held fixed, a wide interval, and the table says so
+    [old], _ = report._ensembles([results.read_ensemble(write_wise_output(tmp_path / "old", correct,
+                                                                         with_predictions=False))])
+    assert old.correct is None
+    row = report.frontier_table([old], best, []).iloc[0]
+    low, high = _ci(row["95% CI"])
+    assert row["interval resamples"] == report.FRONTIER_FIXED and high - low > 0.05
+    # one row's predictions missing: no paired curve from a part of it
+    assert sorted(results.wise_curve_correct(wise, "ce")) == [0.0, 0.5, 1.0]
+    next((wise / results.WISE_PREDICTIONS).iterdir()).unlink()
+    assert results.wise_curve_correct(wise, "ce") is None
