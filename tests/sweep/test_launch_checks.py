@@ -10,8 +10,7 @@ from conftest import tiny_raw
 from dps_tune import cli
 from dps_tune.config import config_from_dict, to_dict
 from dps_tune.errors import LaunchError
-
-ray_tune = pytest.importorskip("dps_tune.sweep.ray_tune")
+from dps_tune.sweep import ray_tune  # imported, never skipped: a broken module fails these tests
 
 
 def _sweep_dir(tmp_path, meta_text: str | None = None):

@@ -52,7 +52,8 @@ def test_resume_and_sweep_share_the_rule():
     """`sweep` and `resume` both decide through reference.resolve (and so needs_ranking)."""
     import inspect
 
-    ray_tune = pytest.importorskip("dps_tune.sweep.ray_tune")
+    from dps_tune.sweep import ray_tune
+
     for fn in (ray_tune.run_sweep, ray_tune.resume_sweep):
         assert "_resolve_dps(" in inspect.getsource(fn), fn.__name__
     assert "reference.resolve(" in inspect.getsource(ray_tune._resolve_dps)

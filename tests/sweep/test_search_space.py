@@ -90,7 +90,7 @@ def test_shipped_iwildcam_spaces_validate(name, tmp_path):
 
 
 def test_multi_node_local_storage_fails_fast(monkeypatch):
-    tuning = pytest.importorskip("dps_tune.sweep.ray_tune")
+    from dps_tune.sweep import ray_tune as tuning
     from dps_tune.config import TuneConfig
     from dps_tune.errors import LaunchError
 
