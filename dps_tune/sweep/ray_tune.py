@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -541,8 +542,8 @@ def _new_experiment(storage_path: str | None, name: str) -> tuple[str, str, Path
 
 def _refuse_existing(location: str) -> None:
     if storage.exists(storage.join(location, SWEEP_FILE)):
-        raise LaunchError(f"experiment {location} exists already: continue it with `dps-tune resume {location}` "
-                          "or pass another --name")
+        raise LaunchError(f"experiment {location} exists already: continue it with "
+                          f"`dps-tune resume {shlex.quote(location)}` or pass another --name")
 
 
 @contextlib.contextmanager
@@ -551,6 +552,7 @@ def _launching(storage_path: str | None, name: str) -> Iterator[tuple[str, str, 
     storage_path, location, local = _new_experiment(storage_path, name)
     with storage.driving(location):
         _refuse_existing(location)  # another launch may have got there between the check and the lock
+        storage.check_round_trip(location)
         if is_remote(location) and local.exists():
             # Left from an experiment of this name that is gone from the storage: its Optuna
             # study would feed the new search (and break `tune.seed`'s reproducibility).
@@ -642,7 +644,7 @@ def run_points(base: Config, variants: list[dict[str, Any]], seeds: list[int], t
 def _run_config(name: str, storage_path: str, searched_keys: list[str], t: TuneConfig, base: Config, local: Path,
                 location: str, with_study: bool = False) -> Any:
     filesystem = None
-    if storage.mounted(storage_path):  # a filesystem object, not a URI: Ray takes it as such
+    if is_remote(storage_path):  # Ray gets the filesystem dps_tune opened: a URI's query options are in it
         filesystem, storage_path = storage.resolve(storage_path)
     scalar, scalar_mode = scalar_objective(t)
     columns = dict(PROGRESS_METRICS)
@@ -802,7 +804,7 @@ class StorageFull(UserError):
 
     def __init__(self, location: str, what: str):
         super().__init__(f"storage {location} is full ({storage.space_left(location)}): the {what} stopped; make "
-                         f"room, then continue it with `dps-tune resume {location}`")
+                         f"room, then continue it with `dps-tune resume {shlex.quote(location)}`")
 
 
 @contextlib.contextmanager
@@ -848,8 +850,8 @@ def load_resumable(exp: str | os.PathLike) -> Resumable:
 
 
 def _restore_point(location: str) -> tuple[str, Any]:
-    """Where Ray restores ``location`` from, and the filesystem object for a mounted one (else None)."""
-    if storage.mounted(location):
+    """Where Ray restores ``location`` from, and the filesystem object for a URI or a mounted one (else None)."""
+    if is_remote(location):
         filesystem, path = storage.resolve(location)
         return path, filesystem
     return location, None
@@ -861,6 +863,7 @@ def resume_sweep(exp: str | os.PathLike | Resumable, *, address: str | None = No
     job = exp if isinstance(exp, Resumable) else load_resumable(exp)
     with storage.driving(job.location):
         location, meta, cfg, tune_cfg, space = job.location, dict(job.meta), job.config, job.tune, job.space
+        storage.check_round_trip(location)
         restore_at, filesystem = _restore_point(location)
         local = storage.staging_dir(location) if is_remote(location) else Path(location)
         if is_remote(location):  # the restored searcher writes to the study where the sweep left it
