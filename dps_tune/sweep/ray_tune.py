@@ -33,6 +33,7 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 
 import optuna  # noqa: E402
 import ray  # noqa: E402
+from optuna.exceptions import UpdateFinishedTrialError  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
@@ -390,9 +391,24 @@ class PrunedOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._max_t = max_t
         self._last_step: dict[str, int] = {}
+        self._told_before: set[str] = set()
+
+    def _finished_before(self, trial_id: str) -> None:
+        """The study already holds this trial's end: it reached the storage after Ray's last saved experiment
+        state (a driver killed between the two), so `resume` runs the trial on from its checkpoint. The
+        study keeps the outcome it has; the rerun's results go to Ray's files only."""
+        logger.info("trial %s: the study already holds its end; its record there is kept", trial_id)
+        self._told_before.add(trial_id)
+        self._completed_trials.add(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        super().on_trial_result(trial_id, result)
+        if trial_id in self._told_before:
+            return
+        try:
+            super().on_trial_result(trial_id, result)
+        except UpdateFinishedTrialError:
+            self._finished_before(trial_id)
+            return
         if isinstance(self.metric, str):
             self._last_step[trial_id] = result.get("training_iteration", 0)
         self._attrs(trial_id, result, "running")
@@ -415,7 +431,7 @@ class PrunedOptunaSearch(OptunaSearch):
 
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id not in self._ot_trials:
+        if trial_id not in self._ot_trials or trial_id in self._told_before:
             return
         known = trial_id not in self._completed_trials
         single = isinstance(self.metric, str)  # Optuna keeps no learning curves for several objectives
@@ -424,7 +440,11 @@ class PrunedOptunaSearch(OptunaSearch):
             # on_trial_result: record it, so the study holds the whole learning curve.
             step = result.get("training_iteration", 0)
             if step > self._last_step.get(trial_id, 0):
-                self._ot_trials[trial_id].report(result[self.metric], step)
+                try:
+                    self._ot_trials[trial_id].report(result[self.metric], step)
+                except UpdateFinishedTrialError:
+                    self._finished_before(trial_id)
+                    return
                 self._last_step[trial_id] = step
         if known:
             finish = min(self._max_t, (result or {}).get("max_epoch", self._max_t))
