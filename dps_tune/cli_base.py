@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import socket
 import sys
 from pathlib import Path
@@ -97,10 +98,11 @@ def print_sweep_summary(exp_dir: str, metric: str, mode: str) -> int:
     print()
     print(format_table(table.head(20)))
     errored = table[table["status"] == "error"]
+    shown = shlex.quote(str(exp_dir))  # a URI's query holds '&': the commands must paste into a shell
     print(f"\nexperiment: {exp_dir}")
-    print(f"  {cmd} results {exp_dir}")
-    print(f"  {cmd} best {exp_dir} --export best")
-    print(f"  {tensorboard_hint(exp_dir)}")
+    print(f"  {cmd} results {shown}")
+    print(f"  {cmd} best {shown} --export best")
+    print(f"  {tensorboard_hint(shown)}")
     if len(errored):
         print(f"dps-tune: {len(errored)} trial(s) failed after their retries: "
               f"{', '.join(errored['trial_id'])} (see error.txt in their directories)", file=sys.stderr)

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -32,6 +33,7 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 
 import optuna  # noqa: E402
 import ray  # noqa: E402
+from optuna.exceptions import UpdateFinishedTrialError  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
@@ -389,9 +391,24 @@ class PrunedOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._max_t = max_t
         self._last_step: dict[str, int] = {}
+        self._told_before: set[str] = set()
+
+    def _finished_before(self, trial_id: str) -> None:
+        """The study already holds this trial's end: it reached the storage after Ray's last saved experiment
+        state (a driver killed between the two), so `resume` runs the trial on from its checkpoint. The
+        study keeps the outcome it has; the rerun's results go to Ray's files only."""
+        logger.info("trial %s: the study already holds its end; its record there is kept", trial_id)
+        self._told_before.add(trial_id)
+        self._completed_trials.add(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        super().on_trial_result(trial_id, result)
+        if trial_id in self._told_before:
+            return
+        try:
+            super().on_trial_result(trial_id, result)
+        except UpdateFinishedTrialError:
+            self._finished_before(trial_id)
+            return
         if isinstance(self.metric, str):
             self._last_step[trial_id] = result.get("training_iteration", 0)
         self._attrs(trial_id, result, "running")
@@ -414,7 +431,7 @@ class PrunedOptunaSearch(OptunaSearch):
 
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id not in self._ot_trials:
+        if trial_id not in self._ot_trials or trial_id in self._told_before:
             return
         known = trial_id not in self._completed_trials
         single = isinstance(self.metric, str)  # Optuna keeps no learning curves for several objectives
@@ -423,7 +440,11 @@ class PrunedOptunaSearch(OptunaSearch):
             # on_trial_result: record it, so the study holds the whole learning curve.
             step = result.get("training_iteration", 0)
             if step > self._last_step.get(trial_id, 0):
-                self._ot_trials[trial_id].report(result[self.metric], step)
+                try:
+                    self._ot_trials[trial_id].report(result[self.metric], step)
+                except UpdateFinishedTrialError:
+                    self._finished_before(trial_id)
+                    return
                 self._last_step[trial_id] = step
         if known:
             finish = min(self._max_t, (result or {}).get("max_epoch", self._max_t))
@@ -541,8 +562,8 @@ def _new_experiment(storage_path: str | None, name: str) -> tuple[str, str, Path
 
 def _refuse_existing(location: str) -> None:
     if storage.exists(storage.join(location, SWEEP_FILE)):
-        raise LaunchError(f"experiment {location} exists already: continue it with `dps-tune resume {location}` "
-                          "or pass another --name")
+        raise LaunchError(f"experiment {location} exists already: continue it with "
+                          f"`dps-tune resume {shlex.quote(location)}` or pass another --name")
 
 
 @contextlib.contextmanager
@@ -551,6 +572,7 @@ def _launching(storage_path: str | None, name: str) -> Iterator[tuple[str, str, 
     storage_path, location, local = _new_experiment(storage_path, name)
     with storage.driving(location):
         _refuse_existing(location)  # another launch may have got there between the check and the lock
+        storage.check_round_trip(location)
         if is_remote(location) and local.exists():
             # Left from an experiment of this name that is gone from the storage: its Optuna
             # study would feed the new search (and break `tune.seed`'s reproducibility).
@@ -642,7 +664,7 @@ def run_points(base: Config, variants: list[dict[str, Any]], seeds: list[int], t
 def _run_config(name: str, storage_path: str, searched_keys: list[str], t: TuneConfig, base: Config, local: Path,
                 location: str, with_study: bool = False) -> Any:
     filesystem = None
-    if storage.mounted(storage_path):  # a filesystem object, not a URI: Ray takes it as such
+    if is_remote(storage_path):  # Ray gets the filesystem dps_tune opened: a URI's query options are in it
         filesystem, storage_path = storage.resolve(storage_path)
     scalar, scalar_mode = scalar_objective(t)
     columns = dict(PROGRESS_METRICS)
@@ -802,7 +824,7 @@ class StorageFull(UserError):
 
     def __init__(self, location: str, what: str):
         super().__init__(f"storage {location} is full ({storage.space_left(location)}): the {what} stopped; make "
-                         f"room, then continue it with `dps-tune resume {location}`")
+                         f"room, then continue it with `dps-tune resume {shlex.quote(location)}`")
 
 
 @contextlib.contextmanager
@@ -848,8 +870,8 @@ def load_resumable(exp: str | os.PathLike) -> Resumable:
 
 
 def _restore_point(location: str) -> tuple[str, Any]:
-    """Where Ray restores ``location`` from, and the filesystem object for a mounted one (else None)."""
-    if storage.mounted(location):
+    """Where Ray restores ``location`` from, and the filesystem object for a URI or a mounted one (else None)."""
+    if is_remote(location):
         filesystem, path = storage.resolve(location)
         return path, filesystem
     return location, None
@@ -861,6 +883,7 @@ def resume_sweep(exp: str | os.PathLike | Resumable, *, address: str | None = No
     job = exp if isinstance(exp, Resumable) else load_resumable(exp)
     with storage.driving(job.location):
         location, meta, cfg, tune_cfg, space = job.location, dict(job.meta), job.config, job.tune, job.space
+        storage.check_round_trip(location)
         restore_at, filesystem = _restore_point(location)
         local = storage.staging_dir(location) if is_remote(location) else Path(location)
         if is_remote(location):  # the restored searcher writes to the study where the sweep left it

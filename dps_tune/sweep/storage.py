@@ -75,8 +75,13 @@ def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 
 
 def join(location: str, *parts: str) -> str:
-    """``location`` (path or URI) with ``parts`` appended."""
-    return "/".join([str(location).rstrip("/"), *parts])
+    """``location`` (path or URI) with ``parts`` appended to its path, before a URI's query.
+
+    ``join("s3://b/runs?scheme=http", "exp")`` is ``"s3://b/runs/exp?scheme=http"``: the
+    query (``endpoint_override``, ``scheme``, ``region``) belongs to the storage, not to a file.
+    """
+    base, mark, query = str(location).partition("?") if is_remote(location) else (str(location), "", "")
+    return "/".join([base.rstrip("/"), *parts]) + mark + query
 
 
 def exists(location: str) -> bool:
@@ -112,6 +117,39 @@ def upload(local: Path, location: str) -> None:
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+PROBE_FILE = ".dps_tune_probe"
+
+
+def check_round_trip(location: str) -> None:
+    """On S3, write one small object into ``location`` and read it back; refuse a store that returns other bytes.
+
+    The AWS SDK (pyarrow's, so Ray's) sends uploads as ``aws-chunked`` bodies with a checksum
+    trailer unless ``AWS_REQUEST_CHECKSUM_CALCULATION=when_required``; an S3-compatible store
+    that does not decode them keeps the framing as the object, and no checkpoint would load.
+    One object, before any training, finds that out.
+    """
+    fs, root = resolve(location)
+    if fs.type_name != "s3":
+        return
+    probe, sent = f"{root}/{PROBE_FILE}", b"dps_tune storage check\n"
+    try:
+        new = fs.get_file_info(root).type == pafs.FileType.NotFound
+        with fs.open_output_stream(probe) as out:
+            out.write(sent)
+        with fs.open_input_stream(probe) as f:
+            got = f.read()
+        fs.delete_file(probe)
+        if new:  # pyarrow keeps an emptied S3 "directory" as a marker object: not ours to leave behind
+            fs.delete_dir(root)
+    except OSError as exc:
+        raise UserError(f"storage {location}: cannot write a file there and read it back ({first_line(exc)})") from None
+    if got != sent:
+        raise UserError(f"storage {location}: a file written there reads back changed ({len(sent)} bytes written, "
+                        f"{len(got)} read): the store keeps the AWS SDK's checksummed upload body; set "
+                        "AWS_REQUEST_CHECKSUM_CALCULATION=when_required in the environment of every dps-tune "
+                        "command and Ray node")
 
 
 def download(location: str, local: Path) -> bool:

@@ -441,3 +441,24 @@ def test_a_full_storage_stops_the_sweep_in_one_line_and_resume_finishes_it(tmp_p
     dps_tune("results", exp)
     dps_tune("best", exp, "--export", tmp_path / "best")
     dps_tune("report", exp, "--out", tmp_path / "r.html")
+
+
+def test_a_trial_the_study_already_holds_as_finished_keeps_its_record_and_the_sweep_goes_on(tmp_path):
+    """The study reaches the storage when a trial ends; Ray's experiment state, later. A driver killed between the
+    two leaves a trial the study holds as finished and Ray runs on at `resume`: its results must not fail the sweep
+    (Optuna refuses to update a finished trial), and the study keeps the end it has."""
+    import optuna.distributions as od
+
+    db = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    searcher = ray_tune.PrunedOptunaSearch(space={"optim.lr": od.FloatDistribution(1e-4, 1e-2, log=True)},
+                                           metric="id_val_acc", mode="max", seed=0, study_name="s", storage=db,
+                                           max_t=3)
+    searcher.suggest("t1")
+    searcher.on_trial_result("t1", {"id_val_acc": 0.5, "training_iteration": 1, "epoch": 1.0})
+    stored = optuna.load_study(study_name="s", storage=db)
+    stored.tell(stored.trials[0].number, 0.7)  # its end, as the study on the storage holds it
+    again = {"id_val_acc": 0.6, "training_iteration": 3, "epoch": 3.0}
+    searcher.on_trial_result("t1", again)  # the rerun from its checkpoint
+    searcher.on_trial_complete("t1", again)
+    trial = optuna.load_study(study_name="s", storage=db).trials[0]
+    assert trial.state == TrialState.COMPLETE and trial.value == 0.7 and trial.intermediate_values == {1: 0.5}

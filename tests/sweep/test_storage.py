@@ -80,3 +80,21 @@ def test_a_mounted_filesystem_is_read_and_written_through(tmp_path):
     assert (view / "trial_a" / "checkpoint_000001" / "model.safetensors").read_bytes() == b"weights" * 100
     storage.write_text(f"{root}/runs/exp/note.txt", "hello")
     assert (tmp_path / "bucket" / "runs" / "exp" / "note.txt").read_text() == "hello"
+
+
+def test_a_uri_query_belongs_to_the_storage_not_to_a_file():
+    """``?endpoint_override=…&scheme=http`` (a non-AWS S3 store) stays last, whatever is joined to the path."""
+    uri = "s3://bucket/runs?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
+    exp = storage.join(uri, "exp")
+    assert exp == "s3://bucket/runs/exp?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
+    assert storage.join(exp, "t", "metrics.json").startswith("s3://bucket/runs/exp/t/metrics.json?endpoint_override=")
+    fs, path = storage.resolve(storage.join(exp, "t"))
+    options = fs.__reduce__()[1][0]  # what the filesystem was opened with, as Ray's workers unpickle it
+    assert path == "bucket/runs/exp/t" and options["endpoint_override"] == "127.0.0.1:9"
+    assert options["scheme"] == "http"
+    assert storage.join("/data/a?b", "c") == "/data/a?b/c"  # a local path: '?' is part of a name
+
+
+def test_the_round_trip_check_is_for_s3_only(tmp_path):
+    storage.check_round_trip(f"file://{tmp_path / 'exp'}")  # a local disk keeps what it is given
+    assert not (tmp_path / "exp").exists()
