@@ -479,13 +479,27 @@ class _Limiter(ConcurrencyLimiter):
 # ---------------------------------------------------------------------------- launch
 
 
+def _loopback_only() -> None:
+    """The embedded Ray serves this machine alone, so each of its processes binds to 127.0.0.1.
+
+    Ray swaps 127.0.0.1 for the machine's own address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
+    is 0: every process it starts reads that from the environment, and this one read it
+    once, when Ray was imported.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def _connect(address: str | None, dashboard: bool) -> None:
     """Start a local Ray (no address and no ``RAY_ADDRESS``) or connect to a running cluster."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
-        ctx = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1",
+        _loopback_only()
+        ctx = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
                        logging_level=logging.WARNING, log_to_driver=True)
         url = getattr(ctx, "dashboard_url", None)
         if dashboard and url:

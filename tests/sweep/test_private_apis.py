@@ -77,3 +77,11 @@ def test_a_function_the_tests_or_the_ctrl_c_handling_rely_on_exists(target):
 ])
 def test_the_ray_log_lines_dps_tune_rewords_are_still_what_ray_says(module, line):
     assert line in inspect.getsource(importlib.import_module(module))
+
+
+def test_the_loopback_switch_is_read_where_the_embedded_ray_sets_it():
+    """ray_tune._loopback_only turns this off, so that Ray keeps 127.0.0.1 rather than the machine's address."""
+    from ray._private import ray_constants, services
+
+    assert isinstance(ray_constants.ENABLE_RAY_CLUSTER, bool)
+    assert "ray_constants.ENABLE_RAY_CLUSTER" in inspect.getsource(services.get_node_ip_address)

@@ -51,7 +51,9 @@ def dps_tune(*args, env=None, timeout=600, check=True) -> subprocess.CompletedPr
 @pytest.fixture(scope="module")
 def ce_sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ce")
-    proc = dps_tune("sweep", space(tmp, "ce"), "--storage", tmp / "runs", "--name", "ce", "--no-dashboard")
+    # As from a Linux shell without the loopback switch the tests set (1 is Ray's default there).
+    proc = dps_tune("sweep", space(tmp, "ce"), "--storage", tmp / "runs", "--name", "ce", "--no-dashboard",
+                    env={"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
     return tmp / "runs" / "ce", proc
 
 
@@ -64,6 +66,9 @@ def test_sweep_end_to_end(ce_sweep, tmp_path):
         assert table[col].notna().all(), col
     assert (table["status"] == "early-stopped").sum() >= 1, table
     assert set(table["status"]) <= {"completed", "early-stopped"}
+    # The embedded Ray served this machine alone, on loopback: every trial ran on a node at 127.0.0.1.
+    rows = [json.loads(line) for f in exp.glob("*/result.json") for line in f.read_text().splitlines() if line]
+    assert rows and {r["node_ip"] for r in rows} == {"127.0.0.1"}, {r["node_ip"] for r in rows}
 
     # the study saw ASHA's stops as pruned trials, with their learning curves
     study = optuna.load_study(study_name="ce", storage=f"sqlite:///{exp / 'optuna.db'}")
