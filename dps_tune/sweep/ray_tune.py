@@ -44,7 +44,7 @@ from dps_tune.config import (OBJECTIVE_MEAN, Config, TuneConfig, config_from_dic
                              objective_mean, objectives, scalar_objective, to_dict, tune_config_from_dict,
                              with_overrides)
 from dps_tune.errors import Interrupted, LaunchError, UserError, first_line  # noqa: E402
-from dps_tune.files import write_json  # noqa: E402
+from dps_tune.files import disk_full, space_left, write_json  # noqa: E402
 from dps_tune.paths import is_remote  # noqa: E402
 from dps_tune.sweep import reference, storage, test_figures  # noqa: E402
 from dps_tune.sweep.results import SWEEP_FILE, TRIAL_CONFIG_FILE, flat_params, open_experiment, sweep_meta  # noqa: E402
@@ -116,7 +116,7 @@ def trainable(params: dict[str, Any], *, base: Config, ranking: suppression.Scor
         try:
             tune.report(metrics, checkpoint=checkpoint)
         except OSError as exc:
-            if not storage.disk_full(exc):
+            if not disk_full(exc):
                 raise
             raise RuntimeError(_lost_checkpoint(metrics["epoch"])) from None
         _maybe_inject_crash(trial_id, metrics["epoch"])
@@ -141,7 +141,7 @@ FULL = "the storage is full"  # how a trial's error names a full storage
 def _full(error: BaseException | str) -> bool:
     """Whether a trial's error (the exception, or the text of its error.txt) is a full storage."""
     return FULL in str(error) or "No space left on device" in str(error) or (
-        isinstance(error, BaseException) and storage.disk_full(error))
+        isinstance(error, BaseException) and disk_full(error))
 
 
 def _lost_checkpoint(epoch: float) -> str:
@@ -151,7 +151,7 @@ def _lost_checkpoint(epoch: float) -> str:
     where = get_session().storage
     storage.delete_checkpoint(where.storage_filesystem, where.checkpoint_fs_path)
     local = isinstance(where.storage_filesystem, storage.pafs.LocalFileSystem)
-    space = storage.space_left(where.trial_fs_path) if local else "free space not known"
+    space = space_left(where.trial_fs_path) if local else "free space not known"
     return (f"{FULL} ({space}, at {where.trial_fs_path}): the checkpoint of epoch {epoch:g} was not "
             "saved; make room, then `dps-tune resume` goes on from the last one that was")
 
@@ -801,7 +801,7 @@ class StorageFull(UserError):
     """The experiment's storage filled up: one line naming it and its free space, and how to go on."""
 
     def __init__(self, location: str, what: str):
-        super().__init__(f"storage {location} is full ({storage.space_left(location)}): the {what} stopped; make "
+        super().__init__(f"storage {location} is full ({space_left(location)}): the {what} stopped; make "
                          f"room, then continue it with `dps-tune resume {location}`")
 
 
@@ -813,7 +813,7 @@ def _full_storage_stops(location: str, what: str) -> Iterator[None]:
     except UserError:
         raise
     except Exception as exc:
-        if not storage.disk_full(exc):
+        if not disk_full(exc):
             raise
         raise StorageFull(location, what) from None
 
