@@ -464,7 +464,9 @@ def _connect(address: str | None, dashboard: bool) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
-        ctx = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1",
+        # "local": without it, ray.init joins a cluster that `ray start` left running on this machine
+        # (/tmp/ray/ray_current_cluster), someone else's perhaps.
+        ctx = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
                        logging_level=logging.WARNING, log_to_driver=True)
         url = getattr(ctx, "dashboard_url", None)
         if dashboard and url:
@@ -602,7 +604,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | N
             run_config=_run_config(name, storage_path, sweep.space.keys, t, base, local, location,
                                    with_study=searcher is not None),
         )
-        with _ctrl_c_pauses(), _full_storage_stops(location, "sweep"):
+        with _ctrl_c_pauses("sweep"), _full_storage_stops(location, "sweep"):
             _finish(local, location, tuner.fit(), "sweep")
         return location
 
@@ -634,7 +636,7 @@ def run_points(base: Config, variants: list[dict[str, Any]], seeds: list[int], t
                                         reuse_actors=True),
             run_config=_run_config(name, storage_path, ["seed"], tune_cfg, base, local, location),
         )
-        with _ctrl_c_pauses(), _full_storage_stops(location, "confirmation run"):
+        with _ctrl_c_pauses("confirmation run"), _full_storage_stops(location, "confirmation run"):
             _finish(local, location, tuner.fit(), "confirmation run")
         return location
 
@@ -699,6 +701,10 @@ class _RayLines(logging.Filter):
 
     stopped = False
 
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
         if record.exc_info and _full(record.exc_info[1]):
@@ -709,7 +715,7 @@ class _RayLines(logging.Filter):
             self.stopped = True
             if _STORAGE_FULL.is_set():
                 return False
-            print("dps-tune: Ctrl-C: stopping the trials and saving the sweep, so that `resume` continues it",
+            print(f"dps-tune: Ctrl-C: stopping the trials and saving the {self.what}, so that `resume` continues it",
                   file=sys.stderr, flush=True)
             return False
         return not text.startswith(("Experiment has been interrupted", "Trials did not complete"))
@@ -732,7 +738,7 @@ def _put_off_ctrl_c(doing: str, after: str = "") -> Any:
 
 
 @contextlib.contextmanager
-def _ctrl_c_pauses() -> Iterator[None]:
+def _ctrl_c_pauses(what: str) -> Iterator[None]:
     """Ctrl-C while the trials run is a pause: Ray's own handler (installed by ``fit``) stops them and saves
     the experiment state, then hands SIGINT back to this one, which puts off a second Ctrl-C while that is
     under way, so what is saved is whole. A third quits at once (the last saved state still resumes).
@@ -742,10 +748,10 @@ def _ctrl_c_pauses() -> Iterator[None]:
         return
     _PRESSES[0] = 0
     _STORAGE_FULL.clear()
-    quiet = _RayLines()
+    quiet = _RayLines(what)
     ray_logs = [logging.getLogger(name) for name in ("ray.tune.tune", "ray.tune.execution.tune_controller",
                                                      "ray.tune.analysis.experiment_analysis")]
-    previous = signal.signal(signal.SIGINT, _put_off_ctrl_c("saving the sweep's state",
+    previous = signal.signal(signal.SIGINT, _put_off_ctrl_c(f"saving the {what}'s state",
                                                                  " (`resume` then goes on from the last state saved)"))
     for log in ray_logs:
         log.addFilter(quiet)
@@ -878,7 +884,7 @@ def resume_sweep(exp: str | os.PathLike | Resumable, *, address: str | None = No
         tuner = tune.Tuner.restore(restore_at, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    restart_errored=False, storage_filesystem=filesystem)
         what = "confirmation run" if "confirm" in meta else "sweep"
-        with _ctrl_c_pauses(), _full_storage_stops(location, what):
+        with _ctrl_c_pauses(what), _full_storage_stops(location, what):
             _finish(local, location, tuner.fit(), what)
         return location
 

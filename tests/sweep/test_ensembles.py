@@ -38,6 +38,24 @@ def sweep(tmp_path_factory):
     return tmp / "runs" / "ce", config_from_dict({k: v for k, v in raw.items() if k not in ("search", "tune")})
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(sweep, tmp_path_factory):
+    """``uninterrupted(command, extra)``: the output folder of ``dps-tune COMMAND`` on the sweep with ``extra``
+    arguments (evaluated in its own process), run once and whole; shared by the tests that interrupt the same
+    command."""
+    exp, _ = sweep
+    done: dict[tuple, Path] = {}
+
+    def run(command: str, extra: list[str]) -> Path:
+        key = (command, *extra)
+        if key not in done:
+            done[key] = tmp_path_factory.mktemp("whole") / command
+            dps_tune(command, exp, *extra, "--out", done[key], "--in-process", "--no-progress")
+        return done[key]
+
+    return run
+
+
 def reevaluate_in_plain_open_clip(export: Path) -> dict:
     cfg = checkpoint.read_config(export)
     open_clip.add_model_config(str(export))
@@ -172,14 +190,12 @@ def assert_same_result(command: str, out: Path, whole: Path) -> None:
                                                         ("soup", "soup_steps.csv", [], "KILL"),
                                                         ("wise", "wise.csv", ["--alphas", "0:1:0.25"], "INT"),
                                                         ("soup", "soup_steps.csv", [], "INT")])
-def test_a_killed_ensemble_run_is_finished_by_a_rerun_that_redoes_nothing(sweep, tmp_path, command, csv_name, extra,
-                                                                          sig):
+def test_a_killed_ensemble_run_is_finished_by_a_rerun_that_redoes_nothing(sweep, uninterrupted, tmp_path, command,
+                                                                          csv_name, extra, sig):
     """SIGKILL (or Ctrl-C) before the third evaluation, then the same command: it evaluates only what is missing."""
     exp, _ = sweep
-    out, whole = tmp_path / command, tmp_path / "whole"
+    out, whole = tmp_path / command, uninterrupted(command, extra)
     args = [*extra, "--out", out, "--in-process", "--no-progress"]
-
-    dps_tune(command, exp, *extra, "--out", whole, "--in-process", "--no-progress")
     total = len(read_csv(whole / csv_name))
     assert total >= 3
     killed = run_until(3, command, exp, *args, sig=sig)
@@ -209,9 +225,9 @@ def test_a_killed_ensemble_run_is_finished_by_a_rerun_that_redoes_nothing(sweep,
     # soup_steps.csv (under 2 KB) fits on 1 MB, the soup's weights do not
     ("soup", "soup_steps.csv", [], [("1m", "all")]),
 ])
-def test_a_full_disk_stops_an_ensemble_run_in_one_line_and_the_same_command_finishes_it(sweep, tmp_path, small_disk,
-                                                                                       command, csv_name, extra,
-                                                                                       stops):
+def test_a_full_disk_stops_an_ensemble_run_in_one_line_and_the_same_command_finishes_it(sweep, uninterrupted, tmp_path,
+                                                                                       small_disk, command, csv_name,
+                                                                                       extra, stops):
     """--out on a small tmpfs, grown after each stop. Each stop is one line naming the disk and its free space, and
     leaves only whole rows: no summary, no export, no stray file. Every run evaluates only what is missing; the last
     ends as an uninterrupted run does."""
@@ -219,8 +235,7 @@ def test_a_full_disk_stops_an_ensemble_run_in_one_line_and_the_same_command_fini
     from dps_tune.sweep.results import ensemble_kind
 
     exp, _ = sweep
-    whole = tmp_path / "whole"
-    dps_tune(command, exp, *extra, "--out", whole, "--in-process", "--no-progress")
+    whole = uninterrupted(command, extra)
     expected = {row_key(command)(r): r for r in read_csv(whole / csv_name)}
     total = len(expected)
     disk, grow = small_disk(stops[0][0])
