@@ -18,7 +18,6 @@ never leaves a half-written checkpoint that looks complete.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from safetensors.torch import save_file
 from dps_tune import models
 from dps_tune.config import Config, config_from_dict, save_json, to_dict
 from dps_tune.errors import CheckpointError, first_line
-from dps_tune.files import atomic_path, read_json_object
+from dps_tune.files import atomic_path, disk_full, read_json_object, space_left
 from dps_tune.layout import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, OPEN_CLIP_KEY, PREDICTIONS_FILE,  # noqa: F401
                              STATE_FILE)
 
@@ -54,17 +53,17 @@ def save_checkpoint(path: str | os.PathLike, *, model_state: Mapping[str, torch.
                     predictions: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Path:
     """Write a checkpoint directory atomically; returns its path.
 
-    A disk that fills up meanwhile (``ENOSPC``, or a quota) is one :class:`CheckpointError`
-    line: the half-written directory is removed and a previous checkpoint at ``path`` stays
-    as it was.
+    A disk that fills up meanwhile (``ENOSPC``, or a quota; safetensors reports it as its
+    own error) is one :class:`CheckpointError` line naming the free space: the
+    half-written directory is removed and a previous checkpoint at ``path`` stays as it was.
     """
     try:
         _write_checkpoint(Path(path), model_state, config, metrics, loop, optimizer_state, extra_state, predictions)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as exc:
+        if not disk_full(exc):
             raise
-        raise CheckpointError(f"checkpoint {str(path)!r}: the disk is full ({exc.strerror}); nothing was replaced, "
-                              "the previous checkpoint is intact") from None
+        raise CheckpointError(f"checkpoint {str(path)!r}: the disk is full ({space_left(path)}); nothing was "
+                              "replaced, the previous checkpoint is intact") from None
     return Path(path)
 
 

@@ -504,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(interrupted_block(exc), file=sys.stderr)
         return 130
     except OSError as exc:
-        from dps_tune.sweep.storage import disk_full, space_left
+        from dps_tune.files import disk_full, space_left
 
         if not disk_full(exc):
             raise

@@ -52,11 +52,18 @@ def _progress_bar(args: argparse.Namespace, desc: str):
     return bar, update
 
 
-def _with_progress(args: argparse.Namespace, desc: str, work):
-    """``work(mapper, progress)`` under a progress bar; Ray, if it started, is stopped after."""
+def _with_progress(args: argparse.Namespace, desc: str, out: Path, work):
+    """``work(mapper, progress)`` under a progress bar, writing to ``out``; Ray, if it started, is stopped after.
+
+    A full disk is one line naming ``out``'s disk and its free space: the rows finished
+    are kept, and the same command continues once there is room.
+    """
+    from dps_tune.files import full_disk_names
+
     bar, update = _progress_bar(args, desc)
     try:
-        return work(_ensemble_mapper(args), update)
+        with full_disk_names(out):
+            return work(_ensemble_mapper(args), update)
     finally:
         if bar is not None:
             bar.close()
@@ -93,6 +100,7 @@ def _print_table(rows: list[dict], columns: Sequence[str]) -> None:
 
 def post_ensembles(exp_dir: str, post: list[str], metric: str, args: argparse.Namespace) -> None:
     """``sweep --post wise,soup``: the ensembles of the sweep just run, on its Ray."""
+    from dps_tune.files import full_disk_names
     from dps_tune.sweep import candidates, ensembles, ray_tune
 
     def mapper(jobs):
@@ -101,14 +109,16 @@ def post_ensembles(exp_dir: str, post: list[str], metric: str, args: argparse.Na
     exp = Path(exp_dir)
     if "wise" in post:
         out = exp.with_name(exp.name + "-wise")
-        summary = ensembles.run_wise([exp], out, alphas=candidates.parse_alphas("0:1:0.1"), select=metric,
-                                     mapper=mapper)
+        with full_disk_names(out):
+            summary = ensembles.run_wise([exp], out, alphas=candidates.parse_alphas("0:1:0.1"), select=metric,
+                                         mapper=mapper)
         for method, rec in summary["methods"].items():
             print(f"WiSE-FT {method}: alpha {rec['alpha']:g}, ood_test_acc {rec['metrics'].get('ood_test_acc', 0):.4f}"
                   f" (fine-tuned {rec['fine_tuned'].get('ood_test_acc', 0):.4f}) -> {rec['export']}")
     if "soup" in post:
         out = exp.with_name(exp.name + "-soup")
-        summary = ensembles.run_soup([exp], out, select=metric, mapper=mapper)
+        with full_disk_names(out):
+            summary = ensembles.run_soup([exp], out, select=metric, mapper=mapper)
         for name, rec in summary["soups"].items():
             print(f"greedy soup {name}: {len(rec['ingredients'])} of {rec['candidates']} checkpoints, "
                   f"ood_test_acc {rec['metrics'].get('ood_test_acc', 0):.4f} -> {rec['export']}")
@@ -136,7 +146,7 @@ class Wise(Command):
         _check_candidates_and_cluster(args)
         from dps_tune.sweep import ensembles
         start = time.perf_counter()
-        summary = _with_progress(args, "wise", lambda mapper, update: ensembles.run_wise(
+        summary = _with_progress(args, "wise", out, lambda mapper, update: ensembles.run_wise(
             args.exp_dirs, out, alphas=alphas, top_k=args.top_k, select=args.select, mapper=mapper, progress=update))
         cols = ["id_test_acc", "id_test_f1", "ood_test_acc", "ood_test_f1"]
         rows = []
@@ -171,7 +181,7 @@ class Soup(Command):
         out = _default_out(args, "soup")
         _check_candidates_and_cluster(args, include_stopped=args.include_stopped, method=args.method)
         from dps_tune.sweep import ensembles
-        summary = _with_progress(args, "soup", lambda mapper, update: ensembles.run_soup(
+        summary = _with_progress(args, "soup", out, lambda mapper, update: ensembles.run_soup(
             args.exp_dirs, out, method=args.method, greedy=args.greedy, select=args.select,
             include_stopped=args.include_stopped, mix_methods=args.mix_methods, mapper=mapper, progress=update))
         cols = [args.select, "id_test_acc", "ood_test_acc", "ood_test_f1"]

@@ -8,6 +8,7 @@ and is renamed into place (``os.replace`` is atomic on POSIX filesystems).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from dps_tune.errors import UserError, first_line
+from dps_tune.paths import is_remote
 
 
 # Matches every temporary name :func:`temporary_sibling` makes: strays of a killed writer.
@@ -115,3 +117,43 @@ def file_lock(path: str | os.PathLike, *, blocking: bool = True) -> Iterator[boo
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an error it wraps, is a full disk (ENOSPC, or a quota), however Ray, pyarrow or
+    safetensors wrap it."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(exc) for text in ("No space left on device", "Disk quota exceeded",
+                                             "database or disk is full")):  # the last: SQLite's, via Optuna
+            return True
+        exc = exc.__cause__ or exc.__context__ or getattr(exc, "cause", None)
+    return False
+
+
+def space_left(location: str | os.PathLike) -> str:
+    """``"1.2 MB free of 8.0 MB"`` (KB on a disk under 1 MB) for a path on a local disk; an object store does
+    not say."""
+    if is_remote(location):
+        return "free space not known"
+    path = Path(location).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    usage = shutil.disk_usage(path)
+    unit, size = ("MB", 1e6) if usage.total >= 1e6 else ("KB", 1e3)
+    return f"{usage.free / size:.1f} {unit} free of {usage.total / size:.1f} {unit}"
+
+
+@contextlib.contextmanager
+def full_disk_names(path: str | os.PathLike) -> Iterator[None]:
+    """A full disk met in the block, however wrapped, is an ``OSError`` (ENOSPC) naming ``path``: the line
+    ``dps-tune`` prints for it then names that disk and its free space."""
+    try:
+        yield
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None

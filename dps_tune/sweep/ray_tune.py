@@ -46,7 +46,7 @@ from dps_tune.config import (OBJECTIVE_MEAN, Config, TuneConfig, config_from_dic
                              objective_mean, objectives, scalar_objective, to_dict, tune_config_from_dict,
                              with_overrides)
 from dps_tune.errors import Interrupted, LaunchError, UserError, first_line  # noqa: E402
-from dps_tune.files import write_json  # noqa: E402
+from dps_tune.files import disk_full, space_left, write_json  # noqa: E402
 from dps_tune.paths import is_remote  # noqa: E402
 from dps_tune.sweep import reference, storage, test_figures  # noqa: E402
 from dps_tune.sweep.results import SWEEP_FILE, TRIAL_CONFIG_FILE, flat_params, open_experiment, sweep_meta  # noqa: E402
@@ -118,7 +118,7 @@ def trainable(params: dict[str, Any], *, base: Config, ranking: suppression.Scor
         try:
             tune.report(metrics, checkpoint=checkpoint)
         except OSError as exc:
-            if not storage.disk_full(exc):
+            if not disk_full(exc):
                 raise
             raise RuntimeError(_lost_checkpoint(metrics["epoch"])) from None
         _maybe_inject_crash(trial_id, metrics["epoch"])
@@ -143,7 +143,7 @@ FULL = "the storage is full"  # how a trial's error names a full storage
 def _full(error: BaseException | str) -> bool:
     """Whether a trial's error (the exception, or the text of its error.txt) is a full storage."""
     return FULL in str(error) or "No space left on device" in str(error) or (
-        isinstance(error, BaseException) and storage.disk_full(error))
+        isinstance(error, BaseException) and disk_full(error))
 
 
 def _lost_checkpoint(epoch: float) -> str:
@@ -153,7 +153,7 @@ def _lost_checkpoint(epoch: float) -> str:
     where = get_session().storage
     storage.delete_checkpoint(where.storage_filesystem, where.checkpoint_fs_path)
     local = isinstance(where.storage_filesystem, storage.pafs.LocalFileSystem)
-    space = storage.space_left(where.trial_fs_path) if local else "free space not known"
+    space = space_left(where.trial_fs_path) if local else "free space not known"
     return (f"{FULL} ({space}, at {where.trial_fs_path}): the checkpoint of epoch {epoch:g} was not "
             "saved; make room, then `dps-tune resume` goes on from the last one that was")
 
@@ -499,7 +499,10 @@ def _connect(address: str | None, dashboard: bool) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         _loopback_only()
-        ctx = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+        # "local": without it, ray.init joins a cluster that `ray start` left running on this machine
+        # (/tmp/ray/ray_current_cluster), someone else's perhaps.
+        ctx = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                       _node_ip_address="127.0.0.1",
                        logging_level=logging.WARNING, log_to_driver=True)
         url = getattr(ctx, "dashboard_url", None)
         if dashboard and url:
@@ -638,7 +641,7 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | N
             run_config=_run_config(name, storage_path, sweep.space.keys, t, base, local, location,
                                    with_study=searcher is not None),
         )
-        with _ctrl_c_pauses(), _full_storage_stops(location, "sweep"):
+        with _ctrl_c_pauses("sweep"), _full_storage_stops(location, "sweep"):
             _finish(local, location, tuner.fit(), "sweep")
         return location
 
@@ -670,7 +673,7 @@ def run_points(base: Config, variants: list[dict[str, Any]], seeds: list[int], t
                                         reuse_actors=True),
             run_config=_run_config(name, storage_path, ["seed"], tune_cfg, base, local, location),
         )
-        with _ctrl_c_pauses(), _full_storage_stops(location, "confirmation run"):
+        with _ctrl_c_pauses("confirmation run"), _full_storage_stops(location, "confirmation run"):
             _finish(local, location, tuner.fit(), "confirmation run")
         return location
 
@@ -735,6 +738,10 @@ class _RayLines(logging.Filter):
 
     stopped = False
 
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
         if record.exc_info and _full(record.exc_info[1]):
@@ -745,7 +752,7 @@ class _RayLines(logging.Filter):
             self.stopped = True
             if _STORAGE_FULL.is_set():
                 return False
-            print("dps-tune: Ctrl-C: stopping the trials and saving the sweep, so that `resume` continues it",
+            print(f"dps-tune: Ctrl-C: stopping the trials and saving the {self.what}, so that `resume` continues it",
                   file=sys.stderr, flush=True)
             return False
         return not text.startswith(("Experiment has been interrupted", "Trials did not complete"))
@@ -768,7 +775,7 @@ def _put_off_ctrl_c(doing: str, after: str = "") -> Any:
 
 
 @contextlib.contextmanager
-def _ctrl_c_pauses() -> Iterator[None]:
+def _ctrl_c_pauses(what: str) -> Iterator[None]:
     """Ctrl-C while the trials run is a pause: Ray's own handler (installed by ``fit``) stops them and saves
     the experiment state, then hands SIGINT back to this one, which puts off a second Ctrl-C while that is
     under way, so what is saved is whole. A third quits at once (the last saved state still resumes).
@@ -778,10 +785,10 @@ def _ctrl_c_pauses() -> Iterator[None]:
         return
     _PRESSES[0] = 0
     _STORAGE_FULL.clear()
-    quiet = _RayLines()
+    quiet = _RayLines(what)
     ray_logs = [logging.getLogger(name) for name in ("ray.tune.tune", "ray.tune.execution.tune_controller",
                                                      "ray.tune.analysis.experiment_analysis")]
-    previous = signal.signal(signal.SIGINT, _put_off_ctrl_c("saving the sweep's state",
+    previous = signal.signal(signal.SIGINT, _put_off_ctrl_c(f"saving the {what}'s state",
                                                                  " (`resume` then goes on from the last state saved)"))
     for log in ray_logs:
         log.addFilter(quiet)
@@ -837,7 +844,7 @@ class StorageFull(UserError):
     """The experiment's storage filled up: one line naming it and its free space, and how to go on."""
 
     def __init__(self, location: str, what: str):
-        super().__init__(f"storage {location} is full ({storage.space_left(location)}): the {what} stopped; make "
+        super().__init__(f"storage {location} is full ({space_left(location)}): the {what} stopped; make "
                          f"room, then continue it with `dps-tune resume {shlex.quote(location)}`")
 
 
@@ -849,7 +856,7 @@ def _full_storage_stops(location: str, what: str) -> Iterator[None]:
     except UserError:
         raise
     except Exception as exc:
-        if not storage.disk_full(exc):
+        if not disk_full(exc):
             raise
         raise StorageFull(location, what) from None
 
@@ -915,7 +922,7 @@ def resume_sweep(exp: str | os.PathLike | Resumable, *, address: str | None = No
         tuner = tune.Tuner.restore(restore_at, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    restart_errored=False, storage_filesystem=filesystem)
         what = "confirmation run" if "confirm" in meta else "sweep"
-        with _ctrl_c_pauses(), _full_storage_stops(location, what):
+        with _ctrl_c_pauses(what), _full_storage_stops(location, what):
             _finish(local, location, tuner.fit(), what)
         return location
 

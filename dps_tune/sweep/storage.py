@@ -16,12 +16,10 @@ Every file dps_tune reads from or writes to an experiment goes through this modu
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -221,31 +219,6 @@ def _delete(delete, path: str) -> bool:
         logger.warning("could not delete %s: %s", path, first_line(exc))
         return False
     return True
-
-
-def disk_full(exc: BaseException | None) -> bool:
-    """Whether ``exc``, or an error it wraps, is a full disk (ENOSPC, or a quota), however Ray or pyarrow wrap it."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if any(text in str(exc) for text in ("No space left on device", "Disk quota exceeded",
-                                             "database or disk is full")):  # the last: SQLite's, via Optuna
-            return True
-        exc = exc.__cause__ or exc.__context__ or getattr(exc, "cause", None)
-    return False
-
-
-def space_left(location: str | os.PathLike) -> str:
-    """``"1.2 MB free of 8.0 MB"`` for a path on a local disk; an object store does not say."""
-    if is_remote(location):
-        return "free space not known"
-    path = Path(location).expanduser().absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    usage = shutil.disk_usage(path)
-    return f"{usage.free / 1e6:.1f} MB free of {usage.total / 1e6:.1f} MB"
 
 
 def local_view(location: str | os.PathLike) -> Path:

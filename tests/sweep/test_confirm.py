@@ -156,6 +156,65 @@ def test_a_killed_confirmation_is_finished_by_resume_without_redoing_training(tw
                 assert raw.count(step) == 1, (trial.trial_id, raw)
 
 
+def test_ctrl_c_pauses_a_confirmation_that_resume_finishes(two_objective, tmp_path):
+    """Ctrl-C (SIGINT to `confirm`'s process group, as a terminal sends it) after its first checkpoint: one block
+    naming the resume command, exit 130; `resume` then trains every (method, seed) once, each interrupted trial
+    from its checkpoint, and writes the confirmation's summary."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dps_tune.sweep import ray_tune
+
+    exp, _ = two_objective
+    conf = tmp_path / "conf"
+    proc = subprocess.Popen([sys.executable, "-m", "dps_tune.cli", "confirm", str(exp), "--seeds", "2", "--select",
+                             "id_val_f1", "--storage", str(tmp_path), "--name", "conf", "--no-dashboard", "--set",
+                             "tune.resume_every=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while not list(conf.glob("*/checkpoint_*/metrics.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, f"the confirmation ended before its first checkpoint: {proc.communicate()[1][-3000:]}"
+    assert list(conf.glob("*/checkpoint_*/metrics.json")), "no checkpoint in 10 minutes"
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    # Lines forwarded from the trials' worker processes may hold Ray's own SIGTERM noise; dps-tune's do not.
+    own = "\n".join(line for line in err.splitlines() if "(trainable pid=" not in line)
+    assert "Traceback" not in own and "Tuner.restore" not in err, err[-3000:]
+    assert "saving the confirmation run" in err, err[-3000:]
+    start = err.index("dps-tune: confirmation run interrupted")
+    block = err[start:].strip().splitlines()
+    assert len(block) == 2 and "trial(s) finished" in block[0] and "to go" in block[0], block
+    assert int(block[0].split(", ")[-1].split(" to go")[0]) > 0, block
+    assert block[1].strip().endswith(f"resume {conf}"), block
+    assert "experiment:" not in out and not (conf / confirm.CONFIRM_JSON).exists()  # no summary of a finished run
+    assert json.loads((conf / "dps_tune_sweep.json").read_text())["status"] == "interrupted"
+    assert "interrupted" in set(results.results_table(conf)["status"])
+    to_resume = [t for t, (status, name) in ray_tune.restore_points(str(conf)).items()
+                 if name is not None and status != "TERMINATED"]
+
+    again = dps_tune("resume", conf, "--no-dashboard")
+    assert again.stderr.count("resumes from epoch 1") == len(to_resume), again.stderr[-3000:]
+    assert "mean [95% CI]" in again.stdout and "(confirm.json, confirm.csv;" in again.stdout, again.stdout[-2000:]
+    summary = json.loads((conf / confirm.CONFIRM_JSON).read_text())
+    trained = set(summary["methods"]) - {"zero-shot"}
+    assert trained and "zero-shot" in summary["methods"] and summary["pairs"]
+    assert all(summary["methods"][m]["seeds"] == [1, 2] for m in trained), summary["methods"]
+    assert summary["selected"] == json.loads((conf / "dps_tune_sweep.json").read_text())["confirm"]["selected"]
+    assert (conf / confirm.CONFIRM_CSV).is_file()
+    table = results.results_table(conf)
+    assert set(table["status"]) == {"completed"}, table
+    assert sorted(zip(table["algorithm"], table["seed"])) == sorted((m, s) for m in trained for s in (1, 2))
+    for trial in results.load_trials(conf):  # no hole in any trial's reported history
+        assert [h["epoch"] for h in trial.history] == [1.0, 2.0], (trial.trial_id, trial.history)
+    dps_tune("best", conf, "--export", tmp_path / "best")
+    dps_tune("report", conf, "--out", tmp_path / "conf.html")
+
+
 def test_confirm_runs_the_controls_at_dps_selected_configuration_and_seeds(tmp_path):
     """DPS (top)'s winner is retrained with random, bottom and masking 1.0 at its own lr, wd, masking and seeds."""
     import torch

@@ -40,6 +40,24 @@ def sweep(tmp_path_factory):
     return tmp / "runs" / "ce", config_from_dict({k: v for k, v in raw.items() if k not in ("search", "tune")})
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(sweep, tmp_path_factory):
+    """``uninterrupted(command, extra)``: the output folder of ``dps-tune COMMAND`` on the sweep with ``extra``
+    arguments (evaluated in its own process), run once and whole; shared by the tests that interrupt the same
+    command."""
+    exp, _ = sweep
+    done: dict[tuple, Path] = {}
+
+    def run(command: str, extra: list[str]) -> Path:
+        key = (command, *extra)
+        if key not in done:
+            done[key] = tmp_path_factory.mktemp("whole") / command
+            dps_tune(command, exp, *extra, "--out", done[key], "--in-process", "--no-progress")
+        return done[key]
+
+    return run
+
+
 def reevaluate_in_plain_open_clip(export: Path) -> dict:
     cfg = checkpoint.read_config(export)
     open_clip.add_model_config(str(export))
@@ -157,35 +175,57 @@ def test_soup_on_a_sweep_through_ray(sweep, tmp_path):
     assert soup_marks
 
 
-@pytest.mark.parametrize("command,csv_name,extra,sig", [("wise", "wise.csv", ["--alphas", "0:1:0.25"], "KILL"),
-                                                        ("soup", "soup_steps.csv", [], "KILL"),
-                                                        ("wise", "wise.csv", ["--alphas", "0:1:0.25"], "INT")])
-def test_a_killed_ensemble_run_is_finished_by_a_rerun_that_redoes_nothing(sweep, tmp_path, command, csv_name, extra,
-                                                                          sig):
-    """SIGKILL (or Ctrl-C) before the third evaluation, then the same command: it evaluates only what is missing."""
+def run_until(kill_at: int, command: str, exp: Path, *args, sig: str = "KILL", calls: Path | None = None):
+    """``dps-tune COMMAND EXP ARGS`` killed (SIGKILL, or Ctrl-C with ``sig="INT"``) before its ``kill_at``-th
+    evaluation (0: never); with ``calls``, the number of evaluations it ran is written there."""
     import os
     import subprocess
     import sys
 
-    exp, _ = sweep
     killer = Path(__file__).resolve().parents[1] / "kill_after.py"
-    out, whole = tmp_path / command, tmp_path / "whole"
+    return subprocess.run([sys.executable, str(killer), "dps_tune.sweep.ensembles:evaluate_job", str(kill_at),
+                           "--signal", sig, "--", command, str(exp), *map(str, args)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **({"CALLS_FILE": str(calls)} if calls else {})})
 
-    def run(kill_at: int, calls=None):
-        return subprocess.run([sys.executable, str(killer), "dps_tune.sweep.ensembles:evaluate_job", str(kill_at),
-                               "--signal", sig, "--", command, str(exp), *extra, "--out", str(out), "--in-process", "--no-progress"],
-                              capture_output=True, text=True, timeout=600,
-                              env={**os.environ, **({"CALLS_FILE": str(calls)} if calls else {})})
 
-    dps_tune(command, exp, *extra, "--out", whole, "--in-process", "--no-progress")
+def row_key(command: str):
+    return (lambda r: (r["checkpoint"], r["alpha"])) if command == "wise" else (lambda r: r["key"])
+
+
+def assert_same_result(command: str, out: Path, whole: Path) -> None:
+    """``out``'s summary and exported model are an uninterrupted run's (``whole``): same choice, figures and
+    weights."""
+    a, b = json.loads((out / f"{command}.json").read_text()), json.loads((whole / f"{command}.json").read_text())
+    group = "methods" if command == "wise" else "soups"
+    mine, theirs = a[group]["ce"], b[group]["ce"]
+    assert {k: v for k, v in mine.items() if k != "export"} == {k: v for k, v in theirs.items() if k != "export"}
+    import torch
+    from safetensors.torch import load_file
+
+    weights = [load_file(str(Path(r["export"]) / "model.safetensors")) for r in (mine, theirs)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize("command,csv_name,extra,sig", [("wise", "wise.csv", ["--alphas", "0:1:0.25"], "KILL"),
+                                                        ("soup", "soup_steps.csv", [], "KILL"),
+                                                        ("wise", "wise.csv", ["--alphas", "0:1:0.25"], "INT"),
+                                                        ("soup", "soup_steps.csv", [], "INT")])
+def test_a_killed_ensemble_run_is_finished_by_a_rerun_that_redoes_nothing(sweep, uninterrupted, tmp_path, command,
+                                                                          csv_name, extra, sig):
+    """SIGKILL (or Ctrl-C) before the third evaluation, then the same command: it evaluates only what is missing."""
+    exp, _ = sweep
+    out, whole = tmp_path / command, uninterrupted(command, extra)
+    args = [*extra, "--out", out, "--in-process", "--no-progress"]
     total = len(read_csv(whole / csv_name))
     assert total >= 3
-    killed = run(3)
+    killed = run_until(3, command, exp, *args, sig=sig)
     if sig == "INT":  # one block, exit 130, and the command that continues it
         block = killed.stderr.strip().splitlines()[-2:]
         assert killed.returncode == 130 and "Traceback" not in killed.stderr, killed.stderr[-2000:]
         assert block[0] == f"dps-tune: {command} interrupted (Ctrl-C); what it finished is kept.", block
-        assert block[1].endswith(f"{command} {exp} {' '.join(extra)} --out {out} --in-process --no-progress"), block
+        assert block[1].endswith(" ".join(map(str, [command, exp, *args]))), block
     else:
         assert killed.returncode == -9, killed.stderr[-2000:]
     finished = [r for r in read_csv(out / csv_name) if r["complete"] == "1"]
@@ -196,22 +236,72 @@ def test_a_killed_ensemble_run_is_finished_by_a_rerun_that_redoes_nothing(sweep,
         assert len(list((out / results.WISE_PREDICTIONS).iterdir())) == 2
 
     calls = tmp_path / "calls"
-    again = run(0, calls)
+    again = run_until(0, command, exp, *args, sig=sig, calls=calls)
     assert again.returncode == 0, again.stderr[-2000:]
     assert int(calls.read_text()) == total - 2  # the two finished evaluations were not redone
     rows = read_csv(out / csv_name)
-    key = (lambda r: (r["checkpoint"], r["alpha"])) if command == "wise" else (lambda r: r["key"])
-    assert len(rows) == total and len({key(r) for r in rows}) == total
+    assert len(rows) == total and len({row_key(command)(r) for r in rows}) == total
     if command == "wise":
         check_row_predictions(out, rows)
-    a, b = json.loads((out / f"{command}.json").read_text()), json.loads((whole / f"{command}.json").read_text())
-    if command == "wise":
-        assert a["methods"]["ce"]["alpha"] == b["methods"]["ce"]["alpha"]
-        assert a["methods"]["ce"]["metrics"] == b["methods"]["ce"]["metrics"]
-    else:
-        assert [i["checkpoint"] for i in a["soups"]["ce"]["ingredients"]] == \
-            [i["checkpoint"] for i in b["soups"]["ce"]["ingredients"]]
-        assert a["soups"]["ce"]["metrics"] == b["soups"]["ce"]["metrics"]
+    assert_same_result(command, out, whole)
+
+
+@pytest.mark.parametrize("command,csv_name,extra,stops", [
+    # wise.csv's 22 rows (about 250 bytes each) overflow a 4 KB disk partway; 1 MB holds them all, but not the
+    # chosen model's weights (13.5 MB)
+    ("wise", "wise.csv", ["--alphas", "0:1:0.1", "--top-k", "2"], [("4k", "partway"), ("1m", "all")]),
+    # soup_steps.csv (under 2 KB) fits on 1 MB, the soup's weights do not
+    ("soup", "soup_steps.csv", [], [("1m", "all")]),
+])
+def test_a_full_disk_stops_an_ensemble_run_in_one_line_and_the_same_command_finishes_it(sweep, uninterrupted, tmp_path,
+                                                                                       small_disk, command, csv_name,
+                                                                                       extra, stops):
+    """--out on a small tmpfs, grown after each stop. Each stop is one line naming the disk and its free space, and
+    leaves only whole rows: no summary, no export, no stray file. Every run evaluates only what is missing; the last
+    ends as an uninterrupted run does."""
+    from dps_tune.files import TEMP_GLOB
+    from dps_tune.sweep.results import ensemble_kind
+
+    exp, _ = sweep
+    whole = uninterrupted(command, extra)
+    expected = {row_key(command)(r): r for r in read_csv(whole / csv_name)}
+    total = len(expected)
+    disk, grow = small_disk(stops[0][0])
+    out, calls = disk / command, tmp_path / "calls"
+    args = [*extra, "--out", out, "--in-process", "--no-progress"]
+    done = 0
+    for size, rows_kept in stops:
+        grow(size)
+        stopped = run_until(0, command, exp, *args, calls=calls)
+        lines = stopped.stderr.strip().splitlines()
+        assert stopped.returncode == 1 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+        assert lines[-1].startswith(f"dps-tune: error: the disk is full writing {out} (") and \
+            " free of " in lines[-1] and lines[-1].endswith("run the same command again"), lines[-1]
+        assert all("evaluations found in" in line for line in lines[:-1]), lines  # and before it, only progress
+        assert ensemble_kind(out) is None and not (out / f"{command}.json").exists()
+        # wise's per-row predictions are whole files (written atomically), each before its row
+        assert not [p.name for p in out.iterdir() if p.name not in (csv_name, results.WISE_PREDICTIONS)], \
+            list(out.iterdir())
+        assert not list(out.glob(TEMP_GLOB))
+        whole_rows = [r for r in read_csv(out / csv_name) if r["complete"] == "1"]
+        for r in whole_rows:  # a row marked complete is the row an uninterrupted run wrote
+            assert r == expected[row_key(command)(r)], r
+        assert len({row_key(command)(r) for r in whole_rows}) == len(whole_rows)
+        ran = int(calls.read_text())
+        assert len(whole_rows) - done <= ran <= total - done, (ran, done, len(whole_rows))  # nothing finished redone
+        assert (0 < len(whole_rows) < total) if rows_kept == "partway" else len(whole_rows) == total, whole_rows
+        done = len(whole_rows)
+
+    grow("64m")
+    again = run_until(0, command, exp, *args, calls=calls)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert int(calls.read_text()) == 0  # every evaluation was kept before the disk filled in the export
+    rows = [row_key(command)(r) for r in read_csv(out / csv_name) if r["complete"] == "1"]
+    assert len(rows) == total and set(rows) == set(expected)
+    assert_same_result(command, out, whole)
+    assert not list(out.glob(TEMP_GLOB))
+    if command == "wise":  # each row's predictions are whole, whichever run wrote them
+        check_row_predictions(out, read_csv(out / csv_name))
 
 
 def test_bad_ensemble_input_is_one_line_and_writes_nothing(sweep, tmp_path):
