@@ -247,9 +247,9 @@ def test_a_killed_ensemble_run_is_finished_by_a_rerun_that_redoes_nothing(sweep,
 
 
 @pytest.mark.parametrize("command,csv_name,extra,stops", [
-    # wise.csv's 22 rows (about 250 bytes each) overflow a 4 KB disk partway; 1 MB holds them all, but not the
-    # chosen model's weights (13.5 MB)
-    ("wise", "wise.csv", ["--alphas", "0:1:0.1", "--top-k", "2"], [("4k", "partway"), ("1m", "all")]),
+    # Each of wise's 22 rows is a predictions file (one 4 KB page of tmpfs) and a line of wise.csv: 48 KB holds
+    # some of them; 1 MB holds them all, but not the chosen model's weights (13.5 MB)
+    ("wise", "wise.csv", ["--alphas", "0:1:0.1", "--top-k", "2"], [("48k", "partway"), ("1m", "all")]),
     # soup_steps.csv (under 2 KB) fits on 1 MB, the soup's weights do not
     ("soup", "soup_steps.csv", [], [("1m", "all")]),
 ])
