@@ -68,7 +68,7 @@ MUTS = [
  ("no lock around the pretrained build", "dps_tune/demo/pretrain.py",
   'with file_lock(path.with_name(path.name + ".lock")):', 'with contextlib.nullcontext():',
   "tests/demo/test_pretrain.py::test_build_is_deterministic_and_concurrent_builders_share_one_file"),
- ("report's best per method from each trial's last report", "dps_tune/sweep/report.py",
+ ("report's best per method from each trial's last report", "dps_tune/sweep/report/tables.py",
   "            for h in t.history:", "            for h in t.history[-1:]:",
   "tests/sweep/test_report.py::test_report_shows_every_plot_and_the_tables"),
  ("macro-F1 over every label seen", "dps_tune/metrics.py",

@@ -209,7 +209,8 @@ class Dashboard:
         body = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>dps-tune dashboard</title>
 <meta http-equiv="refresh" content="{REFRESH_S}">
-<style>{report_mod.CSS}</style></head>
+<style>
+{report_mod.CSS}</style></head>
 <body><h1>dps-tune dashboard</h1>
 <p><a id="report-link" href="/report">The report</a>: ID against OOD, masking, learning curves and the tables of
 every experiment below, rebuilt as trials report.</p>

@@ -1,0 +1,186 @@
+"""Reading sweeps, ensembles and zero-shot metrics into what the figures and tables draw.
+
+Built on the readers of :mod:`dps_tune.sweep.results`: one :class:`Experiment` per sweep
+directory, the WiSE-FT curves and soups of ``dps-tune wise`` and ``dps-tune soup``, and
+the points marked on the ID-vs-OOD plot beside each trial's last report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from dps_tune.config import DEFAULT_METRIC, best_of, default_mode, scalar_objective
+from dps_tune.errors import UserError, first_line
+from dps_tune.sweep.results import (Trial, curve_correct, ended, load_trials, method_name, open_experiment,
+                                    results_table, trial_status)
+
+ZERO_SHOT_FILE = "zero_shot.json"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One sweep directory as the report sees it."""
+
+    name: str
+    path: Path
+    meta: dict[str, Any]
+    trials: list[Trial]
+    table: pd.DataFrame
+    metric: str
+    mode: str
+
+    @property
+    def finished(self) -> bool:
+        return ended(self.meta)
+
+    def status(self, trial: Trial) -> str:
+        return trial_status(trial, self.meta.get("max_t"), self.finished)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
+    """Read one sweep directory; a missing directory or one without trials is a :class:`UserError`."""
+    path, meta = open_experiment(exp_dir)
+    tune = meta.get("tune") or {}
+    metric, mode = scalar_objective(tune) if tune else (DEFAULT_METRIC, default_mode(DEFAULT_METRIC))
+    trials = load_trials(path)
+    return Experiment(meta.get("name") or path.resolve().name, path, meta, trials,
+                      results_table(path, metric, mode), metric, mode)
+
+
+def load_zero_shot(path: str | os.PathLike) -> dict[str, float]:
+    """The ``*_acc`` and ``*_f1`` metrics of a zero-shot JSON file or of a checkpoint directory.
+
+    A directory is read through its ``metrics.json``. The file holds one JSON object
+    of metrics (``{"id_val_acc": 0.7, ...}``), optionally nested under ``"metrics"``.
+    """
+    src = Path(path)
+    file = src / "metrics.json" if src.is_dir() else src
+    if not file.is_file():
+        what = "no metrics.json in this directory" if src.is_dir() else "no such file or directory"
+        raise UserError(f"zero-shot metrics {str(src)!r}: {what}")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"zero-shot metrics {str(file)!r}: not readable JSON ({first_line(exc)})") from None
+    if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
+        data = data["metrics"]
+    if not isinstance(data, dict):
+        raise UserError(f"zero-shot metrics {str(file)!r}: expected a JSON object of metrics")
+    metrics = {str(k): float(v) for k, v in data.items() if str(k).endswith(("_acc", "_f1")) and _finite(v)}
+    if not metrics:
+        raise UserError(f"zero-shot metrics {str(file)!r}: no *_acc or *_f1 metric in it")
+    return metrics
+
+
+def find_zero_shot(exp_dirs: Sequence[str | os.PathLike]) -> Path | None:
+    """The first ``zero_shot.json`` next to one of ``exp_dirs`` (in their parent), if any."""
+    for exp in exp_dirs:
+        candidate = Path(exp).resolve().parent / ZERO_SHOT_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+
+@dataclass(frozen=True)
+class _Point:
+    trial: Trial
+    method: str
+    status: str
+
+    def value(self, metric: str) -> float | None:
+        v = self.trial.last.get(metric)
+        return float(v) if _finite(v) else None
+
+
+def _points(experiments: Sequence[Experiment]) -> list[_Point]:
+    return [_Point(t, method_name(t.config), e.status(t)) for e in experiments for t in e.trials]
+
+
+@dataclass(frozen=True)
+class _Curve:
+    """A WiSE-FT curve of one method: (alpha, metrics) from alpha 0 to 1, and the alpha chosen.
+
+    ``correct`` maps each alpha to its per-image correctness (id_test, ood_test), [images]
+    each, from the predictions ``wise`` recorded; None where it recorded none.
+    """
+
+    method: str
+    points: list[tuple[float, dict[str, float]]]
+    chosen: float
+    correct: Mapping[float, tuple[np.ndarray, np.ndarray]] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class _Soup:
+    name: str  # a method, or "mixed"
+    ingredients: int
+    candidates: int
+    metrics: dict[str, float]
+
+
+def _ensembles(summaries: Sequence[Mapping[str, Any]]) -> tuple[list[_Curve], list[_Soup]]:
+    curves, soups = [], []
+    for s in summaries:
+        if s["kind"] == "wise":
+            for method, rec in s.get("methods", {}).items():
+                rows = sorted((r for r in s["rows"] if r["method"] == method and r["checkpoint"] == rec["checkpoint"]),
+                              key=lambda r: r["alpha"])
+                correct = curve_correct(s["path"], rows) if rows and "path" in s else None
+                curves.append(_Curve(method, [(float(r["alpha"]), r) for r in rows], float(rec["alpha"]), correct))
+        else:
+            for name, rec in s.get("soups", {}).items():
+                soups.append(_Soup(name, len(rec["ingredients"]), rec["candidates"], rec["metrics"]))
+    return curves, soups
+
+
+@dataclass(frozen=True)
+class _Marked:
+    """A point that is not a trial's last report: its best checkpoint, or a confirmed mean with its intervals."""
+
+    method: str
+    x: float
+    y: float
+    x_range: tuple[float, float] | None = None
+    y_range: tuple[float, float] | None = None
+    seeds: int = 0
+
+
+def best_checkpoints(experiments: Sequence[Experiment], x_metric: str, y_metric: str) -> list[_Marked]:
+    """Each trial's evaluation best by its sweep's metric (the checkpoint Ray keeps), at ``x_metric`` / ``y_metric``."""
+    out = []
+    for e in experiments:
+        for t in e.trials:
+            rows = [h for h in t.history if _finite(h.get(e.metric)) and _finite(h.get(x_metric))
+                    and _finite(h.get(y_metric))]
+            if rows:
+                h = best_of(rows, lambda r: r[e.metric], e.mode)
+                out.append(_Marked(method_name(t.config), float(h[x_metric]), float(h[y_metric])))
+    return out
+
+
+def confirmed_means(experiments: Sequence[Experiment], x_metric: str, y_metric: str) -> list[_Marked]:
+    """The methods' confirmed means (``dps-tune confirm``'s ``confirm.json``) with their 95% intervals."""
+    from dps_tune.sweep.confirm import ZERO_SHOT, read_summary
+
+    out = []
+    for e in experiments:
+        for method, row in ((read_summary(e.path) or {}).get("methods") or {}).items():
+            x, y = row.get(x_metric), row.get(y_metric)
+            if method == ZERO_SHOT or not x or not y or not _finite(x.get("mean")) or not _finite(y.get("mean")):
+                continue
+            out.append(_Marked(method, x["mean"], y["mean"], (x.get("low", x["mean"]), x.get("high", x["mean"])),
+                               (y.get("low", y["mean"]), y.get("high", y["mean"])), len(row.get("seeds", []))))
+    return out
