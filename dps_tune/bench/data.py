@@ -34,7 +34,7 @@ from PIL import Image
 from dps_tune.data import cache_reader, cache_writer
 from dps_tune.data import datasets as data_mod
 from dps_tune.data.augment import TrainAugment
-from dps_tune.data.datasets import Records
+from dps_tune.data.records import DatasetSpec, Records
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
         records = write_photos(Path(tmp), args.images, args.width, args.height)
         jpeg_total = jpeg_rate(records, model_size=args.model_size, batch_size=batch_size, workers=args.workers)
         jpeg = jpeg_total / max(1, args.workers)  # per core
-        spec = data_mod.DatasetSpec(("a", "b"), ("{c}",), records, records, {})
+        spec = DatasetSpec(("a", "b"), ("{c}",), records, records, {})
         start = time.perf_counter()
         cache_writer.prepare(spec, Path(tmp) / "cache", size=args.size, workers=args.workers, progress=False)
         logger.info("prepare: %.1f img/s with %d workers", args.images / (time.perf_counter() - start), args.workers)

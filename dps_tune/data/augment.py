@@ -1,8 +1,8 @@
 """Training augmentation and evaluation preprocessing for whole batches, on the trial's device.
 
-Input is a batch of uint8 images from the prepared cache (:mod:`dps_tune.data.cache_writer`),
+Input is a batch of uint8 images from the prepared cache (:mod:`dps_tune.data.cache_reader`),
 ``[B, S, S, 3]``, already on the device. Training draws one RandomResizedCrop box per
-sample (scale 0.9–1.0, the paper's setting) with :func:`dps_tune.data.datasets.crop_params`
+sample (scale 0.9–1.0, the paper's setting) with :func:`dps_tune.data.sampling.crop_params`
 from a generator seeded by the sample's seed, exactly as the JPEG path does, so a
 sample's crop is a function of (run seed, epoch, position) and resumed runs stay exact.
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg
 
-from dps_tune.data.datasets import TRAIN_CROP_RATIO, TRAIN_CROP_SCALE, crop_params
+from dps_tune.data.sampling import TRAIN_CROP_RATIO, TRAIN_CROP_SCALE, crop_params
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class TrainAugment:
     """RandomResizedCrop(scale 0.9–1.0) to ``size``, then the model's normalisation, for a batch.
 
     ``augment(images, seeds)`` takes uint8 [B, S, S, 3] on any device and one seed per
-    sample (:func:`dps_tune.data.sample_seed`); returns float32 [B, 3, size, size] there.
+    sample (:func:`dps_tune.data.sampling.sample_seed`); returns float32 [B, 3, size, size] there.
     """
 
     def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic",

@@ -1,4 +1,4 @@
-"""Reading a prepared image cache (see :mod:`dps_tune.data.cache_writer`): checked, memory-mapped, batched.
+"""Reading a prepared image cache (see :mod:`dps_tune.data.cache_format`): checked, memory-mapped, batched.
 
 :func:`open_for` opens a cache for a dataset and refuses it when it no longer matches the
 files it was built from. The loaders yield the same ``(images, labels, index)`` batches
@@ -17,8 +17,9 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from dps_tune.data.cache_writer import MANIFEST, MISSING, distinct_images, read_manifest, shard_ok, stat_files
-from dps_tune.data.datasets import DatasetSpec, EpochSampler, Records
+from dps_tune.data.cache_format import MANIFEST, MISSING, distinct_images, read_manifest, shard_ok, stat_files
+from dps_tune.data.records import DatasetSpec, Records
+from dps_tune.data.sampling import EpochSampler
 from dps_tune.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ class CachedTrainLoader:
     """One epoch of training batches from the cache, in the JPEG loader's order.
 
     Yields ``(images [B, 3, H, W] float32 on device, labels [B] on device, record index [B])``.
-    Order and crops come from :class:`dps_tune.data.datasets.EpochSampler`, so batch ``k`` of
+    Order and crops come from :class:`dps_tune.data.sampling.EpochSampler`, so batch ``k`` of
     epoch ``e`` is the same batch the JPEG path yields and resuming at ``start_batch``
     continues exactly. The CPU only copies rows into a (pinned) buffer; cropping,
     resizing and normalising run on ``device``.

@@ -1,30 +1,30 @@
 """Datasets: the FLYP CSV format, WILDS iWildCam v2.0 on disk, and the synthetic world.
 
-Every dataset becomes a :class:`DatasetSpec`: class names, prompt templates, the
-training records (one per image for CE/DPS, one per image and caption for FLYP) and
-one record list per evaluation split. Loaders read images lazily, so a missing or
-unreadable file is reported with its path and the row that named it.
+Every dataset becomes a :class:`~dps_tune.data.records.DatasetSpec`: class names, prompt
+templates, the training records (one per image for CE/DPS, one per image and caption for
+FLYP) and one record list per evaluation split. The JPEG loaders here read images lazily,
+so a missing or unreadable file is reported with its path and the row that named it; their
+order and crops come from :mod:`dps_tune.data.sampling`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from dps_tune.config import SPLITS, DataConfig
 from dps_tune.data import synthetic
+from dps_tune.data.records import DatasetSpec, Records
+from dps_tune.data.sampling import EpochSampler, crop_params
 from dps_tune.errors import DataError, first_line
 
 logger = logging.getLogger(__name__)
@@ -33,30 +33,6 @@ IWILDCAM_TEMPLATES = ("a photo of {c}.", "{c} in the wild.")
 SIMPLE_TEMPLATES = ("a photo of a {c}.",)
 # Our split names -> WILDS iWildCam split names.
 IWILDCAM_SPLITS = {"train": "train", "id_val": "id_val", "id_test": "id_test", "ood_val": "val", "ood_test": "test"}
-TRAIN_CROP_SCALE = (0.9, 1.0)
-TRAIN_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-
-
-@dataclass(frozen=True)
-class Records:
-    """Images of one split. ``rows`` says where each record came from, for error messages."""
-
-    paths: tuple[str, ...]
-    labels: tuple[int, ...]
-    rows: tuple[str, ...]
-    captions: tuple[str, ...] | None = None
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    classnames: tuple[str, ...]
-    templates: tuple[str, ...]
-    train_images: Records  # one record per image: CE and DPS
-    train_pairs: Records  # one record per (image, caption): FLYP
-    splits: dict[str, Records] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------- loading
@@ -244,36 +220,6 @@ def _load_iwildcam(cfg: DataConfig) -> DatasetSpec:
 # ---------------------------------------------------------------------- transforms
 
 
-def crop_params(height: int, width: int, gen: torch.Generator, scale: tuple[float, float] = TRAIN_CROP_SCALE,
-                ratio: tuple[float, float] = TRAIN_CROP_RATIO) -> tuple[int, int, int, int]:
-    """RandomResizedCrop's box (top, left, h, w), drawn from an explicit generator.
-
-    Same algorithm as torchvision's ``RandomResizedCrop.get_params``; the generator makes
-    every sample's crop a function of (seed, epoch, position), so resumed and
-    uninterrupted runs see the same augmentations.
-    """
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        u = torch.rand(4, generator=gen).tolist()
-        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
-        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(u[2] * (height - h + 1))
-            left = int(u[3] * (width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
 class TrainTransform:
     """RandomResizedCrop(scale 0.9–1.0, bicubic) to the model size, then the model's normalisation."""
 
@@ -294,14 +240,6 @@ def open_image(path: str, row: str) -> Image.Image:
         raise DataError(f"image {path!r} ({row}): no such file") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"image {path!r} ({row}): unreadable ({exc})") from None
-
-
-_ORDER, _AUGMENT = 0, 1  # independent random streams of one epoch
-
-
-def sample_seed(seed: int, epoch: int, position: int, stream: int = _AUGMENT) -> int:
-    """A seed that depends only on (run seed, epoch, position in the epoch, stream)."""
-    return int(np.random.SeedSequence([seed, epoch, stream, position]).generate_state(1)[0])
 
 
 class ImageDataset(Dataset):
@@ -325,32 +263,6 @@ class ImageDataset(Dataset):
             index = item
             img = self.transform(open_image(self.records.paths[index], self.records.rows[index]))
         return img, self.records.labels[index], index
-
-
-class EpochSampler(Sampler):
-    """The permutation of one epoch as ``(record, aug_seed)``, from batch ``start_batch`` on.
-
-    The order and the augmentation of each sample depend only on (seed, epoch), so a
-    run resumed mid-epoch continues with exactly the batches it would have seen.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start_batch: int = 0):
-        self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start_batch
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0, stream=_ORDER))
-        order = torch.randperm(self.n, generator=gen).tolist()
-        end = steps_per_epoch(self.n, self.batch_size) * self.batch_size
-        for pos in range(self.start * self.batch_size, end):
-            yield order[pos], sample_seed(self.seed, self.epoch, pos)
-
-    def __len__(self) -> int:
-        return max(0, steps_per_epoch(self.n, self.batch_size) * self.batch_size - self.start * self.batch_size)
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Full batches only (a ragged last batch would skew the contrastive loss), at least one."""
-    return max(1, n // batch_size) if n >= batch_size else 1
 
 
 def _collate(batch):

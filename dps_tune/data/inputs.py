@@ -7,7 +7,7 @@
   (:mod:`dps_tune.data.cache_reader`) and augments them on the trial's device.
 
 Both yield the same batches: batch ``k`` of epoch ``e`` holds the same records with the
-same crops (see :class:`~dps_tune.data.datasets.EpochSampler`), so a run resumed at
+same crops (see :class:`~dps_tune.data.sampling.EpochSampler`), so a run resumed at
 ``(epoch, start_batch)`` continues exactly, whichever path it takes.
 """
 
@@ -21,8 +21,9 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from dps_tune.config import DataConfig
 from dps_tune.data import augment, cache_reader
-from dps_tune.data.datasets import (DatasetSpec, Records, TrainTransform, eval_loader, load_dataset, steps_per_epoch,
-                                    train_loader)
+from dps_tune.data.datasets import TrainTransform, eval_loader, load_dataset, train_loader
+from dps_tune.data.records import DatasetSpec, Records
+from dps_tune.data.sampling import steps_per_epoch
 
 logger = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from dps_tune import cli, models
 from dps_tune.data import augment
 from dps_tune.data import cache_reader, cache_writer
 from dps_tune.data import datasets as data_mod
+from dps_tune.data import sampling
 from dps_tune.bench import data as bench_data
 from dps_tune.config import DataConfig, config_from_dict
 from dps_tune.errors import DataError
@@ -260,7 +261,7 @@ def test_cached_loader_follows_the_epoch_order_and_resumes_exactly(tmp_path):
                                                   start_batch=start))
 
     full, resumed = batches(0), batches(2)
-    order = [i for i, _ in data_mod.EpochSampler(len(spec.train_images), 8, seed=3, epoch=1)]
+    order = [i for i, _ in sampling.EpochSampler(len(spec.train_images), 8, seed=3, epoch=1)]
     assert torch.cat([index for _, _, index in full]).tolist() == order
     assert len(full) == 4 and len(resumed) == 2
     for (a, la, ia), (b, lb, ib) in zip(full[2:], resumed):
@@ -281,7 +282,7 @@ def _smooth_images(n, size, seed=0):
 
 @pytest.mark.parametrize("backend", ["per_sample", "matmul"])
 def test_device_augmentation_shapes_dtype_and_normalisation(backend):
-    seeds = [data_mod.sample_seed(0, 0, i) for i in range(5)]
+    seeds = [sampling.sample_seed(0, 0, i) for i in range(5)]
     images = _smooth_images(5, 40)
     out = augment.TrainAugment(32, MEAN, STD, backend=backend)(images, seeds)
     assert out.shape == (5, 3, 32, 32) and out.dtype == torch.float32 and out.is_contiguous()
@@ -298,7 +299,7 @@ def test_device_augmentation_shapes_dtype_and_normalisation(backend):
     boxes = augment.crop_boxes(40, 40, seeds)
     jpeg_tf = data_mod.TrainTransform(32, MEAN, STD)
     for i, seed in enumerate(seeds):
-        assert tuple(boxes[i].tolist()) == data_mod.crop_params(40, 40, torch.Generator().manual_seed(seed))
+        assert tuple(boxes[i].tolist()) == sampling.crop_params(40, 40, torch.Generator().manual_seed(seed))
         ref = jpeg_tf(Image.fromarray(images[i].numpy()), torch.Generator().manual_seed(seed))
         assert (out[i] - ref).abs().max() <= 2.5 / 255 / min(STD), (i, (out[i] - ref).abs().max())
 
