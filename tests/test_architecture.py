@@ -15,6 +15,14 @@ SUBPACKAGES = ("data", "sweep", "demo", "bench")
 CORE = ("config", "models", "methods", "suppression", "optim", "train", "evaluate", "checkpoint", "metrics",
         "errors", "paths", "files", "data")
 FORBIDDEN_FOR_CORE = ("dps_tune.sweep", "dps_tune.demo", "dps_tune.cli", "dps_tune.preflight", "ray", "optuna")
+# The report package, in import order: a module imports only those before it; the package
+# __init__ gathers their names, and the rest of dps_tune imports the package, not its modules.
+REPORT = "dps_tune.sweep.report"
+REPORT_LAYERS = ("style", "loading", "figures", "tables", "page")
+# What the cached-image path runs in a trial: it shares sampling, records and the cache
+# format with the JPEG loaders and `prepare`, but loads neither of them.
+CACHE_PATH = ("dps_tune.data.cache_reader", "dps_tune.data.augment")
+NOT_ON_CACHE_PATH = ("dps_tune.data.datasets", "dps_tune.data.cache_writer")
 
 
 def module_name(path: Path) -> str:
@@ -117,3 +125,49 @@ def test_only_one_module_imports_ray():
     users = sorted(module_name(p) for p in PACKAGE.rglob("*.py")
                    if any(m == "ray" or m.startswith("ray.") for m in imports_of(p)))
     assert users == ["dps_tune.sweep.ray_tune"]
+
+
+def reachable(edges: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in edges.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_the_cache_reader_and_the_augmentation_load_neither_the_dataset_sources_nor_the_writer():
+    g = graph()
+    for module in CACHE_PATH:
+        assert module in g, module
+        loaded = reachable(g, module)
+        assert "dps_tune.data.sampling" in loaded, module  # the order and crops the JPEG path draws too
+        for other in NOT_ON_CACHE_PATH:
+            assert other not in loaded, f"{module} imports {other}"
+
+
+def test_the_report_package_imports_point_down_its_layers():
+    g = graph()
+    layers = [f"{REPORT}.{name}" for name in REPORT_LAYERS]
+    assert sorted(m for m in g if m.startswith(REPORT + ".")) == sorted(layers)
+    assert set(layers) <= g[REPORT]
+    for i, module in enumerate(layers):
+        inside = {m for m in g[module] if m == REPORT or m.startswith(REPORT + ".")}
+        assert inside <= set(layers[:i]), f"{module} imports {sorted(inside - set(layers[:i]))}"
+    for module, targets in g.items():
+        if not module.startswith(REPORT):
+            assert not {t for t in targets if t.startswith(REPORT + ".")}, f"{module} reaches into {REPORT}"
+
+
+def test_every_data_file_of_the_package_ships_in_the_wheel():
+    """Files the code reads beside its modules (configs, spaces, the report's page) are package data."""
+    import tomllib
+
+    setuptools = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    shipped = {p for pattern in setuptools["package-data"]["dps_tune"] for p in PACKAGE.glob(pattern)}
+    data = [p for p in PACKAGE.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")]
+    assert PACKAGE / "sweep" / "report" / "page.html" in data
+    for path in data:
+        assert path in shipped, f"{path.relative_to(PACKAGE)} is not in pyproject's package-data"
