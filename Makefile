@@ -5,6 +5,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`. Most of the suite's time is spent waiting (Ray starting
+# and stopping, subprocesses importing torch), so three workers keep two cores busy. Each test
+# module runs on one worker (--dist loadscope), so a module's shared experiment is built once, and the
+# modules start in the order tests/conftest.py gives them, longest first (--no-loadscope-reorder).
+PYTEST_WORKERS ?= 3
 
 .PHONY: demo test test-fast bench reference clean
 
@@ -33,7 +38,7 @@ $(S3RVER): tests/s3server/package-lock.json
 	else echo "npm not found: tests/sweep/test_s3.py will skip"; fi
 
 test: $(STAMP) $(S3RVER)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -16,14 +16,24 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Two threads under pytest-xdist too: tests compare figures bit for bit with subprocesses that use
+# torch's default, and a different thread count changes a convolution's summation order.
 torch.set_num_threads(2)
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set by pytest-xdist (`make test` runs several workers)
 
 TINY_WORLD = {"classes": 4, "train_per_class": 8, "eval_per_class": 4, "image_size": 32}
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("dps_tune_cache")
+    """One cache for the whole run, empty at its start. Under pytest-xdist every worker shares it
+    (the run's common temporary folder), so the synthetic worlds and the pretrained model are built
+    once per run, not once per worker: the builders take a file lock and write atomically."""
+    if WORKER:
+        cache = tmp_path_factory.getbasetemp().parent / "dps_tune_cache"
+        cache.mkdir(exist_ok=True)
+    else:
+        cache = tmp_path_factory.mktemp("dps_tune_cache")
     old = os.environ.get("DPS_TUNE_CACHE")
     os.environ["DPS_TUNE_CACHE"] = str(cache)
     yield cache
@@ -76,7 +86,7 @@ def write_yaml(tmp_path):
     return write
 
 
-def run_cli(*args, env=None, check=True, timeout=600):
+def run_cli(*args, env=None, check=True, timeout=1200):
     """``python -m dps_tune.cli ARGS`` in a subprocess; asserts exit status 0 unless ``check`` is false."""
     import subprocess
     import sys
@@ -88,11 +98,32 @@ def run_cli(*args, env=None, check=True, timeout=600):
     return proc
 
 
+# The modules that take longest, first: under pytest-xdist a worker takes the next module when
+# it is free, so the longest start at once and the short ones fill in around them.
+LONGEST_FIRST = ("demo/test_study.py", "sweep/test_s3.py", "sweep/test_ray_tune.py", "sweep/test_confirm.py",
+                 "sweep/test_ensembles.py", "sweep/test_cluster.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        path = item.path.as_posix()
+        early = [i for i, name in enumerate(LONGEST_FIRST) if path.endswith("tests/" + name)]
+        return early[0] if early else len(LONGEST_FIRST) + (0 if item.get_closest_marker("slow") else 1)
+
+    items.sort(key=rank)  # stable: each module's tests keep their order
+
+
 def pytest_terminal_summary(terminalreporter):
     """The size of the bad-input matrix, in every run's output (tests/test_input_matrix.py)."""
     import sys
 
     matrix = sys.modules.get("test_input_matrix")
+    ran = any(getattr(r, "nodeid", "").startswith("tests/test_input_matrix.py")
+              for reports in terminalreporter.stats.values() for r in reports)
+    if matrix is None and ran:
+        import importlib  # under pytest-xdist the workers ran the matrix; this process imports it to count it
+
+        matrix = importlib.import_module("test_input_matrix")
     if matrix is not None:
         terminalreporter.write_line(matrix.summary())
 
@@ -101,7 +132,7 @@ def pytest_terminal_summary(terminalreporter):
 CHECKPOINT_DELETERS = "ray.train._internal.checkpoint_manager:_delete_fs_path,dps_tune.sweep.storage:delete_checkpoint"
 
 
-def kill_after_first_checkpoint_deletion(*args, timeout=600):
+def kill_after_first_checkpoint_deletion(*args, timeout=1200):
     """``dps-tune ARGS``, SIGKILLed right after the first checkpoint it deletes, with every process it started.
 
     The window a resume must survive: a checkpoint is gone, and the experiment state on

@@ -11,7 +11,7 @@ def test_train_demo_config_prints_metric_lines(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "dps_tune.cli", "train", "search_spaces/demo.yaml", "--set", "algorithm=ce",
          "--set", "epochs=1", "--out", str(tmp_path / "run"), "--no-progress"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -103,7 +103,7 @@ def test_ray_job_submit_runs_a_sweep_on_a_token_authenticated_head(tmp_path, tok
         job = subprocess.run(
             [BIN / "ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
              "dps-tune", "sweep", str(space), "--storage", str(runs), "--name", "job", "--no-dashboard"],
-            cwd=ROOT, capture_output=True, text=True, timeout=900)
+            cwd=ROOT, capture_output=True, text=True, timeout=1800)
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
         assert "succeeded" in job.stdout, job.stdout[-3000:]
         # The trials ran on this cluster (its state API lists their actors), not on a Ray the job started.
@@ -176,7 +176,7 @@ def test_a_trial_finishes_on_the_other_node_when_its_node_is_removed(tmp_path, t
         (node,) = [n for n in workers if raylet_pid(n) in ancestors(trial_pid)]
         cluster.remove_node(node, allow_graceful=False)  # the trial's node dies with it, mid-training
 
-        out, _ = sweep.communicate(timeout=600)
+        out, _ = sweep.communicate(timeout=1200)
         assert sweep.returncode == 0, out[-4000:]
         rows = result_rows(exp)
         moved = [r for r in rows if r["pid"] != trial_pid]

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 WORLD = {"classes": 4, "train_per_class": 12, "eval_per_class": 6, "image_size": 32}
 
 
-def dps_tune(*args, check=True, timeout=600):
+def dps_tune(*args, check=True, timeout=1200):
     return run_cli(*args, check=check, timeout=timeout)
 
 

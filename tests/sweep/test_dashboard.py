@@ -88,6 +88,7 @@ def test_dashboard_in_a_real_browser_on_a_running_sweep(tmp_path):
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
             context = browser.new_context(base_url=root)
+            context.set_default_timeout(120_000)  # Playwright's 30 s is short while two other workers run sweeps
             page = context.new_page()
             errors, requests = [], []
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -111,7 +112,7 @@ def test_dashboard_in_a_real_browser_on_a_running_sweep(tmp_path):
             assert sweep.poll() is None and finished_before < 3, "the sweep ended before the page opened"
 
             # A trial that finishes while the page is open appears, with nothing restarted.
-            assert sweep.wait(timeout=600) == 0, sweep.stderr.read()[-2000:]
+            assert sweep.wait(timeout=1200) == 0, sweep.stderr.read()[-2000:]
             page.reload()
             page.wait_for_selector("text=live", timeout=60_000)
             last = study_json(page)

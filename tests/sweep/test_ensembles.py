@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 WORLD = {"classes": 4, "train_per_class": 12, "eval_per_class": 6, "image_size": 32}
 
 
-def dps_tune(*args, check=True, timeout=600):
+def dps_tune(*args, check=True, timeout=1200):
     return run_cli(*args, check=check, timeout=timeout)
 
 
@@ -185,7 +185,7 @@ def run_until(kill_at: int, command: str, exp: Path, *args, sig: str = "KILL", c
     killer = Path(__file__).resolve().parents[1] / "kill_after.py"
     return subprocess.run([sys.executable, str(killer), "dps_tune.sweep.ensembles:evaluate_job", str(kill_at),
                            "--signal", sig, "--", command, str(exp), *map(str, args)],
-                          capture_output=True, text=True, timeout=600,
+                          capture_output=True, text=True, timeout=1200,
                           env={**os.environ, **({"CALLS_FILE": str(calls)} if calls else {})})
 
 

@@ -40,7 +40,7 @@ def space(tmp: Path, name: str, *, algorithm="ce", search=None, tune=None, **ove
     return path
 
 
-def dps_tune(*args, env=None, timeout=600, check=True) -> subprocess.CompletedProcess:
+def dps_tune(*args, env=None, timeout=1200, check=True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "dps_tune.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
     if check:
@@ -278,7 +278,7 @@ def test_the_same_name_launched_twice_at_once_refuses_the_second_and_spares_the_
     err = second.stderr.strip().splitlines()
     assert second.returncode == 2 and len(err) == 1 and str(exp) in err[0], second.stderr
     assert "another dps-tune process" in err[0] or "exists already" in err[0]
-    out, errs = first.communicate(timeout=600)
+    out, errs = first.communicate(timeout=1200)
     assert first.returncode == 0, errs[-3000:]
     table = results.results_table(exp)
     assert len(table) == 2 and set(table["status"]) <= {"completed", "early-stopped"}, table
@@ -343,7 +343,7 @@ def test_sweep_on_a_running_cluster(tmp_path):
         # From another directory, so the driver imports the copy and not this checkout.
         proc = subprocess.run([sys.executable, "-m", "dps_tune.cli", "sweep", str(path), "--address",
                                f"127.0.0.1:{port}", "--storage", str(tmp_path / "runs"), "--name", "c"],
-                              capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=1200, cwd=tmp_path,
                               env={**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(shipped)})
         assert proc.returncode == 0, proc.stderr[-3000:]
         table = results.results_table(tmp_path / "runs" / "c")
