@@ -10,6 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Loopback only: without this, Ray swaps 127.0.0.1 for the machine's own address.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Patience for a starved machine: two cores shared by several test workers, each with its own Ray,
+# can keep a raylet or the GCS off the CPU for longer than Ray's defaults allow (5 missed health
+# checks of 10 s; 60 s to reach the GCS), and Ray then declares a live node dead mid-sweep.
+for _name, _value in (("RAY_health_check_failure_threshold", "20"), ("RAY_health_check_timeout_ms", "30000"),
+                      ("RAY_gcs_rpc_server_reconnect_timeout_s", "300")):
+    os.environ.setdefault(_name, _value)
 
 from pathlib import Path  # noqa: E402
 

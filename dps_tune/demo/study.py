@@ -232,7 +232,8 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
     pretrain.ensure_pretrained(base.model)
     zero_shot = evaluate_start(base)
     (out / "zero_shot.json").write_text(json.dumps(zero_shot, indent=2))
-    _say("      zero-shot: " + "  ".join(f"{k}={zero_shot[k]:.3f}" for k in COLUMNS))
+    _say("      zero-shot: " + "  ".join(f"{k}={zero_shot[k]:.3f}" for k in COLUMNS)
+         + f" ({time.time() - start:.0f} s)")
 
     exp_dirs = []
     try:
@@ -241,12 +242,13 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
             t = sweep.tune
             _say(f"\n[{i}/{STAGES_TOTAL}] {name.upper()} sweep: {t.num_samples} trials, Optuna TPE + ASHA on {t.metric}, "
                  f"{t.max_concurrent_trials} at a time, up to {sweep.max_t} epochs each")
+            began = time.time()
             exp = Path(ray_tune.run_sweep(sweep, storage_path=str(out), name=name, dashboard=dashboard))
             exp_dirs.append(exp)
             table = results.results_table(exp)
             _say(f"      {name}: {(table['status'] == 'completed').sum()} completed, "
                  f"{(table['status'] == 'early-stopped').sum()} stopped early by ASHA, "
-                 f"{(table['status'] == 'error').sum()} failed")
+                 f"{(table['status'] == 'error').sum()} failed ({time.time() - began:.0f} s)")
         wise, soup = _ensembles(out, exp_dirs, metric)
         confirmed = _confirm(out, exp_dirs, metric, overrides)
     finally:

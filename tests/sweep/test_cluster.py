@@ -146,8 +146,12 @@ def result_rows(exp: Path) -> list[dict]:
     return [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
 
 
-def test_a_trial_finishes_on_the_other_node_when_its_node_is_removed(tmp_path, token_env):
+def test_a_trial_finishes_on_the_other_node_when_its_node_is_removed(tmp_path, token_env, monkeypatch):
     from ray.cluster_utils import Cluster
+
+    # Ray's own patience for a dead node: the suite's larger one (conftest) would keep this cluster
+    # waiting minutes for the removed node's health checks to run out.
+    monkeypatch.setenv("RAY_health_check_failure_threshold", "5")
 
     epochs = 8
     (gcs,) = free_ports(1)
