@@ -24,9 +24,9 @@ from typing import Sequence
 from dps_tune.cli_analysis import Confirm, DashboardCommand, Soup, Wise, finish_confirmation, post_ensembles
 from dps_tune.cli_base import (Command, Parser, add_cluster_options, add_set_option, check_address, check_name,
                                check_out_dir, check_out_file, format_table, print_sweep_summary)
-from dps_tune.config import (PAPER_EXCLUDE, QUOTAS, SYNTHETIC_WORLDS, check_choice, check_exclude, scalar_objective,
-                             split_list)
+from dps_tune.config import PAPER_EXCLUDE, QUOTAS, SYNTHETIC_WORLDS, check_choice, check_exclude, split_list
 from dps_tune.errors import Interrupted, UserError, first_line
+from dps_tune.objectives import scalar_objective
 
 logger = logging.getLogger("dps_tune")
 
@@ -245,7 +245,7 @@ class SweepCommand(Command):
         check_address(args.address)  # one TCP connect, before the search space's open_clip checks
         sweep = load_sweep(args.space, overrides)  # every check runs before Ray starts
         if post:
-            from dps_tune.config import objectives
+            from dps_tune.objectives import objectives
 
             post_metric = objectives(sweep.tune)[0][0]  # with several objectives, the first selects
             if args.storage and is_remote(args.storage):
@@ -311,7 +311,7 @@ class Results(Command):
         p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import DEFAULT_METRIC, default_mode, scalar_objective
+        from dps_tune.objectives import DEFAULT_METRIC, default_mode
         from dps_tune.sweep import results
 
         if args.resamples < 100:
@@ -357,7 +357,7 @@ class Best(Command):
         p.add_argument("--export", metavar="DIR", help="write model.safetensors, config.json, metrics.json here")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import DEFAULT_METRIC, check_selection_metric, default_mode
+        from dps_tune.objectives import DEFAULT_METRIC, check_selection_metric, default_mode
         from dps_tune.sweep import results, storage
 
         if args.metric is not None:
@@ -402,7 +402,8 @@ class Report(Command):
                        help="OOD axis of the ID-vs-OOD plot (default: ood_test_acc); the macro-F1 twin is also drawn")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import check, metric_names
+        from dps_tune.config import check
+        from dps_tune.objectives import metric_names
         from dps_tune.sweep import report, results
 
         for key, metric in (("--x-metric", args.x_metric), ("--y-metric", args.y_metric)):

@@ -135,7 +135,7 @@ class Wise(Command):
         p.add_argument("--top-k", type=int, default=1, help="checkpoints per method to interpolate (default 1)")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import check_selection_metric
+        from dps_tune.objectives import check_selection_metric
         from dps_tune.sweep import candidates
 
         check_selection_metric("--select", args.select)
@@ -175,7 +175,7 @@ class Soup(Command):
                        help="one soup of every method's checkpoints (they share the architecture and θ0)")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import check_selection_metric
+        from dps_tune.objectives import check_selection_metric
 
         check_selection_metric("--select", args.select)
         out = _default_out(args, "soup")
@@ -212,8 +212,8 @@ class Confirm(Command):
         add_cluster_options(p)
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import (check_selection_metric, config_from_dict, parse_override, resolve_key,
-                                     validate_tune, with_overrides)
+        from dps_tune.config import config_from_dict, parse_override, resolve_key, validate_tune, with_overrides
+        from dps_tune.objectives import check_selection_metric
         from dps_tune.paths import is_remote
         from dps_tune.sweep import confirm, results
 

@@ -5,7 +5,8 @@ block (see :mod:`dps_tune.sweep.search_space`) and an optional ``tune:`` block
 (:class:`TuneConfig`). This module checks values only: types, ranges, choices and
 combinations. Checks against the world (files, the open_clip registry) live in
 :mod:`dps_tune.preflight`, which every entry point runs before any work. Nothing
-mutates a :class:`Config` afterwards: overrides build a new one.
+mutates a :class:`Config` afterwards: overrides build a new one. The rules on metrics
+(which may select a model, what a sweep optimises) are :mod:`dps_tune.objectives`'s.
 
 Keys may be written in full (``optim.lr``) or by their leaf name when that name is
 unique (``lr``, ``epochs``, ``masking``).
@@ -20,24 +21,22 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
 from dps_tune.errors import ConfigError, first_line
 from dps_tune.files import write_json
+from dps_tune.objectives import DEFAULT_METRIC, OBJECTIVE_MEAN, SPLITS, check_selection_metric
+# Moved to dps_tune.objectives; importable from here until sweep/report.py and three tests import them from there.
+from dps_tune.objectives import (best_of, default_mode, metric_names, objective_mean, objectives,  # noqa: F401
+                                 scalar_objective)
 from dps_tune.paths import is_remote, looks_like_weights_file
 
 ALGORITHMS = ("ce", "flyp", "dps")
 DATASETS = ("synthetic", "csv", "iwildcam")
 SYNTHETIC_WORLDS = ("wild", "eroding")
 
-
-def is_test_split(split: str) -> bool:
-    """A split no selection may read (``id_test``, ``ood_test``, ``test``): evaluated only where reported."""
-    return split == "test" or split.endswith("_test")
-SPLITS = ("id_val", "id_test", "ood_val", "ood_test")
-VALIDATION_SPLITS = ("id_val", "ood_val")
 # top: DPS; random, bottom: matched controls (top's count in every tensor); random_global: the unmatched draw.
 SUPPRESS_MODES = ("top", "random", "bottom", "random_global")
 QUOTAS = ("global", "per_tensor")
@@ -52,8 +51,6 @@ TEMPLATE_SETS = ("auto", "iwildcam", "synthetic", "simple")
 MODES = ("max", "min")
 CHECKPOINT_SCHEMES = ("economy", "full")
 LOGGERS = ("mlflow", "wandb")  # experiment trackers; each is Ray's own logger callback
-# What sweeps select on unless told otherwise: WILDS's official metric on the ID validation split.
-DEFAULT_METRIC = "id_val_f1"
 
 # Fields holding filesystem paths: made absolute at load time, so a trial whose
 # working directory is elsewhere (Ray changes it) still finds them.
@@ -484,35 +481,6 @@ def check_exclude(key: str, patterns: Iterable[str]) -> None:
           "must be a list of non-empty name substrings (or one comma-separated string)")
 
 
-def metric_names(splits: Iterable[str] = SPLITS) -> list[str]:
-    return [f"{s}_{m}" for s in splits for m in ("acc", "f1")]
-
-
-def selection_metrics(splits: Iterable[str] = SPLITS) -> list[str]:
-    """Metrics a model may be selected on: validation splits only, never a test split."""
-    return [m for m in metric_names(s for s in splits if s in VALIDATION_SPLITS)] + ["train_loss"]
-
-
-def check_selection_metric(key: str, metric: str, splits: Iterable[str] = SPLITS) -> None:
-    """Refuse selecting on a test split (it would leak the test data into every figure) or an unknown metric."""
-    splits = tuple(splits)
-    allowed = selection_metrics(splits)
-    if metric in metric_names(splits) and metric not in allowed:
-        raise ConfigError(f"{key} = {metric!r}: a test split never selects a model (that would leak the test "
-                          f"data into the reported figures); select on one of {', '.join(allowed)}")
-    check(metric in allowed, key, metric, f"must be one of {', '.join(allowed)}")
-
-
-def default_mode(metric: str) -> str:
-    """``min`` for losses, ``max`` for accuracies and F1."""
-    return "min" if metric.endswith("loss") else "max"
-
-
-def best_of(items: Iterable[Any], key: Callable[[Any], float], mode: str) -> Any:
-    """The item with the largest ``key`` (``mode="max"``) or the smallest (``"min"``); first wins ties."""
-    return (max if mode == "max" else min)(items, key=key)
-
-
 def config_from_dict(raw: Mapping[str, Any]) -> Config:
     cfg = _build(Config, raw)
     validate(cfg)
@@ -584,43 +552,6 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Confi
 
 def tune_config_from_dict(raw: Mapping[str, Any]) -> TuneConfig:
     return _build(TuneConfig, raw, prefix="tune.")
-
-
-OBJECTIVE_MEAN = "objective_mean"
-
-
-def objectives(tune: TuneConfig | Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The metrics and modes of a tune block (a config or the dict a sweep file holds), as tuples."""
-    get = tune.get if isinstance(tune, Mapping) else (lambda k, d=None: getattr(tune, k, d))
-    metric, mode = get("metric", DEFAULT_METRIC), get("mode", None)
-    metrics = (metric,) if isinstance(metric, str) else tuple(metric)
-    if mode is None:
-        modes = tuple(default_mode(m) for m in metrics)
-    else:
-        modes = (mode,) * len(metrics) if isinstance(mode, str) else tuple(mode)
-    return metrics, modes
-
-
-def scalar_objective(tune: TuneConfig | Mapping[str, Any]) -> tuple[str, str]:
-    """The one (metric, mode) that ASHA, checkpoint ranking and default sorting use.
-
-    One objective: itself. Several: ``asha_metric`` (its mode from the list, or the
-    metric's default), else ``objective_mean`` (max).
-    """
-    metrics, modes = objectives(tune)
-    if len(metrics) == 1:
-        return metrics[0], modes[0]
-    get = tune.get if isinstance(tune, Mapping) else (lambda k, d=None: getattr(tune, k, d))
-    asha = get("asha_metric", "") or OBJECTIVE_MEAN
-    if asha in metrics:
-        return asha, modes[metrics.index(asha)]
-    return asha, ("max" if asha == OBJECTIVE_MEAN else default_mode(asha))
-
-
-def objective_mean(metrics: Mapping[str, float], tune: TuneConfig | Mapping[str, Any]) -> float:
-    """The mean of the objectives in ``metrics``, each negated where its mode is ``min``."""
-    names, modes = objectives(tune)
-    return sum((metrics[m] if mode == "max" else -metrics[m]) for m, mode in zip(names, modes)) / len(names)
 
 
 def validate_tune(t: TuneConfig, cfg: Config) -> None:

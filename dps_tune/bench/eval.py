@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dps_tune.config import is_test_split
+from dps_tune.objectives import is_test_split
 
 IWILDCAM_SIZES = {"id_val": 7314, "id_test": 8154, "ood_val": 14961, "ood_test": 42791}
 REPO_SPACES = Path(__file__).resolve().parents[2] / "search_spaces"

@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from dps_tune.config import SPLITS, DataConfig
+from dps_tune.config import DataConfig
 from dps_tune.data import synthetic
 from dps_tune.errors import DataError, first_line
+from dps_tune.objectives import SPLITS
 
 logger = logging.getLogger(__name__)
 

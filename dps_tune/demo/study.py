@@ -24,10 +24,10 @@ import math
 import time
 from pathlib import Path
 
-from dps_tune.config import default_mode, objectives
 from dps_tune.demo import findings, pretrain
 from dps_tune.errors import UserError
 from dps_tune.files import new_directory
+from dps_tune.objectives import default_mode, objectives
 from dps_tune.paths import command_path, tensorboard_hint
 from dps_tune.sweep import candidates, confirm, ensembles, ray_tune, results
 from dps_tune.sweep.report import render_report

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from dps_tune.config import default_mode
 from dps_tune.errors import UserError
 from dps_tune.layout import CONFIG_FILE, MODEL_FILE, OPEN_CLIP_KEY, read_safetensors_header
+from dps_tune.objectives import default_mode
 from dps_tune.sweep import results
 
 METHOD_ORDER = ("ce", "flyp", "dps (top)", "dps (random)", "dps (bottom)")

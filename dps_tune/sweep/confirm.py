@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from dps_tune.config import (Config, TuneConfig, config_from_dict, default_mode, to_dict, tune_config_from_dict,
-                             validate)
+from dps_tune.config import Config, TuneConfig, config_from_dict, to_dict, tune_config_from_dict, validate
 from dps_tune.errors import UserError
 from dps_tune.files import write_json, write_text
+from dps_tune.objectives import default_mode
 from dps_tune.sweep import results, storage
 
 # checkpoint, stats and reference import torch: they are imported where they are used, so

@@ -42,11 +42,11 @@ from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from dps_tune import checkpoint as ckpt  # noqa: E402
 from dps_tune import preflight, retention, suppression  # noqa: E402
-from dps_tune.config import (OBJECTIVE_MEAN, Config, TuneConfig, config_from_dict, merge_dotted,  # noqa: E402
-                             objective_mean, objectives, scalar_objective, to_dict, tune_config_from_dict,
-                             with_overrides)
+from dps_tune.config import (Config, TuneConfig, config_from_dict, merge_dotted, to_dict,  # noqa: E402
+                             tune_config_from_dict, with_overrides)
 from dps_tune.errors import Interrupted, LaunchError, UserError, first_line  # noqa: E402
 from dps_tune.files import disk_full, space_left, write_json  # noqa: E402
+from dps_tune.objectives import OBJECTIVE_MEAN, objective_mean, objectives, scalar_objective  # noqa: E402
 from dps_tune.paths import is_remote  # noqa: E402
 from dps_tune.sweep import reference, storage, test_figures  # noqa: E402
 from dps_tune.sweep.results import SWEEP_FILE, TRIAL_CONFIG_FILE, flat_params, open_experiment, sweep_meta  # noqa: E402

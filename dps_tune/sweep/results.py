@@ -25,10 +25,11 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from dps_tune.config import DEFAULT_METRIC, best_of, default_mode, merge_dotted, scalar_objective
+from dps_tune.config import merge_dotted
 from dps_tune.errors import UserError, first_line
 from dps_tune.files import read_json_object
 from dps_tune.layout import METRICS_FILE
+from dps_tune.objectives import DEFAULT_METRIC, best_of, default_mode, objectives, scalar_objective
 from dps_tune.paths import is_remote
 from dps_tune.sweep.storage import has_weights, local_view
 
@@ -396,8 +397,6 @@ PARETO_DEFAULT = (("id_val_f1", "max"), ("ood_val_f1", "max"))
 
 def pareto_objectives(exp_dir: str | os.PathLike) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The sweep's objectives when it has several, else ID and OOD validation macro-F1."""
-    from dps_tune.config import objectives
-
     metrics, modes = objectives(sweep_meta(exp_dir).get("tune", {}))
     if len(metrics) > 1:
         return metrics, modes

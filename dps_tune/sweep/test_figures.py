@@ -22,8 +22,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from dps_tune.config import is_test_split
 from dps_tune.layout import CONFIG_FILE, METRICS_FILE, OPEN_CLIP_KEY, PREDICTIONS_FILE
+from dps_tune.objectives import is_test_split
 from dps_tune.paths import is_remote
 from dps_tune.sweep import storage
 
