@@ -212,7 +212,7 @@ class Confirm(Command):
         add_cluster_options(p)
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import config_from_dict, parse_override, resolve_key, validate_tune, with_overrides
+        from dps_tune.config import parse_override, resolve_key, validate_tune, with_overrides
         from dps_tune.objectives import check_selection_metric
         from dps_tune.paths import is_remote
         from dps_tune.sweep import confirm, results
@@ -227,9 +227,9 @@ class Confirm(Command):
         pairs = [parse_override(o) for o in args.set]
         tune_over = {k[len("tune."):]: v for k, v in pairs if k.startswith("tune.")}
         cfg_over = {resolve_key(k): v for k, v in pairs if not k.startswith("tune.")}
-        first_meta = results.open_experiment(args.exp_dirs[0])[1]
-        tune_cfg = confirm.run_tune(first_meta.get("tune", {}), args.select, tune_over)
-        validate_tune(tune_cfg, config_from_dict(first_meta["base"]))  # again below, with each selected config
+        first = results.open_sweep(args.exp_dirs[0])[1]
+        tune_cfg = confirm.run_tune(first.tune or {}, args.select, tune_over)
+        validate_tune(tune_cfg, first.base_config())  # again below, with each selected config
         variants = confirm.select_variants(args.exp_dirs, args.select)
         configs = [with_overrides(v.config, cfg_over) for v in variants]
         for c in configs:
@@ -254,9 +254,7 @@ class Confirm(Command):
             exp = ray_tune.run_points(base, overrides, seeds, tune_cfg, ranking=ranking, name=name,
                                       storage_path=storage_path, address=args.address,
                                       dashboard=not args.no_dashboard, shared_storage=args.shared_storage,
-                                      meta={"confirm": {"select": args.select, "seeds": seeds,
-                                                        "experiments": [str(e) for e in args.exp_dirs],
-                                                        "selected": confirm.selected(variants)}})
+                                      confirm=confirm.record(args.select, seeds, variants, args.exp_dirs))
         finally:
             ray_tune.shutdown()
         finish_confirmation(exp, confirm.selected(variants))

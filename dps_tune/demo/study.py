@@ -32,6 +32,7 @@ from dps_tune.paths import command_path, tensorboard_hint
 from dps_tune.sweep import candidates, confirm, ensembles, ray_tune, results
 from dps_tune.sweep.report import render_report
 from dps_tune.sweep.search_space import Sweep, load_sweep
+from dps_tune.sweep.sweep_file import SweepFile
 from dps_tune.train import evaluate_start
 
 logger = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ def _confirm(out: Path, exp_dirs: list[Path], metric: str, overrides: list[str])
     base = variants[0].config
     resources = {k[len("tune."):]: v for k, v in map(parse_override, overrides)
                  if k in ("tune.cpus_per_trial", "tune.gpus_per_trial")}
-    tune_cfg = confirm.run_tune(results.sweep_meta(exp_dirs[0])["tune"], metric, resources)
+    tune_cfg = confirm.run_tune(SweepFile.load(exp_dirs[0]).tune or {}, metric, resources)
     ranking = confirm.dps_ranking([v.config for v in variants])
     _say(f"\n[6/{STAGES_TOTAL}] confirmation: {len(variants)} configurations ({', '.join(v.method for v in variants)}; "
          f"the DPS controls at dps (top)'s configuration) x {len(CONFIRM_SEEDS)} fresh seeds, full epochs, "
@@ -162,8 +163,7 @@ def _confirm(out: Path, exp_dirs: list[Path], metric: str, overrides: list[str])
     exp = Path(ray_tune.run_points(base, [confirm.overrides(base, v.config) for v in variants],
                                    list(CONFIRM_SEEDS), tune_cfg, ranking=ranking, name="confirm",
                                    storage_path=str(out), dashboard=False,
-                                   meta={"confirm": {"select": metric, "seeds": list(CONFIRM_SEEDS),
-                                                     "selected": confirm.selected(variants)}}))
+                                   confirm=confirm.record(metric, CONFIRM_SEEDS, variants)))
     summary = confirm.summarize(exp)
     confirm.write_summary(exp, summary, confirm.selected(variants))
     _say(f"      {len(variants) * len(CONFIRM_SEEDS)} trials in {time.time() - start:.0f} s")
@@ -193,7 +193,8 @@ def write_findings(out: Path, header: list[str], exp_confirm: Path, summary: dic
     curve_correct = results.wise_curve_correct(wise_dir, "ce")  # None for an older wise: the curve held fixed
     _, correct = confirm.finished_seeds(exp_confirm)
     frontier = []
-    for method, row in summary["methods"].items():
+    for method in results.in_method_order(summary["methods"]):
+        row = summary["methods"][method]
         if method in ("ce", confirm.ZERO_SHOT) or "id_test_acc" not in row or "ood_test_acc" not in row:
             continue
         chosen = sorted(correct.get(method, {}))

@@ -29,17 +29,18 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from dps_tune.config import Config, TuneConfig, config_from_dict, to_dict, tune_config_from_dict, validate
+from dps_tune.config import Config, TuneConfig, to_dict, tune_config_from_dict, validate
 from dps_tune.errors import UserError
-from dps_tune.files import write_json, write_text
+from dps_tune.files import json_object_or_none, read_json_object, write_json, write_text
+from dps_tune.layout import METRICS_FILE
 from dps_tune.objectives import default_mode
 from dps_tune.sweep import results, storage
+from dps_tune.sweep.sweep_file import Confirmation, SweepFile
 
 # checkpoint, stats and reference import torch: they are imported where they are used, so
 # `dps-tune confirm` refuses bad input before torch is imported.
@@ -78,7 +79,7 @@ def select_variants(exp_dirs: Sequence[str | os.PathLike], metric: str, *, contr
         raise UserError("no experiment directory given")
     views = []
     for exp in exp_dirs:
-        views.append(results.open_experiment(exp)[0])
+        views.append(results.open_sweep(exp)[0])
     finished = [v for v in views if any(t.history for t in results.load_trials(v))]
     if not finished:
         raise UserError(f"{', '.join(map(str, exp_dirs))}: no trial has reported yet; nothing to confirm")
@@ -159,11 +160,11 @@ def zero_shot(exp_dir: str | os.PathLike) -> Path:
     in this process, as every trial evaluates.
     """
     out = Path(exp_dir) / ZERO_SHOT_DIR
-    if not (out / "metrics.json").is_file():
+    if not (out / METRICS_FILE).is_file():
         from dps_tune import checkpoint as ckpt
         from dps_tune.train import evaluate_start
 
-        cfg = config_from_dict(results.sweep_meta(exp_dir)["base"])
+        cfg = SweepFile.load(exp_dir).base_config()
         predictions: dict = {}
         metrics = evaluate_start(cfg, predictions)
         ckpt.save_evaluation(out, metrics, predictions)
@@ -214,7 +215,7 @@ def summarize(exp_dir: str | os.PathLike, metrics: Sequence[str] = METRICS, *, w
     zs = None
     if with_zero_shot and per_method:
         zs_dir = zero_shot(exp_dir)
-        zs = {"metrics": json.loads((zs_dir / "metrics.json").read_text()),
+        zs = {"metrics": read_json_object(zs_dir / METRICS_FILE, f"zero-shot evaluation {str(zs_dir)!r}"),
               "correct": _correct(read_predictions(zs_dir))}
     out: dict[str, Any] = {"methods": {}, "pairs": [], "interval": "two-level bootstrap (seeds, then test images)",
                            "adjustment": "holm"}
@@ -316,6 +317,12 @@ def selected(variants: Sequence[Variant]) -> list[dict[str, Any]]:
     return [{"method": v.method, "checkpoint": v.checkpoint, "trial": v.trial, "value": v.value} for v in variants]
 
 
+def record(select: str, seeds: Sequence[int], variants: Sequence[Variant], experiments: Sequence[Any] = ()
+           ) -> Confirmation:
+    """What the confirmation run's sweep file records: the selection metric, the seeds and :func:`selected`."""
+    return Confirmation(select, tuple(seeds), tuple(selected(variants)), tuple(str(e) for e in experiments))
+
+
 def write_summary(exp_dir: str | os.PathLike, summary: dict[str, Any], chosen: Sequence[dict[str, Any]] = ()) -> None:
     exp = Path(exp_dir)
     write_json(exp / CONFIRM_JSON, {**summary, "selected": list(chosen)})
@@ -335,10 +342,4 @@ def write_summary(exp_dir: str | os.PathLike, summary: dict[str, Any], chosen: S
 
 
 def read_summary(exp_dir: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(exp_dir) / CONFIRM_JSON
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return json_object_or_none(Path(exp_dir) / CONFIRM_JSON)
