@@ -212,7 +212,7 @@ class Confirm(Command):
         add_cluster_options(p)
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import parse_override, resolve_key, validate_tune, with_overrides
+        from dps_tune.config import split_overrides, validate_tune, with_overrides
         from dps_tune.objectives import check_selection_metric
         from dps_tune.paths import is_remote
         from dps_tune.sweep import confirm, results
@@ -224,9 +224,7 @@ class Confirm(Command):
         if args.storage and not is_remote(args.storage):
             check_out_dir("--storage", args.storage)
         check_address(args.address)
-        pairs = [parse_override(o) for o in args.set]
-        tune_over = {k[len("tune."):]: v for k, v in pairs if k.startswith("tune.")}
-        cfg_over = {resolve_key(k): v for k, v in pairs if not k.startswith("tune.")}
+        cfg_over, tune_over = split_overrides(args.set)
         first = results.open_sweep(args.exp_dirs[0])[1]
         tune_cfg = confirm.run_tune(first.tune or {}, args.select, tune_over)
         validate_tune(tune_cfg, first.base_config())  # again below, with each selected config

@@ -148,13 +148,12 @@ def _ensembles(out: Path, exp_dirs: list[Path], metric: str) -> tuple[dict, dict
 def _confirm(out: Path, exp_dirs: list[Path], metric: str, overrides: list[str]) -> tuple[Path, dict]:
     """Stage 6: each method's selected configuration, and DPS's controls at its configuration, retrained with
     fresh seeds on the demo's Ray; zero-shot beside them."""
-    from dps_tune.config import parse_override
+    from dps_tune.config import split_overrides
 
     start = time.time()
     variants = [v for v in confirm.select_variants(exp_dirs, metric) if v.method not in DEMO_SKIPS]
     base = variants[0].config
-    resources = {k[len("tune."):]: v for k, v in map(parse_override, overrides)
-                 if k in ("tune.cpus_per_trial", "tune.gpus_per_trial")}
+    resources = {k: v for k, v in split_overrides(overrides)[1].items() if k in ("cpus_per_trial", "gpus_per_trial")}
     tune_cfg = confirm.run_tune(SweepFile.load(exp_dirs[0]).tune or {}, metric, resources)
     ranking = confirm.dps_ranking([v.config for v in variants])
     _say(f"\n[6/{STAGES_TOTAL}] confirmation: {len(variants)} configurations ({', '.join(v.method for v in variants)}; "

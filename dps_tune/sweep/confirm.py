@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from dps_tune.config import Config, TuneConfig, to_dict, tune_config_from_dict, validate
+from dps_tune.config import Config, TuneConfig, leaves, tune_config_from_dict, validate
 from dps_tune.errors import UserError
 from dps_tune.files import json_object_or_none, read_json_object, write_json, write_text
 from dps_tune.layout import METRICS_FILE
@@ -111,20 +111,10 @@ def with_controls(variants: Sequence[Variant]) -> list[Variant]:
     return out
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "eval_csvs":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def overrides(base: Config, cfg: Config) -> dict[str, Any]:
-    """The dotted keys whose values differ between ``base`` and ``cfg``."""
-    a, b = _flatten(to_dict(base)), _flatten(to_dict(cfg))
-    return {k: v for k, v in b.items() if a.get(k) != v}
+    """The dotted keys whose values differ between ``base`` and ``cfg``, with ``cfg``'s values."""
+    old = {key: value for key, _, value in leaves(base)}
+    return {key: value for key, _, value in leaves(cfg) if old[key] != value}
 
 
 def seed_points(variants: Sequence[Variant], seeds: Sequence[int]) -> tuple[Config, list[dict[str, Any]]]:
