@@ -61,3 +61,15 @@ def test_a_confirmation_overrides_only_what_differs_and_eval_csvs_as_a_whole():
     assert confirm.overrides(base, other) == {"data.eval_csvs": {"id_val": "/v.csv", "ood_test": "/t.csv"},
                                               "optim.lr": 0.5}
     assert confirm.overrides(base, base) == {}
+
+
+def test_every_path_of_eval_csvs_is_made_absolute_like_the_other_path_fields(write_yaml, tmp_path, monkeypatch):
+    from dps_tune.config import load_file
+
+    (tmp_path / "work").mkdir()
+    path = write_yaml(tiny_raw(**{"data.eval_csvs": {"id_val": "v.csv", "ood_test": "/abs/t.csv"},
+                                  "data.classnames": "names.txt"}))
+    monkeypatch.chdir(tmp_path / "work")
+    data = load_file(path).config.data
+    assert dict(data.eval_csvs) == {"id_val": str(tmp_path / "work" / "v.csv"), "ood_test": "/abs/t.csv"}
+    assert data.classnames == str(tmp_path / "work" / "names.txt")
