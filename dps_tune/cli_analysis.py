@@ -212,10 +212,10 @@ class Confirm(Command):
         add_cluster_options(p)
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import split_overrides, validate_tune, with_overrides
+        from dps_tune.config import split_overrides
         from dps_tune.objectives import check_selection_metric
         from dps_tune.paths import is_remote
-        from dps_tune.sweep import confirm, results
+        from dps_tune.sweep import confirm
 
         if args.seeds < 2:
             raise UserError(f"--seeds {args.seeds}: at least 2 seeds are needed for an interval")
@@ -225,49 +225,33 @@ class Confirm(Command):
             check_out_dir("--storage", args.storage)
         check_address(args.address)
         cfg_over, tune_over = split_overrides(args.set)
-        first = results.open_sweep(args.exp_dirs[0])[1]
-        tune_cfg = confirm.run_tune(first.tune or {}, args.select, tune_over)
-        validate_tune(tune_cfg, first.base_config())  # again below, with each selected config
-        variants = confirm.select_variants(args.exp_dirs, args.select)
-        configs = [with_overrides(v.config, cfg_over) for v in variants]
-        for c in configs:
-            validate_tune(tune_cfg, c)
-        from dps_tune import preflight
-
-        preflight.check_loggers(tune_cfg.loggers)  # the sweep's trackers follow it into the confirmation
-        ranking = confirm.dps_ranking(configs)
         seeds = list(range(1, args.seeds + 1))
-        base = configs[0]
-        overrides = [confirm.overrides(base, c) for c in configs]
         first = args.exp_dirs[0]
         storage_path = args.storage or (str(Path(first).resolve().parent) if not is_remote(first) else None)
-        name = args.name or f"confirm-{time.strftime('%Y%m%d-%H%M%S')}"
-        print(f"confirming {len(configs)} configurations x {len(seeds)} seeds (selected on {args.select}):")
-        for v in variants:
-            control = " (control at dps (top)'s configuration)" if v.method in confirm.CONTROLS else ""
-            print(f"  {v.method:<17} trial {v.trial}  {args.select}={v.value:.4f}  {v.checkpoint}{control}")
-        from dps_tune.sweep import ray_tune
+
+        def announce(variants: Sequence[confirm.Variant]) -> None:
+            print(f"confirming {len(variants)} configurations x {len(seeds)} seeds (selected on {args.select}):")
+            for v in variants:
+                control = " (control at dps (top)'s configuration)" if v.method in confirm.CONTROLS else ""
+                print(f"  {v.method:<17} trial {v.trial}  {args.select}={v.value:.4f}  {v.checkpoint}{control}")
 
         try:
-            exp = ray_tune.run_points(base, overrides, seeds, tune_cfg, ranking=ranking, name=name,
-                                      storage_path=storage_path, address=args.address,
-                                      dashboard=not args.no_dashboard, shared_storage=args.shared_storage,
-                                      confirm=confirm.record(args.select, seeds, variants, args.exp_dirs))
+            exp, variants = confirm.run_confirmation(
+                args.exp_dirs, args.select, seeds, name=args.name or f"confirm-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=storage_path, config_overrides=cfg_over, tune_overrides=tune_over,
+                address=args.address, dashboard=not args.no_dashboard, shared_storage=args.shared_storage,
+                announce=announce)
         finally:
-            ray_tune.shutdown()
+            shutdown_ray()
         finish_confirmation(exp, confirm.selected(variants))
         return 0
 
 
-def finish_confirmation(exp: str, chosen: list[dict]) -> None:
+def finish_confirmation(exp: str, chosen: Sequence[dict]) -> None:
     """Summarise a finished confirmation run (after `confirm`, or after `resume` of a killed one) and print it."""
-    from dps_tune.paths import is_remote
-    from dps_tune.sweep import confirm, storage
+    from dps_tune.sweep import confirm
 
-    view = storage.local_view(exp)
-    summary = confirm.summarize(view)
-    if not is_remote(exp):
-        confirm.write_summary(view, summary, chosen)
+    summary = confirm.conclude(exp, chosen)
     print()
     print(confirm.format_summary(summary))
     print(f"\nexperiment: {exp}  (confirm.json, confirm.csv; `dps-tune results {exp}`)")

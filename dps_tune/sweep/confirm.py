@@ -32,13 +32,15 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from dps_tune.config import Config, TuneConfig, leaves, tune_config_from_dict, validate
+from dps_tune.config import (Config, TuneConfig, leaves, tune_config_from_dict, validate, validate_tune,
+                             with_overrides)
 from dps_tune.errors import UserError
 from dps_tune.files import json_object_or_none, read_json_object, write_json, write_text
 from dps_tune.layout import METRICS_FILE
 from dps_tune.objectives import default_mode
+from dps_tune.paths import is_remote
 from dps_tune.sweep import results, storage
 from dps_tune.sweep.sweep_file import Confirmation, SweepFile
 
@@ -123,7 +125,7 @@ def seed_points(variants: Sequence[Variant], seeds: Sequence[int]) -> tuple[Conf
     return base, [{**overrides(base, v.config), "seed": s} for v in variants for s in seeds]
 
 
-def run_tune(sweep_tune: dict[str, Any], select: str, overrides: dict[str, Any] | None = None) -> TuneConfig:
+def run_tune(sweep_tune: Mapping[str, Any], select: str, overrides: Mapping[str, Any] | None = None) -> TuneConfig:
     """The confirmation run's tune block: the sweep's resources, one metric, one kept checkpoint, no early stop."""
     return tune_config_from_dict({**sweep_tune, "metric": select, "mode": default_mode(select), "asha_metric": "",
                                   "keep_checkpoints": 1, "max_t": 0, **(overrides or {})})
@@ -141,6 +143,55 @@ def dps_ranking(configs: Sequence[Config]) -> Any:
     from dps_tune.sweep import reference
 
     return reference.resolve(dps[0]).ranking
+
+
+def run_confirmation(exp_dirs: Sequence[str | os.PathLike], select: str, seeds: Sequence[int], *, name: str,
+                     storage_path: str | None, config_overrides: Mapping[str, Any] | None = None,
+                     tune_overrides: Mapping[str, Any] | None = None, skip: Sequence[str] = (),
+                     address: str | None = None, dashboard: bool = True, shared_storage: bool = False,
+                     announce: Callable[[Sequence[Variant]], None] = lambda variants: None,
+                     ) -> tuple[str, list[Variant]]:
+    """Select each method's configuration (and DPS's controls), check the run, and train it with ``seeds``.
+
+    The flow of `dps-tune confirm` and of the demo's confirmation alike. The run's tune
+    block (:func:`run_tune` of the first experiment's, with ``tune_overrides``) is checked
+    against that experiment's base config and against every selected configuration (with
+    ``config_overrides`` applied), and its trackers are checked, before anything trains.
+    Methods in ``skip`` are left out; ``announce`` sees the rest before the run starts.
+    Returns where the run is and what it confirms (see :func:`conclude`).
+    """
+    if not exp_dirs:
+        raise UserError("no experiment directory given")
+    first = results.open_sweep(exp_dirs[0])[1]
+    tune_cfg = run_tune(first.tune or {}, select, tune_overrides)
+    validate_tune(tune_cfg, first.base_config())  # again below, with each selected config
+    variants = [v for v in select_variants(exp_dirs, select) if v.method not in skip]
+    configs = [with_overrides(v.config, config_overrides or {}) for v in variants]
+    for c in configs:
+        validate_tune(tune_cfg, c)
+    from dps_tune import preflight
+
+    preflight.check_loggers(tune_cfg.loggers)  # the sweep's trackers follow it into the confirmation
+    ranking = dps_ranking(configs)
+    announce(variants)
+    from dps_tune.sweep import ray_tune
+
+    base = configs[0]
+    location = ray_tune.run_points(base, [overrides(base, c) for c in configs], list(seeds), tune_cfg,
+                                   ranking=ranking, name=name, storage_path=storage_path, address=address,
+                                   dashboard=dashboard, shared_storage=shared_storage,
+                                   confirm=record(select, seeds, variants, exp_dirs))
+    return location, variants
+
+
+def conclude(exp: str, chosen: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The summary of a finished confirmation run (after :func:`run_confirmation`, or after `resume` of a killed
+    one); written beside it (``confirm.json``, ``confirm.csv``) unless it is on remote storage."""
+    view = storage.local_view(exp)
+    summary = summarize(view)
+    if not is_remote(exp):
+        write_summary(view, summary, chosen)
+    return summary
 
 
 def zero_shot(exp_dir: str | os.PathLike) -> Path:
@@ -313,9 +364,10 @@ def record(select: str, seeds: Sequence[int], variants: Sequence[Variant], exper
     return Confirmation(select, tuple(seeds), tuple(selected(variants)), tuple(str(e) for e in experiments))
 
 
-def write_summary(exp_dir: str | os.PathLike, summary: dict[str, Any], chosen: Sequence[dict[str, Any]] = ()) -> None:
+def write_summary(exp_dir: str | os.PathLike, summary: dict[str, Any], chosen: Sequence[Mapping[str, Any]] = ()
+                  ) -> None:
     exp = Path(exp_dir)
-    write_json(exp / CONFIRM_JSON, {**summary, "selected": list(chosen)})
+    write_json(exp / CONFIRM_JSON, {**summary, "selected": [dict(c) for c in chosen]})
     rows = [["method", "metric", "mean", "std", "low", "high", "n", "level", "adjusted_p", "verdict"]]
     for method, row in summary["methods"].items():
         for m in METRICS:
