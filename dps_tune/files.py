@@ -82,8 +82,9 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def read_json_object(path: str | os.PathLike, where: str) -> dict[str, Any]:
     """The JSON object in ``path``: one :class:`UserError` naming ``where`` and the file when it is missing,
-    cut short, not JSON or not an object. Every JSON file dps_tune reads back goes through here, or through
-    :func:`json_object_or_none` where a damaged file is to be passed over."""
+    cut short, not JSON or not an object. The JSON files of experiments and checkpoints are read here, or by
+    :func:`json_object_or_none` where a damaged one is to be passed over (the image cache's manifest has a
+    format and an error of its own, :mod:`dps_tune.data.cache_writer`)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
