@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import tiny_raw
 from dps_tune.config import config_from_dict, to_dict
-from dps_tune.sweep.results import SWEEP_FILE
+from dps_tune.sweep.sweep_file import SweepFile
 
 # WILDS split name, number of images, label pool
 IWILDCAM_SPLITS = [("train", 12, [0, 1, 2]), ("id_val", 4, [0, 1]), ("id_test", 4, [1, 2]),
@@ -58,11 +58,9 @@ def write_experiment(root: Path, name: str, trials: list[tuple], *,
     """
     exp = root / name
     exp.mkdir(parents=True)
-    (exp / SWEEP_FILE).write_text(json.dumps({
-        "name": name, "base": to_dict(config_from_dict(tiny_raw())),
-        "tune": {"metric": metric, "mode": "max", "grace_period": 1, "reduction_factor": 2, "max_t": 0},
-        "search": {}, "space_file": f"{name}.yaml", "max_t": MAX_T, "status": status, "errors": 0,
-    }))
+    SweepFile(name=name, base=to_dict(config_from_dict(tiny_raw())),
+              tune={"metric": metric, "mode": "max", "grace_period": 1, "reduction_factor": 2, "max_t": 0},
+              space_file=f"{name}.yaml", max_t=MAX_T, status=status, errors=0).write(exp)
     for i, (trial_id, overrides, epochs, quality, *twist) in enumerate(trials):
         twist = twist[0] if twist else {}
         cfg = to_dict(config_from_dict(tiny_raw(**{"optim.epochs": MAX_T, **overrides})))
