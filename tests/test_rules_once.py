@@ -6,11 +6,11 @@ import random
 
 import pytest
 
-from conftest import tiny_raw
+from support.worlds import tiny_raw
 from dps_tune.config import CONFIG_KEYS, TuneConfig, config_from_dict, leaves, split_overrides, to_dict
 from dps_tune.errors import ConfigError
 from dps_tune.sweep import candidates, confirm, results
-from fixtures import write_experiment
+from support.experiments import write_experiment
 
 
 def test_every_method_has_its_place_in_the_one_order():

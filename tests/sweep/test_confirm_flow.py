@@ -6,7 +6,7 @@ import pytest
 
 from dps_tune.errors import ConfigError
 from dps_tune.sweep import confirm, ray_tune
-from fixtures import write_experiment
+from support.experiments import write_experiment
 
 
 @pytest.fixture

@@ -7,12 +7,12 @@ import re
 
 import pytest
 
-from conftest import tiny_raw
+from support.worlds import tiny_raw
 from dps_tune import cli
 from dps_tune.config import TuneConfig, config_from_dict, to_dict
 from dps_tune.errors import UserError
 from dps_tune.sweep.sweep_file import SWEEP_FILE, VERSION, Confirmation, SweepFile
-from fixtures import write_experiment
+from support.experiments import write_experiment
 
 # What `dps-tune sweep` wrote before the file had a version: run_sweep's keys, then _finish's.
 OLD_FILE = {
