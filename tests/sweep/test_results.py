@@ -8,6 +8,7 @@ holds the validation splits; the test splits of a kept checkpoint are in its
 ``metrics.json`` only.
 """
 
+import dataclasses
 import json
 import math
 import shutil
@@ -21,7 +22,7 @@ import torch
 from dps_tune.checkpoint import write_predictions
 from dps_tune.errors import UserError
 from dps_tune.sweep import results
-from dps_tune.sweep.sweep_file import SWEEP_FILE
+from dps_tune.sweep.sweep_file import SWEEP_FILE, SweepFile
 from support.experiments import write_experiment, write_wise_output
 
 DPS = {"algorithm": "dps", "dps.reference": "ce_best"}
@@ -208,14 +209,14 @@ def test_best_checkpoint_says_why_there_is_none(peaked):
 # ------------------------------------------------------------------ the experiment
 
 
-def test_sweep_meta_is_empty_without_the_file_and_an_error_when_it_is_damaged(tmp_path):
-    assert results.sweep_meta(tmp_path) == {}
+def test_the_sweep_file_is_none_without_the_file_and_an_error_when_it_is_damaged(tmp_path):
+    assert SweepFile.read(tmp_path) is None
     exp = write_experiment(tmp_path, "exp", [("t1", {}, 1, 0.5)])
-    meta = results.sweep_meta(exp)
-    assert meta["name"] == "exp" and meta["tune"]["metric"] == "id_val_f1" and meta["base"]["model"] == "tiny-vit"
+    sweep = SweepFile.read(exp)
+    assert sweep.name == "exp" and sweep.tune["metric"] == "id_val_f1" and sweep.base["model"] == "tiny-vit"
     (exp / SWEEP_FILE).write_text('{"name": "ex')
     with pytest.raises(UserError, match="experiment"):
-        results.sweep_meta(exp)
+        SweepFile.read(exp)
 
 
 def test_open_experiment_refuses_whatever_is_not_one_in_one_line(tmp_path):
@@ -236,9 +237,11 @@ def test_open_experiment_refuses_whatever_is_not_one_in_one_line(tmp_path):
         assert str(tmp_path / where) in str(err.value) and "\n" not in str(err.value)
 
 
-def test_a_sweep_has_ended_when_it_finished_or_was_interrupted():
-    assert results.ended({"status": "finished"}) and results.ended({"status": "interrupted"})
-    assert not results.ended({"status": "running"}) and not results.ended({})
+def test_a_sweep_has_ended_when_it_finished_or_was_interrupted(tmp_path):
+    exp = write_experiment(tmp_path, "exp", [("t1", {}, 1, 0.5)])
+    sweep = SweepFile.read(exp)
+    assert dataclasses.replace(sweep, status="finished").ended and dataclasses.replace(sweep, status="interrupted").ended
+    assert not dataclasses.replace(sweep, status="running").ended and not dataclasses.replace(sweep, status=None).ended
 
 
 @pytest.mark.parametrize("epoch,max_t,errored,interrupted,finished,status", [
@@ -322,7 +325,7 @@ def test_best_per_method_picks_each_method_s_best_kept_checkpoint_in_the_method_
         ("dt2", {**DPS, "dps.masking": 0.5, "dps.suppress": "top"}, 4, 0.6),
     ])
     best = results.best_per_method([a, b], "id_val_f1")
-    assert [r["method"] for r in best] == ["ce", "dps (top)", "dps (masking 1.0)", "flyp"]
+    assert [r["method"] for r in best] == ["ce", "flyp", "dps (top)", "dps (masking 1.0)"]  # results.METHOD_ORDER
     by = {r["method"]: r for r in best}
     assert (by["ce"]["trial"], by["dps (top)"]["trial"], by["flyp"]["trial"]) == ("ce2", "dt2", "fl1")
     assert by["ce"]["checkpoint"] == trial_dir(b, "ce2") / "checkpoint_000000"
@@ -402,7 +405,7 @@ def test_an_ensemble_output_is_known_by_its_summary_and_read_with_its_finished_r
     with pytest.raises(UserError, match="neither a sweep nor the output"):
         results.read_ensemble(tmp_path)
     (soup / results.SOUP_JSON).write_text('{"soups": ')
-    with pytest.raises(UserError, match="damaged"):
+    with pytest.raises(UserError, match="unreadable"):
         results.read_ensemble(soup)
     (soup / results.SOUP_JSON).write_text("[]")
     with pytest.raises(UserError, match="not a JSON object"):
