@@ -28,9 +28,6 @@ import yaml
 from dps_tune.errors import ConfigError, first_line
 from dps_tune.files import write_json
 from dps_tune.objectives import DEFAULT_METRIC, OBJECTIVE_MEAN, SPLITS, check_selection_metric
-# Moved to dps_tune.objectives; importable from here until sweep/report.py and three tests import them from there.
-from dps_tune.objectives import (best_of, default_mode, metric_names, objective_mean, objectives,  # noqa: F401
-                                 scalar_objective)
 from dps_tune.paths import is_remote, looks_like_weights_file
 
 ALGORITHMS = ("ce", "flyp", "dps")

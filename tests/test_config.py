@@ -201,7 +201,7 @@ def test_bad_objectives_and_checkpoint_settings(tune, message, write_yaml):
 
 
 def test_several_objectives_and_the_one_asha_uses(write_yaml):
-    from dps_tune.config import objective_mean, objectives, scalar_objective
+    from dps_tune.objectives import objective_mean, objectives, scalar_objective
 
     raw = tiny_raw()
     raw["tune"] = {"metric": ["id_val_f1", "ood_val_f1"], "mode": ["max", "max"]}

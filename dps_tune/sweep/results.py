@@ -191,18 +191,6 @@ def open_sweep(location: str | os.PathLike) -> tuple[Path, SweepFile]:
     return view, SweepFile.load(view, where)
 
 
-# sweep/report.py reads the sweep file as a dict until it moves to open_sweep and SweepFile; then these go.
-def open_experiment(location: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """:func:`open_sweep`, its sweep file as the dict the file holds."""
-    view, sweep = open_sweep(location)
-    return view, sweep.to_json()
-
-
-def ended(meta: Mapping[str, Any]) -> bool:
-    """:attr:`SweepFile.ended` of a sweep file's dict (see :func:`open_experiment`)."""
-    return SweepFile.from_json(meta, "?").ended
-
-
 def trial_status(trial: Trial, max_t: float | None, finished: bool) -> str:
     """completed, early-stopped, error, interrupted or running; ``finished``: the sweep has ended."""
     target = trial.param("optim.epochs") or 0

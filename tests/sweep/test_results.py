@@ -219,10 +219,10 @@ def test_the_sweep_file_is_none_without_the_file_and_an_error_when_it_is_damaged
         SweepFile.read(exp)
 
 
-def test_open_experiment_refuses_whatever_is_not_one_in_one_line(tmp_path):
+def test_open_sweep_refuses_whatever_is_not_one_in_one_line(tmp_path):
     exp = write_experiment(tmp_path, "exp", [("t1", {}, 1, 0.5)])
-    folder, meta = results.open_experiment(str(exp))
-    assert folder == exp and meta["name"] == "exp"
+    folder, sweep = results.open_sweep(str(exp))
+    assert folder == exp and sweep.name == "exp" and sweep.max_t == 4
     (tmp_path / "file").write_text("x")
     (tmp_path / "plain").mkdir()
     (tmp_path / "baseless").mkdir()
@@ -233,7 +233,7 @@ def test_open_experiment_refuses_whatever_is_not_one_in_one_line(tmp_path):
                         ("plain", "not a dps_tune experiment"), ("baseless", "is incomplete"),
                         ("bad_tune", "is incomplete")]:
         with pytest.raises(UserError, match=says) as err:
-            results.open_experiment(tmp_path / where)
+            results.open_sweep(tmp_path / where)
         assert str(tmp_path / where) in str(err.value) and "\n" not in str(err.value)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dps_tune.config import metric_names
+from dps_tune.objectives import metric_names
 from support.cli import run_cli
 from support.worlds import TINY_WORLD, tiny_raw
 
