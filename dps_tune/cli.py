@@ -24,9 +24,10 @@ from typing import Sequence
 from dps_tune.cli_analysis import Confirm, DashboardCommand, Soup, Wise, finish_confirmation, post_ensembles
 from dps_tune.cli_base import (Command, Parser, add_cluster_options, add_set_option, check_address, check_name,
                                check_out_dir, check_out_file, format_table, print_sweep_summary)
-from dps_tune.config import (PAPER_EXCLUDE, QUOTAS, SYNTHETIC_WORLDS, check_choice, check_exclude, scalar_objective,
-                             split_list)
+from dps_tune.config import PAPER_EXCLUDE, QUOTAS, SYNTHETIC_WORLDS, check_choice, check_exclude, split_list
 from dps_tune.errors import Interrupted, UserError, first_line
+from dps_tune.layout import CONFIG_FILE, STATE_FILE
+from dps_tune.objectives import scalar_objective
 
 logger = logging.getLogger("dps_tune")
 
@@ -62,9 +63,9 @@ class Train(Command):
         cfg = load_config(args.config, args.set)
         if args.out is not None:
             check_out_dir("--out", args.out)
-        if args.resume is not None and not (Path(args.resume) / "train_state.pt").is_file():
+        if args.resume is not None and not (Path(args.resume) / STATE_FILE).is_file():
             raise UserError(f"--resume {args.resume}: not a checkpoint directory with a training state "
-                            "(train_state.pt)")
+                            f"({STATE_FILE})")
         from dps_tune import preflight  # torch and open_clip from here on
         from dps_tune.sweep import reference
         from dps_tune.train import run_trial
@@ -81,7 +82,7 @@ class Train(Command):
         # Refused before its first report (bad data found late, say): no run is left behind.
         with new_directory(out, keep=lambda: final.exists() or reported.stat().st_size > 0), \
                 reported.open("a") as metrics_log:
-            save_json(cfg, out / "config.json")
+            save_json(cfg, out / CONFIG_FILE)
 
             def report(metrics: dict, checkpoint_dir: Path | None) -> None:
                 line = json.dumps(metrics)
@@ -245,7 +246,7 @@ class SweepCommand(Command):
         check_address(args.address)  # one TCP connect, before the search space's open_clip checks
         sweep = load_sweep(args.space, overrides)  # every check runs before Ray starts
         if post:
-            from dps_tune.config import objectives
+            from dps_tune.objectives import objectives
 
             post_metric = objectives(sweep.tune)[0][0]  # with several objectives, the first selects
             if args.storage and is_remote(args.storage):
@@ -276,7 +277,7 @@ class Resume(Command):
         from dps_tune.sweep import results
 
         if not is_remote(args.exp_dir):
-            results.open_experiment(args.exp_dir)  # the cheap checks, before Ray and torch are imported
+            results.open_sweep(args.exp_dir)  # the cheap checks, before Ray and torch are imported
         check_address(args.address)
         from dps_tune.sweep import ray_tune
 
@@ -287,8 +288,8 @@ class Resume(Command):
         finally:
             ray_tune.shutdown()
         status = print_sweep_summary(exp_dir, *scalar_objective(job.tune))
-        if "confirm" in job.meta:  # a confirmation run, killed and resumed: its summary as `confirm` writes it
-            finish_confirmation(exp_dir, job.meta["confirm"].get("selected", []))
+        if job.sweep.confirm is not None:  # a confirmation run, killed and resumed: its summary as `confirm` writes it
+            finish_confirmation(exp_dir, list(job.sweep.confirm.selected))
         return status
 
 
@@ -311,21 +312,17 @@ class Results(Command):
         p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import DEFAULT_METRIC, default_mode, scalar_objective
         from dps_tune.sweep import results
 
         if args.resamples < 100:
             raise UserError(f"--resamples {args.resamples}: at least 100 are needed for a 95% interval")
-        exp, meta = results.open_experiment(args.exp_dir)
+        exp, sweep = results.open_sweep(args.exp_dir)
         if args.pareto:
             metrics, modes = results.pareto_objectives(exp)
             table = results.pareto_table(exp, metrics, modes)
             print(f"non-dominated trials on {', '.join(f'{m} ({d})' for m, d in zip(metrics, modes))}:")
         elif args.bootstrap:
-            tune_meta = meta.get("tune")
-            metric, mode = (args.metric, args.mode) if args.metric else (
-                scalar_objective(tune_meta) if tune_meta else (DEFAULT_METRIC, None))
-            mode = mode or default_mode(metric)
+            metric, mode = sweep.objective(args.metric, args.mode)
             table = results.bootstrap_table(exp, metric, mode, resamples=args.resamples)
             print(f"each trial's kept checkpoint best on {metric} ({mode}); 95% bootstrap intervals, "
                   f"{args.resamples} resamples:")
@@ -357,18 +354,15 @@ class Best(Command):
         p.add_argument("--export", metavar="DIR", help="write model.safetensors, config.json, metrics.json here")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import DEFAULT_METRIC, check_selection_metric, default_mode
+        from dps_tune.objectives import check_selection_metric
         from dps_tune.sweep import results, storage
 
         if args.metric is not None:
             check_selection_metric("--metric", args.metric)
         if args.export:
             check_out_dir("--export", args.export)
-        exp, sweep = results.open_experiment(args.exp_dir)
-        meta = sweep.get("tune")
-        own_metric, own_mode = scalar_objective(meta) if meta else (DEFAULT_METRIC, None)
-        metric = args.metric or own_metric
-        mode = args.mode or (own_mode if not args.metric else None) or default_mode(metric)
+        exp, sweep = results.open_sweep(args.exp_dir)
+        metric, mode = sweep.objective(args.metric, args.mode)
         path = results.best_checkpoint(exp, metric, mode, args.scope)
         metrics = results.checkpoint_json(path)
         print(f"best by {metric} ({mode}, scope {args.scope}): {storage.source(path)}")
@@ -402,7 +396,8 @@ class Report(Command):
                        help="OOD axis of the ID-vs-OOD plot (default: ood_test_acc); the macro-F1 twin is also drawn")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import check, metric_names
+        from dps_tune.config import check
+        from dps_tune.objectives import metric_names
         from dps_tune.sweep import report, results
 
         for key, metric in (("--x-metric", args.x_metric), ("--y-metric", args.y_metric)):
@@ -410,7 +405,7 @@ class Report(Command):
         check_out_file("--out", args.out)
         if args.zero_shot is not None and not Path(args.zero_shot).exists():
             raise UserError(f"--zero-shot {args.zero_shot}: no such file or directory")
-        exps = [Path(e) if Path(e).is_dir() and results.ensemble_kind(e) else results.open_experiment(e)[0]
+        exps = [Path(e) if Path(e).is_dir() and results.ensemble_kind(e) else results.open_sweep(e)[0]
                 for e in args.exp_dirs]
         zero_shot = args.zero_shot or report.find_zero_shot(exps)
         if zero_shot is not None and not args.zero_shot:

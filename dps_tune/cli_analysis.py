@@ -135,7 +135,7 @@ class Wise(Command):
         p.add_argument("--top-k", type=int, default=1, help="checkpoints per method to interpolate (default 1)")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import check_selection_metric
+        from dps_tune.objectives import check_selection_metric
         from dps_tune.sweep import candidates
 
         check_selection_metric("--select", args.select)
@@ -175,7 +175,7 @@ class Soup(Command):
                        help="one soup of every method's checkpoints (they share the architecture and θ0)")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import check_selection_metric
+        from dps_tune.objectives import check_selection_metric
 
         check_selection_metric("--select", args.select)
         out = _default_out(args, "soup")
@@ -212,10 +212,10 @@ class Confirm(Command):
         add_cluster_options(p)
 
     def run(self, args: argparse.Namespace) -> int:
-        from dps_tune.config import (check_selection_metric, config_from_dict, parse_override, resolve_key,
-                                     validate_tune, with_overrides)
+        from dps_tune.config import split_overrides
+        from dps_tune.objectives import check_selection_metric
         from dps_tune.paths import is_remote
-        from dps_tune.sweep import confirm, results
+        from dps_tune.sweep import confirm
 
         if args.seeds < 2:
             raise UserError(f"--seeds {args.seeds}: at least 2 seeds are needed for an interval")
@@ -224,54 +224,34 @@ class Confirm(Command):
         if args.storage and not is_remote(args.storage):
             check_out_dir("--storage", args.storage)
         check_address(args.address)
-        pairs = [parse_override(o) for o in args.set]
-        tune_over = {k[len("tune."):]: v for k, v in pairs if k.startswith("tune.")}
-        cfg_over = {resolve_key(k): v for k, v in pairs if not k.startswith("tune.")}
-        first_meta = results.open_experiment(args.exp_dirs[0])[1]
-        tune_cfg = confirm.run_tune(first_meta.get("tune", {}), args.select, tune_over)
-        validate_tune(tune_cfg, config_from_dict(first_meta["base"]))  # again below, with each selected config
-        variants = confirm.select_variants(args.exp_dirs, args.select)
-        configs = [with_overrides(v.config, cfg_over) for v in variants]
-        for c in configs:
-            validate_tune(tune_cfg, c)
-        from dps_tune import preflight
-
-        preflight.check_loggers(tune_cfg.loggers)  # the sweep's trackers follow it into the confirmation
-        ranking = confirm.dps_ranking(configs)
+        cfg_over, tune_over = split_overrides(args.set)
         seeds = list(range(1, args.seeds + 1))
-        base = configs[0]
-        overrides = [confirm.overrides(base, c) for c in configs]
         first = args.exp_dirs[0]
         storage_path = args.storage or (str(Path(first).resolve().parent) if not is_remote(first) else None)
-        name = args.name or f"confirm-{time.strftime('%Y%m%d-%H%M%S')}"
-        print(f"confirming {len(configs)} configurations x {len(seeds)} seeds (selected on {args.select}):")
-        for v in variants:
-            control = " (control at dps (top)'s configuration)" if v.method in confirm.CONTROLS else ""
-            print(f"  {v.method:<17} trial {v.trial}  {args.select}={v.value:.4f}  {v.checkpoint}{control}")
-        from dps_tune.sweep import ray_tune
+
+        def announce(variants: Sequence[confirm.Variant]) -> None:
+            print(f"confirming {len(variants)} configurations x {len(seeds)} seeds (selected on {args.select}):")
+            for v in variants:
+                control = " (control at dps (top)'s configuration)" if v.method in confirm.CONTROLS else ""
+                print(f"  {v.method:<17} trial {v.trial}  {args.select}={v.value:.4f}  {v.checkpoint}{control}")
 
         try:
-            exp = ray_tune.run_points(base, overrides, seeds, tune_cfg, ranking=ranking, name=name,
-                                      storage_path=storage_path, address=args.address,
-                                      dashboard=not args.no_dashboard, shared_storage=args.shared_storage,
-                                      meta={"confirm": {"select": args.select, "seeds": seeds,
-                                                        "experiments": [str(e) for e in args.exp_dirs],
-                                                        "selected": confirm.selected(variants)}})
+            exp, variants = confirm.run_confirmation(
+                args.exp_dirs, args.select, seeds, name=args.name or f"confirm-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=storage_path, config_overrides=cfg_over, tune_overrides=tune_over,
+                address=args.address, dashboard=not args.no_dashboard, shared_storage=args.shared_storage,
+                announce=announce)
         finally:
-            ray_tune.shutdown()
+            shutdown_ray()
         finish_confirmation(exp, confirm.selected(variants))
         return 0
 
 
-def finish_confirmation(exp: str, chosen: list[dict]) -> None:
+def finish_confirmation(exp: str, chosen: Sequence[dict]) -> None:
     """Summarise a finished confirmation run (after `confirm`, or after `resume` of a killed one) and print it."""
-    from dps_tune.paths import is_remote
-    from dps_tune.sweep import confirm, storage
+    from dps_tune.sweep import confirm
 
-    view = storage.local_view(exp)
-    summary = confirm.summarize(view)
-    if not is_remote(exp):
-        confirm.write_summary(view, summary, chosen)
+    summary = confirm.conclude(exp, chosen)
     print()
     print(confirm.format_summary(summary))
     print(f"\nexperiment: {exp}  (confirm.json, confirm.csv; `dps-tune results {exp}`)")

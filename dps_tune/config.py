@@ -5,7 +5,8 @@ block (see :mod:`dps_tune.sweep.search_space`) and an optional ``tune:`` block
 (:class:`TuneConfig`). This module checks values only: types, ranges, choices and
 combinations. Checks against the world (files, the open_clip registry) live in
 :mod:`dps_tune.preflight`, which every entry point runs before any work. Nothing
-mutates a :class:`Config` afterwards: overrides build a new one.
+mutates a :class:`Config` afterwards: overrides build a new one. The rules on metrics
+(which may select a model, what a sweep optimises) are :mod:`dps_tune.objectives`'s.
 
 Keys may be written in full (``optim.lr``) or by their leaf name when that name is
 unique (``lr``, ``epochs``, ``masking``).
@@ -20,24 +21,19 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import yaml
 
 from dps_tune.errors import ConfigError, first_line
 from dps_tune.files import write_json
+from dps_tune.objectives import DEFAULT_METRIC, OBJECTIVE_MEAN, SPLITS, check_selection_metric
 from dps_tune.paths import is_remote, looks_like_weights_file
 
 ALGORITHMS = ("ce", "flyp", "dps")
 DATASETS = ("synthetic", "csv", "iwildcam")
 SYNTHETIC_WORLDS = ("wild", "eroding")
 
-
-def is_test_split(split: str) -> bool:
-    """A split no selection may read (``id_test``, ``ood_test``, ``test``): evaluated only where reported."""
-    return split == "test" or split.endswith("_test")
-SPLITS = ("id_val", "id_test", "ood_val", "ood_test")
-VALIDATION_SPLITS = ("id_val", "ood_val")
 # top: DPS; random, bottom: matched controls (top's count in every tensor); random_global: the unmatched draw.
 SUPPRESS_MODES = ("top", "random", "bottom", "random_global")
 QUOTAS = ("global", "per_tensor")
@@ -52,8 +48,8 @@ TEMPLATE_SETS = ("auto", "iwildcam", "synthetic", "simple")
 MODES = ("max", "min")
 CHECKPOINT_SCHEMES = ("economy", "full")
 LOGGERS = ("mlflow", "wandb")  # experiment trackers; each is Ray's own logger callback
-# What sweeps select on unless told otherwise: WILDS's official metric on the ID validation split.
-DEFAULT_METRIC = "id_val_f1"
+
+_TUNE = "tune."  # the prefix of an override of the tune block (--set tune.num_samples=8)
 
 # Fields holding filesystem paths: made absolute at load time, so a trial whose
 # working directory is elsewhere (Ray changes it) still finds them.
@@ -65,6 +61,7 @@ _PATH_FIELDS = (
     "dps.reference",
     "dps.reference_experiment",
     "dps.ranking_cache",
+    "data.eval_csvs",  # a mapping: each of its paths
 )
 
 
@@ -193,6 +190,10 @@ class TuneConfig:
 # --------------------------------------------------------------------------- building
 
 
+# How a config holds a mapping of a file (split -> path): a tuple of pairs, frozen like the rest.
+_PAIRS = tuple[tuple[str, str], ...]
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -242,8 +243,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return str(value)
         raise ConfigError(f"{key} = {value!r}: expected a string")
     if origin is tuple:
-        args = typing.get_args(tp)
-        if args == (tuple[str, str], ...):
+        if tp == _PAIRS:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{key} = {value!r}: expected a mapping of split name to path")
             return tuple((str(k), _coerce(f"{key}.{k}", v, str)) for k, v in value.items())
@@ -251,7 +251,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             value = split_list(value)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} = {value!r}: expected a list")
-        return tuple(_coerce(key, v, args[0]) for v in value)
+        return tuple(_coerce(key, v, typing.get_args(tp)[0]) for v in value)
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug, not user input
 
 
@@ -277,38 +277,36 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def to_dict(obj: Any) -> dict[str, Any]:
-    """A JSON-ready dict that :func:`config_from_dict` turns back into the same object."""
-    out: dict[str, Any] = {}
+def leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """Every leaf of the config dataclass ``obj``, in field order: its dotted key, its annotation, and its
+    value as a config file holds it (a list for a tuple; a mapping for pairs, such as ``data.eval_csvs``).
+
+    The one walk over the config tree: :func:`to_dict`, :data:`CONFIG_KEYS`, the overrides between two
+    configs and the reference's table of keys all read it.
+    """
+    hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            value = to_dict(value)
-        elif f.name == "eval_csvs":
+            yield from leaves(value, f"{prefix}{f.name}.")
+            continue
+        if hints[f.name] == _PAIRS:
             value = dict(value)
         elif isinstance(value, tuple):
             value = list(value)
-        out[f.name] = value
-    return out
+        yield f"{prefix}{f.name}", hints[f.name], value
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A JSON-ready dict that :func:`config_from_dict` turns back into the same object."""
+    return _nested({key: value for key, _, value in leaves(obj)})
 
 
 # ------------------------------------------------------------------------------ keys
 
 
-def _leaf_paths(cls: type = Config, prefix: str = "") -> dict[str, Any]:
-    """Every settable dotted key of ``cls`` mapped to its annotation."""
-    hints = typing.get_type_hints(cls)
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            out.update(_leaf_paths(tp, f"{prefix}{f.name}."))
-        else:
-            out[f"{prefix}{f.name}"] = tp
-    return out
-
-
-CONFIG_KEYS: dict[str, Any] = _leaf_paths(Config)
+# Every settable dotted key of the base config, mapped to its annotation.
+CONFIG_KEYS: dict[str, Any] = {key: tp for key, tp, _ in leaves(Config())}
 
 
 def resolve_key(key: str) -> str:
@@ -318,9 +316,9 @@ def resolve_key(key: str) -> str:
     """
     if key in CONFIG_KEYS:
         return key
-    if key.startswith("tune."):
+    if key.startswith(_TUNE):
         names = [f.name for f in dataclasses.fields(TuneConfig)]
-        if key[len("tune."):] in names:
+        if key.removeprefix(_TUNE) in names:
             return key
         raise ConfigError(f"unknown key {key!r}: allowed tune keys are {', '.join(names)}")
     matches = [k for k in CONFIG_KEYS if k.rsplit(".", 1)[-1] == key]
@@ -364,6 +362,20 @@ def parse_override(text: str) -> tuple[str, Any]:
     return resolve_key(key.strip()), value
 
 
+def split_overrides(overrides: Iterable[str] | Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``--set`` overrides (``key=value`` texts, or a mapping of keys to values) split in two: the base
+    config's, under canonical dotted keys, and the tune block's (``tune.*``), under its field names.
+
+    An unknown or ambiguous key is a :class:`ConfigError`.
+    """
+    if isinstance(overrides, Mapping):
+        pairs = [(resolve_key(k), v) for k, v in overrides.items()]
+    else:
+        pairs = [parse_override(o) for o in overrides]
+    base = {k: v for k, v in pairs if not k.startswith(_TUNE)}
+    return base, {k.removeprefix(_TUNE): v for k, v in pairs if k.startswith(_TUNE)}
+
+
 def merge_dotted(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """``raw`` (a config dict) with ``overrides`` (dotted or leaf keys) applied; no validation."""
     return _merge(dict(raw), _nested({resolve_key(k): v for k, v in overrides.items()}))
@@ -389,10 +401,9 @@ def _absolute_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     for dotted in _PATH_FIELDS:
         section, name = dotted.split(".")
         if isinstance(out.get(section), Mapping) and name in out[section]:
-            out[section] = {**out[section], name: fix(out[section][name])}
-    data = out.get("data")
-    if isinstance(data, Mapping) and isinstance(data.get("eval_csvs"), Mapping):
-        out["data"] = {**data, "eval_csvs": {k: fix(v) for k, v in data["eval_csvs"].items()}}
+            value = out[section][name]
+            fixed = {k: fix(v) for k, v in value.items()} if isinstance(value, Mapping) else fix(value)
+            out[section] = {**out[section], name: fixed}
     pre = out.get("pretrained")
     if isinstance(pre, str) and looks_like_weights_file(pre):
         out["pretrained"] = fix(pre)
@@ -484,35 +495,6 @@ def check_exclude(key: str, patterns: Iterable[str]) -> None:
           "must be a list of non-empty name substrings (or one comma-separated string)")
 
 
-def metric_names(splits: Iterable[str] = SPLITS) -> list[str]:
-    return [f"{s}_{m}" for s in splits for m in ("acc", "f1")]
-
-
-def selection_metrics(splits: Iterable[str] = SPLITS) -> list[str]:
-    """Metrics a model may be selected on: validation splits only, never a test split."""
-    return [m for m in metric_names(s for s in splits if s in VALIDATION_SPLITS)] + ["train_loss"]
-
-
-def check_selection_metric(key: str, metric: str, splits: Iterable[str] = SPLITS) -> None:
-    """Refuse selecting on a test split (it would leak the test data into every figure) or an unknown metric."""
-    splits = tuple(splits)
-    allowed = selection_metrics(splits)
-    if metric in metric_names(splits) and metric not in allowed:
-        raise ConfigError(f"{key} = {metric!r}: a test split never selects a model (that would leak the test "
-                          f"data into the reported figures); select on one of {', '.join(allowed)}")
-    check(metric in allowed, key, metric, f"must be one of {', '.join(allowed)}")
-
-
-def default_mode(metric: str) -> str:
-    """``min`` for losses, ``max`` for accuracies and F1."""
-    return "min" if metric.endswith("loss") else "max"
-
-
-def best_of(items: Iterable[Any], key: Callable[[Any], float], mode: str) -> Any:
-    """The item with the largest ``key`` (``mode="max"``) or the smallest (``"min"``); first wins ties."""
-    return (max if mode == "max" else min)(items, key=key)
-
-
 def config_from_dict(raw: Mapping[str, Any]) -> Config:
     cfg = _build(Config, raw)
     validate(cfg)
@@ -563,12 +545,7 @@ def load_file(path: str | os.PathLike, overrides: Iterable[str] | Mapping[str, A
         raise ConfigError(f"search = {search!r}: expected a mapping of config key to distribution")
     if not isinstance(tune_raw, Mapping):
         raise ConfigError(f"tune = {tune_raw!r}: expected a mapping of {_field_list(TuneConfig)}")
-    if isinstance(overrides, Mapping):
-        pairs = [(resolve_key(k), v) for k, v in overrides.items()]
-    else:
-        pairs = [parse_override(o) for o in overrides]
-    tune_over = {k[len("tune."):]: v for k, v in pairs if k.startswith("tune.")}
-    base_over = {k: v for k, v in pairs if not k.startswith("tune.")}
+    base_over, tune_over = split_overrides(overrides)
     raw = _merge(raw, _nested(base_over))
     raw = _absolute_paths(raw, Path.cwd())
     cfg = config_from_dict(raw)
@@ -584,43 +561,6 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Confi
 
 def tune_config_from_dict(raw: Mapping[str, Any]) -> TuneConfig:
     return _build(TuneConfig, raw, prefix="tune.")
-
-
-OBJECTIVE_MEAN = "objective_mean"
-
-
-def objectives(tune: TuneConfig | Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The metrics and modes of a tune block (a config or the dict a sweep file holds), as tuples."""
-    get = tune.get if isinstance(tune, Mapping) else (lambda k, d=None: getattr(tune, k, d))
-    metric, mode = get("metric", DEFAULT_METRIC), get("mode", None)
-    metrics = (metric,) if isinstance(metric, str) else tuple(metric)
-    if mode is None:
-        modes = tuple(default_mode(m) for m in metrics)
-    else:
-        modes = (mode,) * len(metrics) if isinstance(mode, str) else tuple(mode)
-    return metrics, modes
-
-
-def scalar_objective(tune: TuneConfig | Mapping[str, Any]) -> tuple[str, str]:
-    """The one (metric, mode) that ASHA, checkpoint ranking and default sorting use.
-
-    One objective: itself. Several: ``asha_metric`` (its mode from the list, or the
-    metric's default), else ``objective_mean`` (max).
-    """
-    metrics, modes = objectives(tune)
-    if len(metrics) == 1:
-        return metrics[0], modes[0]
-    get = tune.get if isinstance(tune, Mapping) else (lambda k, d=None: getattr(tune, k, d))
-    asha = get("asha_metric", "") or OBJECTIVE_MEAN
-    if asha in metrics:
-        return asha, modes[metrics.index(asha)]
-    return asha, ("max" if asha == OBJECTIVE_MEAN else default_mode(asha))
-
-
-def objective_mean(metrics: Mapping[str, float], tune: TuneConfig | Mapping[str, Any]) -> float:
-    """The mean of the objectives in ``metrics``, each negated where its mode is ``min``."""
-    names, modes = objectives(tune)
-    return sum((metrics[m] if mode == "max" else -metrics[m]) for m, mode in zip(names, modes)) / len(names)
 
 
 def validate_tune(t: TuneConfig, cfg: Config) -> None:

@@ -81,8 +81,10 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def read_json_object(path: str | os.PathLike, where: str) -> dict[str, Any]:
-    """The JSON object in ``path``: one :class:`UserError` naming ``where`` and the file when it is cut
-    short, not JSON or not an object (every JSON file dps_tune reads back goes through here)."""
+    """The JSON object in ``path``: one :class:`UserError` naming ``where`` and the file when it is missing,
+    cut short, not JSON or not an object. The JSON files of experiments and checkpoints are read here, or by
+    :func:`json_object_or_none` where a damaged one is to be passed over (the image cache's manifest has a
+    format and an error of its own, :mod:`dps_tune.data.cache_writer`)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -91,6 +93,19 @@ def read_json_object(path: str | os.PathLike, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{where}: {path.name} is not a JSON object")
     return data
+
+
+def json_object_or_none(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when it is missing, cut short, not JSON or not an object.
+
+    For the readers that must survive damage: a checkpoint a killed writer left half
+    written is passed over, and the commands that read it for real say what is wrong.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

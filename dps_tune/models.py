@@ -19,7 +19,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
 from dps_tune.errors import CheckpointError, first_line
-from dps_tune.layout import read_safetensors_header
+from dps_tune.layout import MODEL_FILE, read_safetensors_header
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if path.is_dir():
-        path = path / "model.safetensors"
+        path = path / MODEL_FILE
     if not path.is_file():
         raise CheckpointError(f"weights file {str(path)!r}: no such file")
     if path.suffix == ".safetensors":

@@ -15,6 +15,7 @@ from typing import Iterable
 from dps_tune import models
 from dps_tune.config import Config, check
 from dps_tune.data.datasets import find_iwildcam_dir
+from dps_tune.layout import STATE_FILE
 from dps_tune.paths import looks_like_weights_file
 
 
@@ -91,7 +92,7 @@ def check_weights(key: str, path: str) -> None:
 
 def check_train_state(key: str, directory: str) -> None:
     """``directory/train_state.pt`` is a training state torch can read (not a copy cut short)."""
-    models.check_weights_readable(str(Path(directory) / "train_state.pt"), key)
+    models.check_weights_readable(str(Path(directory) / STATE_FILE), key)
 
 
 def _require_file(key: str, value: str | None, *, directory_ok: bool = False) -> None:

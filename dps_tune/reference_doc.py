@@ -8,12 +8,10 @@ drift from the code: ``python -m dps_tune.reference_doc > REFERENCE.md`` regener
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import typing
 
 from dps_tune.cli import build_parser
-from dps_tune.config import Config, TuneConfig, to_dict
+from dps_tune.config import Config, TuneConfig, leaves
 
 HEADER = """# dps_tune reference
 
@@ -60,19 +58,9 @@ def commands() -> str:
     return "\n".join(out)
 
 
-def _leaf_defaults(obj, prefix: str = "") -> list[tuple[str, str, object]]:
-    rows = []
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            rows += _leaf_defaults(value, f"{prefix}{f.name}.")
-        else:
-            shown = to_dict(obj)[f.name]
-            tp = hints[f.name]
-            rows.append((f"{prefix}{f.name}", getattr(tp, "__name__", None) if isinstance(tp, type) else
-                         str(tp).replace("typing.", ""), shown))
-    return rows
+def _leaf_defaults(obj) -> list[tuple[str, str, object]]:
+    return [(key, getattr(tp, "__name__", None) if isinstance(tp, type) else str(tp).replace("typing.", ""), value)
+            for key, tp, value in leaves(obj)]
 
 
 def _key_row(key: str, type_name: str, default: object) -> str:

@@ -24,11 +24,12 @@ from torch import nn
 
 from dps_tune import checkpoint as ckpt
 from dps_tune import models, retention, suppression
-from dps_tune.config import Config, is_test_split
+from dps_tune.config import Config
 from dps_tune.data.inputs import Inputs, open_inputs
 from dps_tune.errors import CheckpointError, TrainingError, first_line
 from dps_tune.evaluate import autocast, evaluate_splits, tokenize_prompts
 from dps_tune.methods import Batch, Objective, ObjectiveContext, make_objective, uses_captions
+from dps_tune.objectives import is_test_split
 from dps_tune.optim import build_optimizer, lr_at, set_lr
 
 logger = logging.getLogger(__name__)

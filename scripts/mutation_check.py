@@ -84,7 +84,7 @@ MUTS = [
   "pick = torch.randint(num_templates, (num_classes,), generator=self.generator)",
   "pick = torch.randint(num_templates, (1,), generator=self.generator).expand(num_classes).contiguous()",
   "tests/test_methods.py"),
- ("test-split selection accepted", "dps_tune/config.py",
+ ("test-split selection accepted", "dps_tune/objectives.py",
   "    if metric in metric_names(splits) and metric not in allowed:", "    allowed = metric_names(splits) + ['train_loss']\n    if False:",
   "tests/test_config.py::test_tune_block_is_validated tests/test_config.py::test_best_refuses_to_select_on_a_test_split"),
  ("workers get no code through runtime_env", "dps_tune/sweep/ray_tune.py",

@@ -1,8 +1,7 @@
-"""Shared fixtures: an isolated cache, no network, a tiny synthetic world and configs."""
+"""Fixtures and hooks only (helpers are in support/): an isolated cache, no network, configs, a small disk."""
 
 from __future__ import annotations
 
-import json
 import os
 
 # Nothing in the test suite may reach a model hub.
@@ -22,12 +21,12 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from support.worlds import tiny_raw  # noqa: E402
+
 # Two threads under pytest-xdist too: tests compare figures bit for bit with subprocesses that use
 # torch's default, and a different thread count changes a convolution's summation order.
 torch.set_num_threads(2)
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set by pytest-xdist (`make test` runs several workers)
-
-TINY_WORLD = {"classes": 4, "train_per_class": 8, "eval_per_class": 4, "image_size": 32}
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -47,27 +46,6 @@ def _isolated_cache(tmp_path_factory):
         os.environ.pop("DPS_TUNE_CACHE", None)
     else:
         os.environ["DPS_TUNE_CACHE"] = old
-
-
-def tiny_raw(**overrides) -> dict:
-    """A raw config dict for the tiny model on a tiny synthetic world."""
-    raw = {
-        "algorithm": "ce",
-        "model": "tiny-vit",
-        "pretrained": "none",
-        "seed": 0,
-        "data": {"dataset": "synthetic", "batch_size": 8, "eval_batch_size": 64, "workers": 0,
-                 "synthetic": dict(TINY_WORLD)},
-        "optim": {"lr": 1e-3, "wd": 0.1, "epochs": 1, "warmup_steps": 2},
-        "train": {"log_every_steps": 2},
-    }
-    for key, value in overrides.items():
-        node = raw
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return raw
 
 
 @pytest.fixture
@@ -90,18 +68,6 @@ def write_yaml(tmp_path):
         return path
 
     return write
-
-
-def run_cli(*args, env=None, check=True, timeout=1200):
-    """``python -m dps_tune.cli ARGS`` in a subprocess; asserts exit status 0 unless ``check`` is false."""
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-m", "dps_tune.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 # The modules that take longest, first: under pytest-xdist a worker takes the next module when
@@ -132,58 +98,6 @@ def pytest_terminal_summary(terminalreporter):
         matrix = importlib.import_module("test_input_matrix")
     if matrix is not None:
         terminalreporter.write_line(matrix.summary())
-
-
-# Every function that deletes a superseded checkpoint: Ray's own, and dps_tune's deferred one.
-CHECKPOINT_DELETERS = "ray.train._internal.checkpoint_manager:_delete_fs_path,dps_tune.sweep.storage:delete_checkpoint"
-
-
-def kill_after_first_checkpoint_deletion(*args, timeout=1200):
-    """``dps-tune ARGS``, SIGKILLed right after the first checkpoint it deletes, with every process it started.
-
-    The window a resume must survive: a checkpoint is gone, and the experiment state on
-    the storage may still name it. Asserts that the kill came.
-    """
-    import signal
-    import subprocess
-    import sys
-
-    import tempfile
-
-    killer = Path(__file__).resolve().parent / "kill_after.py"
-    with tempfile.TemporaryFile("w+") as err:  # not a pipe: Ray's processes would hold it open
-        proc = subprocess.Popen([sys.executable, str(killer), CHECKPOINT_DELETERS, "1", "--after", "--",
-                                 *map(str, args)], stdout=subprocess.DEVNULL, stderr=err, text=True,
-                                start_new_session=True)
-        try:
-            proc.wait(timeout=timeout)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the Ray it started, as a lost machine takes it
-            except ProcessLookupError:
-                pass
-        err.seek(0)
-        assert proc.returncode == -signal.SIGKILL, f"never killed (exit {proc.returncode}): {err.read()[-2000:]}"
-
-
-def restore_points_left(exp: Path) -> dict[str, int]:
-    """Trial directory name -> step of the checkpoint `resume` takes it up from (the newest one the experiment
-    state on the storage names), for the trials that have one; asserts each of them is still there.
-
-    Training up to that step must not be redone. A checkpoint written after that state was
-    saved is not one Ray knows of: the trial trains its steps again (one resume interval).
-    """
-    from dps_tune.sweep import ray_tune
-
-    points = {}
-    for trial_id, (_, name) in ray_tune.restore_points(str(exp)).items():
-        if name is None:
-            continue
-        trial_dir = next(exp.glob(f"*_{trial_id}_*"))
-        metrics = trial_dir / name / "metrics.json"
-        assert metrics.is_file(), f"{trial_dir.name}: its restore point {name} is gone"
-        points[trial_dir.name] = json.loads(metrics.read_text())["step"]
-    return points
 
 
 @pytest.fixture

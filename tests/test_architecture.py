@@ -12,8 +12,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "dps_tune"
 SUBPACKAGES = ("data", "sweep", "demo", "bench")
 # What a trial needs to run; none of it may reach the sweep, the demo or Ray.
-CORE = ("config", "models", "methods", "suppression", "optim", "train", "evaluate", "checkpoint", "metrics",
-        "errors", "paths", "files", "data")
+CORE = ("config", "objectives", "models", "methods", "suppression", "optim", "train", "evaluate", "checkpoint",
+        "metrics", "errors", "paths", "files", "layout", "data")
 FORBIDDEN_FOR_CORE = ("dps_tune.sweep", "dps_tune.demo", "dps_tune.cli", "dps_tune.preflight", "ray", "optuna")
 # The report package, in import order: a module imports only those before it; the package
 # __init__ gathers their names, and the rest of dps_tune imports the package, not its modules.

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_raw
 from dps_tune import checkpoint, cli, models
 from dps_tune.data import datasets as data_mod
 from dps_tune.evaluate import evaluate_splits, tokenize_prompts
+from support.worlds import tiny_raw
 
 PLAIN_OPEN_CLIP = r"""
 import json, sys

@@ -1,19 +1,15 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from support.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_train_demo_config_prints_metric_lines(tmp_path):
     """The README's first single-trial command, run as a user would."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "dps_tune.cli", "train", "search_spaces/demo.yaml", "--set", "algorithm=ce",
-         "--set", "epochs=1", "--out", str(tmp_path / "run"), "--no-progress"],
-        cwd=ROOT, capture_output=True, text=True, timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli("train", "search_spaces/demo.yaml", "--set", "algorithm=ce", "--set", "epochs=1",
+                   "--out", tmp_path / "run", "--no-progress", cwd=ROOT)
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, proc.stdout
     assert {"id_val_acc", "ood_test_acc", "id_val_f1", "ood_test_f1", "epoch"} <= set(lines[-1])
@@ -26,9 +22,9 @@ def test_train_resume_continues_an_interrupted_run_exactly(tmp_path, write_yaml,
     """Ctrl-C after the first epoch's checkpoint, then `train --resume`: the same weights as an unbroken run."""
     import torch
 
-    from conftest import tiny_raw
     from dps_tune import cli
     from dps_tune.checkpoint import load_checkpoint
+    from support.worlds import tiny_raw
 
     path = write_yaml(tiny_raw(**{"optim.epochs": 2}))
     assert cli.main(["train", str(path), "--out", str(tmp_path / "unbroken"), "--no-progress"]) == 0
@@ -59,8 +55,8 @@ def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_pa
 
     import torch
 
-    from conftest import tiny_raw
     from dps_tune import checkpoint, cli
+    from support.worlds import tiny_raw
 
     path = write_yaml(tiny_raw(**{"optim.epochs": 2}))
     real_save = checkpoint.save_file

@@ -1,15 +1,14 @@
 import dataclasses
 import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import tiny_raw
 from dps_tune import cli
 from dps_tune.config import (Config, config_from_dict, load_file, parse_override, resolve_key, to_dict,
                              with_overrides)
 from dps_tune.errors import ConfigError
+from support.cli import run_cli
+from support.worlds import tiny_raw
 
 
 def test_round_trip_and_frozen(tiny_config):
@@ -150,7 +149,7 @@ def test_tune_block_is_validated(write_yaml):
 
 def test_console_script_exit_status_and_no_traceback(write_yaml):
     path = write_yaml(tiny_raw(**{"optim.lr": -1}))
-    proc = subprocess.run([sys.executable, "-m", "dps_tune.cli", "train", str(path)], capture_output=True, text=True)
+    proc = run_cli("train", path, check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "dps-tune: error: optim.lr = -1.0: must be > 0"
@@ -202,7 +201,7 @@ def test_bad_objectives_and_checkpoint_settings(tune, message, write_yaml):
 
 
 def test_several_objectives_and_the_one_asha_uses(write_yaml):
-    from dps_tune.config import objective_mean, objectives, scalar_objective
+    from dps_tune.objectives import objective_mean, objectives, scalar_objective
 
     raw = tiny_raw()
     raw["tune"] = {"metric": ["id_val_f1", "ood_val_f1"], "mode": ["max", "max"]}

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_raw
 from dps_tune.data import datasets as data_mod
 from dps_tune import models, suppression
 from dps_tune.bench.rank import fine_tune_stand_in
@@ -23,6 +22,7 @@ from dps_tune.config import config_from_dict
 from dps_tune.methods import Batch, CEObjective, DPSObjective
 from dps_tune.optim import build_optimizer
 from dps_tune.train import Runtime, compile_with_fallback, resolve_runtime, train_step
+from support.worlds import tiny_raw
 
 pytestmark = [
     pytest.mark.cuda,

@@ -46,3 +46,18 @@ def test_a_held_lock_is_reported_not_waited_for(tmp_path):
             assert second is False
     with files.file_lock(lock, blocking=False) as third:
         assert third
+
+
+@pytest.mark.parametrize("content", [None, "", '{"step": 4, "id_val', "[1, 2]", b"\xff\xfe{}"])
+def test_a_damaged_json_file_is_one_line_or_passed_over(tmp_path, content):
+    """The strict reader names the file in one UserError; the tolerant one returns None; a whole object reads."""
+    path = tmp_path / "metrics.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(files.UserError, match=f"checkpoint x: {path.name} is"):
+        files.read_json_object(path, "checkpoint x")
+    assert files.json_object_or_none(path) is None
+    files.write_json(path, {"step": 4})
+    assert files.read_json_object(path, "checkpoint x") == files.json_object_or_none(path) == {"step": 4}

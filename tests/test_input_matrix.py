@@ -13,7 +13,7 @@ its own, breaks one thing in it, runs one ``dps-tune`` command there and checks 
   the open_clip registry), neither torch nor Ray was imported: the refusal came from
   validation, before any expensive start.
 
-Commands run in forked children of a light process (``cli_forkserver.py``), so a case
+Commands run in forked children of a light process (``support/cli_forkserver.py``), so a case
 costs a fork, not a Python start; the heavy cases fork from a second one that has torch
 and open_clip imported already. The slow launch cases (the same ``--name`` twice at
 once) are at the end, with a real Ray.
@@ -34,10 +34,12 @@ from typing import Callable
 import pytest
 import yaml
 
-from conftest import tiny_raw
-from fixtures import make_iwildcam, write_experiment
+from support.cli import FORKSERVER
+from support.datasets import make_iwildcam
+from support.experiments import write_experiment
+from support.worlds import tiny_raw
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 EXP = "runs/exp"  # the finished experiment of the world
 TRIAL = f"{EXP}/trainable_ce000001_00000"  # one of its trials, with a checkpoint
 
@@ -434,10 +436,10 @@ class Forkservers:
     """Two servers: a light one (only dps_tune.cli) and one with torch and open_clip already imported."""
 
     def __init__(self):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         self._procs = {}
         for heavy, extra in ((False, []), (True, ["--preload", "torch,open_clip,dps_tune.preflight"])):
-            self._procs[heavy] = subprocess.Popen([sys.executable, str(HERE / "cli_forkserver.py"), *extra],
+            self._procs[heavy] = subprocess.Popen([sys.executable, str(FORKSERVER), *extra],
                                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def __call__(self, heavy: bool) -> subprocess.Popen:

@@ -106,8 +106,8 @@ def test_pickled_module_is_refused(tmp_path):
 @pytest.mark.parametrize("name,content", [("cut.safetensors", b"\x08\x00\x00"), ("junk.safetensors", b"garbage" * 9),
                                           ("junk.pt", b"not a zip file at all"), ("empty.bin", b"")])
 def test_a_corrupt_weights_file_is_one_line_before_any_work(name, content, tmp_path, write_yaml, capsys):
-    from conftest import tiny_raw
     from dps_tune import cli
+    from support.worlds import tiny_raw
 
     bad = tmp_path / name
     bad.write_bytes(content)

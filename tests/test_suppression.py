@@ -5,13 +5,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import tiny_raw
 from dps_tune import cli, models, suppression
 from dps_tune.checkpoint import load_checkpoint
 from dps_tune.errors import CheckpointError
 from dps_tune.methods import Batch, CEObjective
 from dps_tune.sweep import reference
 from dps_tune.train import run_trial
+from support.worlds import tiny_raw
 
 
 def brute_force_scores(theta0, theta1):

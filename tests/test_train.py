@@ -11,10 +11,10 @@ from safetensors.torch import save_file
 from dps_tune.data import datasets as data_mod
 from dps_tune import models
 from dps_tune.checkpoint import load_checkpoint
-from dps_tune.config import SPLITS, metric_names
 from dps_tune.errors import TrainingError
 from dps_tune.evaluate import evaluate_splits, tokenize_prompts
 from dps_tune.methods import Batch, CEObjective, FLYPObjective
+from dps_tune.objectives import SPLITS, metric_names
 from dps_tune.sweep import reference
 from dps_tune.train import run_trial
 

@@ -13,8 +13,8 @@ from dps_tune.train import evaluate_start, run_trial
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny CE trial: its config and its last checkpoint (weights and recorded metrics)."""
-    from conftest import tiny_raw
     from dps_tune.config import config_from_dict
+    from support.worlds import tiny_raw
 
     cfg = config_from_dict(tiny_raw(**{"optim.epochs": 2, "optim.lr": 3e-3}))
     out = tmp_path_factory.mktemp("trial")

@@ -24,7 +24,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dps_tune.config import is_test_split
+from dps_tune.layout import MODEL_FILE
+from dps_tune.objectives import is_test_split
+from dps_tune.sweep.sweep_file import SweepFile
 
 IWILDCAM_SIZES = {"id_val": 7314, "id_test": 8154, "ood_val": 14961, "ood_test": 42791}
 REPO_SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
@@ -67,13 +69,12 @@ def images(trials: list[Trial], sizes: dict[str, int]) -> tuple[int, int]:
 
 def experiment_trials(exp: Path) -> list[Trial]:
     """The reports and kept checkpoints of a finished experiment's trials."""
-    meta = json.loads((exp / "dps_tune_sweep.json").read_text())
-    max_t = meta.get("max_t")
+    max_t = SweepFile.load(exp).max_t
     trials = []
     for tdir in sorted(p.parent for p in exp.glob("*/params.json")):
         rows = [json.loads(line) for line in (tdir / "result.json").read_text().splitlines() if line.strip()] \
             if (tdir / "result.json").is_file() else []
-        kept = len([p for p in tdir.glob("checkpoint_*") if (p / "model.safetensors").is_file()])
+        kept = len([p for p in tdir.glob("checkpoint_*") if (p / MODEL_FILE).is_file()])
         last = rows[-1].get("epoch", 0) if rows else 0
         trials.append(Trial(reports=len(rows), finished=bool(max_t) and last >= max_t, kept=max(kept, 1)))
     return trials

@@ -21,11 +21,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from dps_tune.config import SPLITS, DataConfig
+from dps_tune.config import DataConfig
 from dps_tune.data import synthetic
 from dps_tune.data.records import DatasetSpec, Records
 from dps_tune.data.sampling import EpochSampler, crop_params
 from dps_tune.errors import DataError, first_line
+from dps_tune.objectives import SPLITS
 
 logger = logging.getLogger(__name__)
 

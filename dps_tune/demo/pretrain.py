@@ -44,10 +44,11 @@ from PIL import Image
 from torch import nn
 
 from dps_tune import models
-from dps_tune.config import SPLITS, Config, DataConfig, SyntheticConfig
+from dps_tune.config import Config, DataConfig, SyntheticConfig
 from dps_tune.data import synthetic
 from dps_tune.errors import ConfigError
 from dps_tune.files import atomic_path, file_lock
+from dps_tune.objectives import SPLITS
 from dps_tune.optim import build_optimizer, lr_at, set_lr
 from dps_tune.paths import cache_dir
 from dps_tune.train import evaluate_start

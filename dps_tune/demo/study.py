@@ -24,10 +24,10 @@ import math
 import time
 from pathlib import Path
 
-from dps_tune.config import default_mode, objectives
 from dps_tune.demo import findings, pretrain
 from dps_tune.errors import UserError
 from dps_tune.files import new_directory
+from dps_tune.objectives import default_mode, objectives
 from dps_tune.paths import command_path, tensorboard_hint
 from dps_tune.sweep import candidates, confirm, ensembles, ray_tune, results
 from dps_tune.sweep.report import render_report
@@ -146,28 +146,24 @@ def _ensembles(out: Path, exp_dirs: list[Path], metric: str) -> tuple[dict, dict
 
 def _confirm(out: Path, exp_dirs: list[Path], metric: str, overrides: list[str]) -> tuple[Path, dict]:
     """Stage 6: each method's selected configuration, and DPS's controls at its configuration, retrained with
-    fresh seeds on the demo's Ray; zero-shot beside them."""
-    from dps_tune.config import parse_override
+    fresh seeds on the demo's Ray; zero-shot beside them. Of the demo's overrides only the trials' resources
+    apply: the rest built the sweeps the configurations come from."""
+    from dps_tune.config import split_overrides
 
     start = time.time()
-    variants = [v for v in confirm.select_variants(exp_dirs, metric) if v.method not in DEMO_SKIPS]
-    base = variants[0].config
-    resources = {k[len("tune."):]: v for k, v in map(parse_override, overrides)
-                 if k in ("tune.cpus_per_trial", "tune.gpus_per_trial")}
-    tune_cfg = confirm.run_tune(results.sweep_meta(exp_dirs[0])["tune"], metric, resources)
-    ranking = confirm.dps_ranking([v.config for v in variants])
-    _say(f"\n[6/{STAGES_TOTAL}] confirmation: {len(variants)} configurations ({', '.join(v.method for v in variants)}; "
-         f"the DPS controls at dps (top)'s configuration) x {len(CONFIRM_SEEDS)} fresh seeds, full epochs, "
-         "no early stopping")
-    exp = Path(ray_tune.run_points(base, [confirm.overrides(base, v.config) for v in variants],
-                                   list(CONFIRM_SEEDS), tune_cfg, ranking=ranking, name="confirm",
-                                   storage_path=str(out), dashboard=False,
-                                   meta={"confirm": {"select": metric, "seeds": list(CONFIRM_SEEDS),
-                                                     "selected": confirm.selected(variants)}}))
-    summary = confirm.summarize(exp)
-    confirm.write_summary(exp, summary, confirm.selected(variants))
+    resources = {k: v for k, v in split_overrides(overrides)[1].items() if k in ("cpus_per_trial", "gpus_per_trial")}
+
+    def announce(variants) -> None:
+        _say(f"\n[6/{STAGES_TOTAL}] confirmation: {len(variants)} configurations "
+             f"({', '.join(v.method for v in variants)}; the DPS controls at dps (top)'s configuration) x "
+             f"{len(CONFIRM_SEEDS)} fresh seeds, full epochs, no early stopping")
+
+    location, variants = confirm.run_confirmation(exp_dirs, metric, CONFIRM_SEEDS, name="confirm",
+                                                  storage_path=str(out), tune_overrides=resources, skip=DEMO_SKIPS,
+                                                  dashboard=False, announce=announce)
+    summary = confirm.conclude(location, confirm.selected(variants))
     _say(f"      {len(variants) * len(CONFIRM_SEEDS)} trials in {time.time() - start:.0f} s")
-    return exp, summary
+    return Path(location), summary
 
 
 def ce_wise_curve(wise_dir: Path) -> list[tuple[float, float, float]]:
@@ -193,7 +189,8 @@ def write_findings(out: Path, header: list[str], exp_confirm: Path, summary: dic
     curve_correct = results.wise_curve_correct(wise_dir, "ce")  # None for an older wise: the curve held fixed
     _, correct = confirm.finished_seeds(exp_confirm)
     frontier = []
-    for method, row in summary["methods"].items():
+    for method in results.in_method_order(summary["methods"]):
+        row = summary["methods"][method]
         if method in ("ce", confirm.ZERO_SHOT) or "id_test_acc" not in row or "ood_test_acc" not in row:
             continue
         chosen = sorted(correct.get(method, {}))

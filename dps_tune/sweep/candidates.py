@@ -14,12 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from dps_tune.config import default_mode
 from dps_tune.errors import UserError
 from dps_tune.layout import CONFIG_FILE, MODEL_FILE, OPEN_CLIP_KEY, read_safetensors_header
+from dps_tune.objectives import default_mode
 from dps_tune.sweep import results
-
-METHOD_ORDER = ("ce", "flyp", "dps (top)", "dps (random)", "dps (bottom)")
 
 
 @dataclass(frozen=True)
@@ -68,10 +66,9 @@ def load_candidates(exp_dirs: Sequence[str | os.PathLike], metric: str, *, inclu
     found: dict[str, list[Candidate]] = {}
     seen_metric = False
     for exp in exp_dirs:
-        view, meta = results.open_experiment(exp)
-        finished = results.ended(meta)
+        view, sweep = results.open_sweep(exp)
         for trial in results.load_trials(view):
-            status = results.trial_status(trial, meta.get("max_t"), finished)
+            status = results.trial_status(trial, sweep.max_t, sweep.ended)
             for path, metrics in results.checkpoints(trial.path):
                 if metric in metrics:
                     seen_metric = True
@@ -95,9 +92,7 @@ def load_candidates(exp_dirs: Sequence[str | os.PathLike], metric: str, *, inclu
         raise UserError(f"the experiments start from different weights ({listed}); "
                         "ensembles need one θ0 and one architecture: pass experiments of one model")
     sign = 1.0 if mode == "max" else -1.0
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    return {m: sorted(found[m], key=lambda c: -sign * c.metrics[metric])
-            for m in sorted(found, key=lambda m: (order.get(m, len(order)), m))}
+    return {m: sorted(found[m], key=lambda c: -sign * c.metrics[metric]) for m in results.in_method_order(found)}
 
 
 def check_candidates(exp_dirs: Sequence[str | os.PathLike], select: str, *, include_stopped: bool = True,

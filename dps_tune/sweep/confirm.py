@@ -29,17 +29,20 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from dps_tune.config import (Config, TuneConfig, config_from_dict, default_mode, to_dict, tune_config_from_dict,
-                             validate)
+from dps_tune.config import (Config, TuneConfig, leaves, tune_config_from_dict, validate, validate_tune,
+                             with_overrides)
 from dps_tune.errors import UserError
-from dps_tune.files import write_json, write_text
+from dps_tune.files import json_object_or_none, read_json_object, write_json, write_text
+from dps_tune.layout import METRICS_FILE
+from dps_tune.objectives import default_mode
+from dps_tune.paths import is_remote
 from dps_tune.sweep import results, storage
+from dps_tune.sweep.sweep_file import Confirmation, SweepFile
 
 # checkpoint, stats and reference import torch: they are imported where they are used, so
 # `dps-tune confirm` refuses bad input before torch is imported.
@@ -78,7 +81,7 @@ def select_variants(exp_dirs: Sequence[str | os.PathLike], metric: str, *, contr
         raise UserError("no experiment directory given")
     views = []
     for exp in exp_dirs:
-        views.append(results.open_experiment(exp)[0])
+        views.append(results.open_sweep(exp)[0])
     finished = [v for v in views if any(t.history for t in results.load_trials(v))]
     if not finished:
         raise UserError(f"{', '.join(map(str, exp_dirs))}: no trial has reported yet; nothing to confirm")
@@ -110,20 +113,10 @@ def with_controls(variants: Sequence[Variant]) -> list[Variant]:
     return out
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "eval_csvs":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def overrides(base: Config, cfg: Config) -> dict[str, Any]:
-    """The dotted keys whose values differ between ``base`` and ``cfg``."""
-    a, b = _flatten(to_dict(base)), _flatten(to_dict(cfg))
-    return {k: v for k, v in b.items() if a.get(k) != v}
+    """The dotted keys whose values differ between ``base`` and ``cfg``, with ``cfg``'s values."""
+    old = {key: value for key, _, value in leaves(base)}
+    return {key: value for key, _, value in leaves(cfg) if old[key] != value}
 
 
 def seed_points(variants: Sequence[Variant], seeds: Sequence[int]) -> tuple[Config, list[dict[str, Any]]]:
@@ -132,7 +125,7 @@ def seed_points(variants: Sequence[Variant], seeds: Sequence[int]) -> tuple[Conf
     return base, [{**overrides(base, v.config), "seed": s} for v in variants for s in seeds]
 
 
-def run_tune(sweep_tune: dict[str, Any], select: str, overrides: dict[str, Any] | None = None) -> TuneConfig:
+def run_tune(sweep_tune: Mapping[str, Any], select: str, overrides: Mapping[str, Any] | None = None) -> TuneConfig:
     """The confirmation run's tune block: the sweep's resources, one metric, one kept checkpoint, no early stop."""
     return tune_config_from_dict({**sweep_tune, "metric": select, "mode": default_mode(select), "asha_metric": "",
                                   "keep_checkpoints": 1, "max_t": 0, **(overrides or {})})
@@ -152,6 +145,55 @@ def dps_ranking(configs: Sequence[Config]) -> Any:
     return reference.resolve(dps[0]).ranking
 
 
+def run_confirmation(exp_dirs: Sequence[str | os.PathLike], select: str, seeds: Sequence[int], *, name: str,
+                     storage_path: str | None, config_overrides: Mapping[str, Any] | None = None,
+                     tune_overrides: Mapping[str, Any] | None = None, skip: Sequence[str] = (),
+                     address: str | None = None, dashboard: bool = True, shared_storage: bool = False,
+                     announce: Callable[[Sequence[Variant]], None] = lambda variants: None,
+                     ) -> tuple[str, list[Variant]]:
+    """Select each method's configuration (and DPS's controls), check the run, and train it with ``seeds``.
+
+    The flow of `dps-tune confirm` and of the demo's confirmation alike. The run's tune
+    block (:func:`run_tune` of the first experiment's, with ``tune_overrides``) is checked
+    against that experiment's base config and against every selected configuration (with
+    ``config_overrides`` applied), and its trackers are checked, before anything trains.
+    Methods in ``skip`` are left out; ``announce`` sees the rest before the run starts.
+    Returns where the run is and what it confirms (see :func:`conclude`).
+    """
+    if not exp_dirs:
+        raise UserError("no experiment directory given")
+    first = results.open_sweep(exp_dirs[0])[1]
+    tune_cfg = run_tune(first.tune or {}, select, tune_overrides)
+    validate_tune(tune_cfg, first.base_config())  # again below, with each selected config
+    variants = [v for v in select_variants(exp_dirs, select) if v.method not in skip]
+    configs = [with_overrides(v.config, config_overrides or {}) for v in variants]
+    for c in configs:
+        validate_tune(tune_cfg, c)
+    from dps_tune import preflight
+
+    preflight.check_loggers(tune_cfg.loggers)  # the sweep's trackers follow it into the confirmation
+    ranking = dps_ranking(configs)
+    announce(variants)
+    from dps_tune.sweep import ray_tune
+
+    base = configs[0]
+    location = ray_tune.run_points(base, [overrides(base, c) for c in configs], list(seeds), tune_cfg,
+                                   ranking=ranking, name=name, storage_path=storage_path, address=address,
+                                   dashboard=dashboard, shared_storage=shared_storage,
+                                   confirm=record(select, seeds, variants, exp_dirs))
+    return location, variants
+
+
+def conclude(exp: str, chosen: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The summary of a finished confirmation run (after :func:`run_confirmation`, or after `resume` of a killed
+    one); written beside it (``confirm.json``, ``confirm.csv``) unless it is on remote storage."""
+    view = storage.local_view(exp)
+    summary = summarize(view)
+    if not is_remote(exp):
+        write_summary(view, summary, chosen)
+    return summary
+
+
 def zero_shot(exp_dir: str | os.PathLike) -> Path:
     """The run's zero-shot evaluation (``zero_shot/``: metrics and per-image predictions), made once.
 
@@ -159,11 +201,11 @@ def zero_shot(exp_dir: str | os.PathLike) -> Path:
     in this process, as every trial evaluates.
     """
     out = Path(exp_dir) / ZERO_SHOT_DIR
-    if not (out / "metrics.json").is_file():
+    if not (out / METRICS_FILE).is_file():
         from dps_tune import checkpoint as ckpt
         from dps_tune.train import evaluate_start
 
-        cfg = config_from_dict(results.sweep_meta(exp_dir)["base"])
+        cfg = SweepFile.load(exp_dir).base_config()
         predictions: dict = {}
         metrics = evaluate_start(cfg, predictions)
         ckpt.save_evaluation(out, metrics, predictions)
@@ -214,7 +256,7 @@ def summarize(exp_dir: str | os.PathLike, metrics: Sequence[str] = METRICS, *, w
     zs = None
     if with_zero_shot and per_method:
         zs_dir = zero_shot(exp_dir)
-        zs = {"metrics": json.loads((zs_dir / "metrics.json").read_text()),
+        zs = {"metrics": read_json_object(zs_dir / METRICS_FILE, f"zero-shot evaluation {str(zs_dir)!r}"),
               "correct": _correct(read_predictions(zs_dir))}
     out: dict[str, Any] = {"methods": {}, "pairs": [], "interval": "two-level bootstrap (seeds, then test images)",
                            "adjustment": "holm"}
@@ -316,9 +358,16 @@ def selected(variants: Sequence[Variant]) -> list[dict[str, Any]]:
     return [{"method": v.method, "checkpoint": v.checkpoint, "trial": v.trial, "value": v.value} for v in variants]
 
 
-def write_summary(exp_dir: str | os.PathLike, summary: dict[str, Any], chosen: Sequence[dict[str, Any]] = ()) -> None:
+def record(select: str, seeds: Sequence[int], variants: Sequence[Variant], experiments: Sequence[Any] = ()
+           ) -> Confirmation:
+    """What the confirmation run's sweep file records: the selection metric, the seeds and :func:`selected`."""
+    return Confirmation(select, tuple(seeds), tuple(selected(variants)), tuple(str(e) for e in experiments))
+
+
+def write_summary(exp_dir: str | os.PathLike, summary: dict[str, Any], chosen: Sequence[Mapping[str, Any]] = ()
+                  ) -> None:
     exp = Path(exp_dir)
-    write_json(exp / CONFIRM_JSON, {**summary, "selected": list(chosen)})
+    write_json(exp / CONFIRM_JSON, {**summary, "selected": [dict(c) for c in chosen]})
     rows = [["method", "metric", "mean", "std", "low", "high", "n", "level", "adjusted_p", "verdict"]]
     for method, row in summary["methods"].items():
         for m in METRICS:
@@ -335,10 +384,4 @@ def write_summary(exp_dir: str | os.PathLike, summary: dict[str, Any], chosen: S
 
 
 def read_summary(exp_dir: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(exp_dir) / CONFIRM_JSON
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return json_object_or_none(Path(exp_dir) / CONFIRM_JSON)

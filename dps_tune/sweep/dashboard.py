@@ -38,7 +38,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from dps_tune.errors import UserError
 from dps_tune.sweep import report as report_mod
-from dps_tune.sweep.results import SWEEP_FILE, open_experiment, sweep_meta
+from dps_tune.sweep.results import open_sweep
+from dps_tune.sweep.sweep_file import SWEEP_FILE, SweepFile
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +74,12 @@ def find_experiments(exp_dirs: Sequence[str | os.PathLike]) -> list[Experiment]:
         raise UserError("no experiment directory given")
     found = []
     for d in exp_dirs:
-        path, meta = open_experiment(d)
+        path, sweep = open_sweep(d)
         db = path / "optuna.db"
         if not db.is_file():
             raise UserError(f"experiment {str(d)!r}: no optuna.db (a sweep without a search: space has no study)")
         _check_study_file(db)
-        found.append(Experiment(meta.get("name") or path.name, path.resolve(), db))
+        found.append(Experiment(sweep.name or path.name, path.resolve(), db))
     return found
 
 
@@ -201,10 +202,11 @@ class Dashboard:
     def _index(self) -> bytes:
         rows = []
         for i, e in enumerate(self.experiments):
-            meta = sweep_meta(e.path)
+            sweep = SweepFile.read(e.path)
+            status = (sweep.status if sweep else None) or "?"
             trials = len(list(e.path.glob("*/params.json")))
             rows.append(f'<tr><td><a id="open-{i}" href="/open/{i}">{html.escape(e.name)}</a></td>'
-                        f"<td>{html.escape(str(meta.get('status', '?')))}</td><td class='num'>{trials}</td>"
+                        f"<td>{html.escape(status)}</td><td class='num'>{trials}</td>"
                         f"<td><code>{html.escape(str(e.path))}</code></td></tr>")
         body = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>dps-tune dashboard</title>

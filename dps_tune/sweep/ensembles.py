@@ -42,9 +42,10 @@ import torch
 
 from dps_tune import checkpoint as ckpt
 from dps_tune import weight_space
-from dps_tune.config import best_of, check_selection_metric, config_from_dict, default_mode
+from dps_tune.config import config_from_dict
 from dps_tune.errors import UserError
 from dps_tune.files import atomic_path, write_json
+from dps_tune.objectives import best_of, check_selection_metric, default_mode
 from dps_tune.sweep import storage
 from dps_tune.sweep.candidates import Candidate, check_candidates, load_candidates
 from dps_tune.sweep.results import SOUP_CSV, SOUP_JSON, WISE_CSV, WISE_JSON, wise_prediction_file

@@ -42,14 +42,15 @@ from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from dps_tune import checkpoint as ckpt  # noqa: E402
 from dps_tune import preflight, retention, suppression  # noqa: E402
-from dps_tune.config import (OBJECTIVE_MEAN, Config, TuneConfig, config_from_dict, merge_dotted,  # noqa: E402
-                             objective_mean, objectives, scalar_objective, to_dict, tune_config_from_dict,
+from dps_tune.config import (Config, TuneConfig, merge_dotted, to_dict, tune_config_from_dict,  # noqa: E402
                              with_overrides)
 from dps_tune.errors import Interrupted, LaunchError, UserError, first_line  # noqa: E402
-from dps_tune.files import disk_full, space_left, write_json  # noqa: E402
+from dps_tune.files import disk_full, json_object_or_none, space_left  # noqa: E402
+from dps_tune.objectives import OBJECTIVE_MEAN, objective_mean, objectives, scalar_objective  # noqa: E402
 from dps_tune.paths import is_remote  # noqa: E402
 from dps_tune.sweep import reference, storage, test_figures  # noqa: E402
-from dps_tune.sweep.results import SWEEP_FILE, TRIAL_CONFIG_FILE, flat_params, open_experiment, sweep_meta  # noqa: E402
+from dps_tune.sweep.results import TRIAL_CONFIG_FILE, flat_params, open_sweep  # noqa: E402
+from dps_tune.sweep.sweep_file import SWEEP_FILE, Confirmation, SweepFile  # noqa: E402
 from dps_tune.sweep.search_space import SearchSpace, Sweep, parse_search, to_optuna  # noqa: E402
 from dps_tune.train import run_trial  # noqa: E402
 
@@ -191,10 +192,7 @@ def _resume_point(latest: tune.Checkpoint, keep: retention.Retention | None) -> 
 
 
 def _epoch_of(path: str) -> Any:
-    try:
-        return json.loads((Path(path) / ckpt.METRICS_FILE).read_text()).get("epoch", "?")
-    except (OSError, ValueError):
-        return "?"
+    return (json_object_or_none(Path(path) / ckpt.METRICS_FILE) or {}).get("epoch", "?")
 
 
 class _ResolvedConfigWriter(tune.Callback):
@@ -623,11 +621,8 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | N
         # ASHA needs one number: the objective itself, or with several, tune.asha_metric.
         scheduler = ASHAScheduler(time_attr="epoch", metric=scalar, mode=scalar_mode, max_t=sweep.max_t,
                                   grace_period=min(t.grace_period, sweep.max_t), reduction_factor=t.reduction_factor)
-        write_json(local / SWEEP_FILE, {
-            "name": name, "base": to_dict(base), "tune": to_dict(t), "search": sweep.raw_search,
-            "space_file": str(sweep.path), "max_t": sweep.max_t, "status": "running", "trials": t.num_samples,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        })
+        SweepFile.new(name, base, t, search=sweep.raw_search, space_file=str(sweep.path), max_t=sweep.max_t,
+                      trials=t.num_samples).write(local)
         _upload_state(local, location)
         tuner = tune.Tuner(
             _build_trainable(base, resolved.ranking, t),
@@ -649,22 +644,20 @@ def run_sweep(sweep: Sweep, *, address: str | None = None, storage_path: str | N
 def run_points(base: Config, variants: list[dict[str, Any]], seeds: list[int], tune_cfg: TuneConfig, *,
                ranking: suppression.Scores | None, name: str, storage_path: str | None = None,
                address: str | None = None, dashboard: bool = True, shared_storage: bool = False,
-               meta: dict[str, Any] | None = None) -> str:
+               confirm: Confirmation | None = None) -> str:
     """Train every variant (dotted overrides of ``base``) with every seed: one Ray Tune run, a grid.
 
     No search and no early stopping (`dps-tune confirm`). The experiment directory is
-    a sweep's: ``params.json`` holds ``{"variant": {...}, "seed": N}``.
+    a sweep's: ``params.json`` holds ``{"variant": {...}, "seed": N}``; its sweep file
+    records ``confirm``.
     """
     with _launching(storage_path, name) as (storage_path, location, local):
         _connect(address, dashboard)
         _check_resources(tune_cfg, storage_path, shared_storage)
         local.mkdir(parents=True, exist_ok=True)
         epochs = max(with_overrides(base, v).optim.epochs for v in variants)
-        write_json(local / SWEEP_FILE, {
-            "name": name, "base": to_dict(base), "tune": to_dict(tune_cfg), "search": {}, "max_t": epochs,
-            "status": "running", "trials": len(variants) * len(seeds),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"), **(meta or {}),
-        })
+        SweepFile.new(name, base, tune_cfg, max_t=epochs, trials=len(variants) * len(seeds),
+                      confirm=confirm).write(local)
         _upload_state(local, location)
         tuner = tune.Tuner(
             _build_trainable(base, ranking, tune_cfg),
@@ -809,24 +802,22 @@ def _finish(local: Path, location: str, result: Any, what: str) -> None:
     which `resume` continues. Other Optuna trials still RUNNING are ones a killed driver
     left behind: FAIL. A full storage, behind the trials' errors, is :class:`StorageFull`.
     """
-    meta = sweep_meta(local)
+    sweep = SweepFile.load(local, location)
     states = restore_points(location)
     ended = [t for t, (status, _) in states.items() if status in ("TERMINATED", "ERROR")]
-    total = int(meta.get("trials") or meta.get("tune", {}).get("num_samples") or len(states))
+    total = sweep.planned_trials or len(states)
     interrupted = len(ended) < total
-    meta["status"] = "interrupted" if interrupted else "finished"
-    meta["interrupted"] = sorted(set(states) - set(ended)) if interrupted else []
-    meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    meta["errors"] = len(result.errors)
+    errors = len(result.errors)
+    sweep = sweep.interrupted_now(set(states) - set(ended), errors) if interrupted else sweep.finished_now(errors)
     full = _STORAGE_FULL.is_set() or any(_full(e) for e in result.errors)
     if not interrupted and not full:  # kept checkpoints get their test figures once, as Ray tasks
         test_figures.complete(location, lambda jobs: map_jobs(test_figures.evaluate_job, jobs),
                               say=lambda line: print(line, file=sys.stderr, flush=True))
-    write_json(local / SWEEP_FILE, meta)
+    sweep.write(local)
     db = local / OPTUNA_FILE
     if db.exists():
         study = optuna.storages.RDBStorage(f"sqlite:///{db}")
-        study_id = study.get_study_id_from_name(meta["name"])
+        study_id = study.get_study_id_from_name(sweep.name)
         errored = {t for t, (status, _) in states.items() if status == "ERROR"}
         for trial in study.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
             if interrupted and trial.user_attrs.get("status") != "errored":
@@ -866,7 +857,7 @@ class Resumable:
     """A sweep to continue, read and checked: where it is, its sweep file, config, tune settings and space."""
 
     location: str
-    meta: dict[str, Any]
+    sweep: SweepFile
     config: Config
     tune: TuneConfig
     space: SearchSpace
@@ -875,19 +866,19 @@ class Resumable:
 def load_resumable(exp: str | os.PathLike) -> Resumable:
     """Read what resuming ``exp`` (a path or a URI) needs, checking it before Ray starts."""
     location = str(exp) if is_remote(exp) else str(Path(exp).resolve())
-    view, meta = open_experiment(location)
-    if "tune" not in meta:
+    _, sweep = open_sweep(location)
+    if sweep.tune is None:
         raise UserError(f"experiment {location!r}: {SWEEP_FILE} has no tune block; it cannot be resumed")
-    cfg = config_from_dict(meta["base"])
+    cfg = sweep.base_config()
     preflight.check_config(cfg)
-    tune_cfg = tune_config_from_dict(meta["tune"])
+    tune_cfg = tune_config_from_dict(sweep.tune)
     preflight.check_loggers(tune_cfg.loggers)
-    space = parse_search(meta.get("search") or {}, cfg)
+    space = parse_search(sweep.search, cfg)
     restore_at, filesystem = _restore_point(location)
     if not tune.Tuner.can_restore(restore_at, storage_filesystem=filesystem):
         raise UserError(f"experiment {location!r}: Ray has no experiment state to restore (a sweep that never "
                         "started a trial, or a directory copied without its experiment_state files)")
-    return Resumable(location, meta, cfg, tune_cfg, space)
+    return Resumable(location, sweep, cfg, tune_cfg, space)
 
 
 def _restore_point(location: str) -> tuple[str, Any]:
@@ -903,7 +894,7 @@ def resume_sweep(exp: str | os.PathLike | Resumable, *, address: str | None = No
     """Continue an interrupted sweep: unfinished and errored trials go on from their last checkpoints."""
     job = exp if isinstance(exp, Resumable) else load_resumable(exp)
     with storage.driving(job.location):
-        location, meta, cfg, tune_cfg, space = job.location, dict(job.meta), job.config, job.tune, job.space
+        location, cfg, tune_cfg, space = job.location, job.config, job.tune, job.space
         storage.check_round_trip(location)
         restore_at, filesystem = _restore_point(location)
         local = storage.staging_dir(location) if is_remote(location) else Path(location)
@@ -914,14 +905,13 @@ def resume_sweep(exp: str | os.PathLike | Resumable, *, address: str | None = No
         # The stored base names the reference checkpoint the sweep started with, so the
         # ranking is the same one (and usually a cache hit).
         resolved = _resolve_dps(cfg, space)
-        meta["status"] = "running"
         local.mkdir(parents=True, exist_ok=True)
-        write_json(local / SWEEP_FILE, meta)
+        job.sweep.running().write(local)
         _upload_state(local, location)
         trainable = _build_trainable(resolved.config, resolved.ranking, tune_cfg)
         tuner = tune.Tuner.restore(restore_at, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    restart_errored=False, storage_filesystem=filesystem)
-        what = "confirmation run" if "confirm" in meta else "sweep"
+        what = "confirmation run" if job.sweep.confirm is not None else "sweep"
         with _ctrl_c_pauses(what), _full_storage_stops(location, what):
             _finish(local, location, tuner.fit(), what)
         return location

@@ -14,7 +14,8 @@ import dataclasses
 import logging
 
 from dps_tune import models, suppression
-from dps_tune.config import Config, default_mode
+from dps_tune.config import Config
+from dps_tune.objectives import default_mode
 from dps_tune.sweep.results import best_checkpoint
 from dps_tune.sweep.search_space import SearchSpace
 

@@ -25,14 +25,15 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from dps_tune.config import DEFAULT_METRIC, best_of, default_mode, merge_dotted, scalar_objective
-from dps_tune.errors import UserError, first_line
-from dps_tune.files import read_json_object
-from dps_tune.layout import METRICS_FILE
+from dps_tune.config import SUPPRESS_MODES, merge_dotted
+from dps_tune.errors import UserError
+from dps_tune.files import json_object_or_none, read_json_object
+from dps_tune.layout import CONFIG_FILE, METRICS_FILE
+from dps_tune.objectives import best_of, default_mode, objectives
 from dps_tune.paths import is_remote
 from dps_tune.sweep.storage import has_weights, local_view
+from dps_tune.sweep.sweep_file import SweepFile
 
-SWEEP_FILE = "dps_tune_sweep.json"
 TRIAL_CONFIG_FILE = "dps_tune_config.json"
 # What `dps-tune wise` and `dps-tune soup` write (dps_tune.sweep.ensembles).
 WISE_CSV, WISE_JSON = "wise.csv", "wise.json"
@@ -61,15 +62,13 @@ def checkpoints(exp_dir: str | os.PathLike) -> list[tuple[Path, dict]]:
     if not exp.is_dir():
         raise UserError(f"experiment {str(exp)!r}: no such directory")
     found = []
-    for metrics_path in sorted(exp.rglob("metrics.json")):
+    for metrics_path in sorted(exp.rglob(METRICS_FILE)):
         ckpt = metrics_path.parent
         if not has_weights(ckpt) or ckpt.name.startswith("."):
             continue
-        try:
-            metrics = json.loads(metrics_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        found.append((ckpt, metrics))
+        metrics = json_object_or_none(metrics_path)
+        if metrics is not None:  # one a killed writer left cut short is no checkpoint
+            found.append((ckpt, metrics))
     return found
 
 
@@ -150,11 +149,8 @@ def _with_checkpoint_figures(history: list[dict[str, Any]], trial_dir: Path) -> 
     """``history`` with the figures added to its kept checkpoints after the report (their test splits)."""
     by_step = {int(row["step"]): row for row in history}
     for metrics_path in trial_dir.glob(f"*/{METRICS_FILE}"):
-        try:
-            metrics = json.loads(metrics_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        row = by_step.get(metrics.get("step")) if isinstance(metrics, dict) else None
+        metrics = json_object_or_none(metrics_path)
+        row = by_step.get(metrics.get("step")) if metrics is not None else None
         if row is not None:
             row.update({k: v for k, v in metrics.items() if k not in row and _finite(v)})
     return history
@@ -162,15 +158,14 @@ def _with_checkpoint_figures(history: list[dict[str, Any]], trial_dir: Path) -> 
 
 def load_trials(exp_dir: str | os.PathLike) -> list[Trial]:
     """Every trial of a sweep directory, in trial-id order."""
-    exp, meta = open_experiment(exp_dir)
-    base = meta["base"]
+    exp, sweep = open_sweep(exp_dir)
     trials = []
-    stopped = set(meta.get("interrupted") or ())  # Ray's trial ids; also in the directory name trainable_ID_...
+    stopped = set(sweep.interrupted)  # Ray's trial ids; also in the directory name trainable_ID_...
     for params_path in sorted(exp.glob("*/params.json")):
         tdir = params_path.parent
         history = _with_checkpoint_figures(_read_history(tdir / "result.json"), tdir)
         trial_id = history[-1].get("trial_id") if history else None
-        config = merge_dotted(base, flat_params(json.loads(params_path.read_text())))
+        config = merge_dotted(sweep.base, flat_params(read_json_object(params_path, f"trial {str(tdir)!r}")))
         trials.append(Trial(trial_id or tdir.name, tdir, config, history, errored=(tdir / "error.txt").exists(),
                             interrupted=trial_id in stopped or any(f"_{i}_" in tdir.name for i in stopped)))
     if not trials:
@@ -178,19 +173,7 @@ def load_trials(exp_dir: str | os.PathLike) -> list[Trial]:
     return sorted(trials, key=lambda t: t.trial_id)
 
 
-def sweep_meta(exp_dir: str | os.PathLike) -> dict[str, Any]:
-    """The sweep's ``dps_tune_sweep.json``, or ``{}`` for a directory that has none.
-
-    A file that is not a JSON object (cut short by a crash of an older version, or
-    edited by hand) is a :class:`UserError` naming it.
-    """
-    path = Path(exp_dir) / SWEEP_FILE
-    if not path.is_file():
-        return {}
-    return read_json_object(path, f"experiment {str(path.parent)!r}")
-
-
-def open_experiment(location: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+def open_sweep(location: str | os.PathLike) -> tuple[Path, SweepFile]:
     """The experiment at ``location`` (a path or a URI): its local folder and its sweep file, checked.
 
     The one place that decides what an experiment is, for every command that reads one:
@@ -205,22 +188,11 @@ def open_experiment(location: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         if not path.is_dir():
             raise UserError(f"experiment {where!r}: a file, not an experiment directory")
     view = local_view(where)
-    meta = sweep_meta(view)
-    if not meta:
-        raise UserError(f"experiment {where!r}: not a dps_tune experiment (no {SWEEP_FILE}; give a directory "
-                        "that `dps-tune sweep` or `dps-tune confirm` wrote)")
-    if not isinstance(meta.get("base"), dict) or not isinstance(meta.get("tune", {}), dict):
-        raise UserError(f"experiment {where!r}: {SWEEP_FILE} is incomplete (no base config)")
-    return view, meta
-
-
-def ended(meta: Mapping[str, Any]) -> bool:
-    """Whether the sweep of this ``dps_tune_sweep.json`` has stopped running: finished, or interrupted (Ctrl-C)."""
-    return meta.get("status") in ("finished", "interrupted")
+    return view, SweepFile.load(view, where)
 
 
 def trial_status(trial: Trial, max_t: float | None, finished: bool) -> str:
-    """completed, early-stopped, error, interrupted or running; ``finished``: the sweep has :func:`ended`."""
+    """completed, early-stopped, error, interrupted or running; ``finished``: the sweep has ended."""
     target = trial.param("optim.epochs") or 0
     if max_t:
         target = min(target, max_t)
@@ -236,12 +208,8 @@ def trial_status(trial: Trial, max_t: float | None, finished: bool) -> str:
 
 def results_table(exp_dir: str | os.PathLike, metric: str | None = None, mode: str | None = None) -> pd.DataFrame:
     """One row per trial, sorted by ``metric``: searched parameters, epochs, status, every acc/F1."""
-    meta = sweep_meta(exp_dir)
-    if metric is None:
-        metric, own_mode = scalar_objective(meta.get("tune", {})) if meta.get("tune") else (DEFAULT_METRIC, None)
-        mode = mode or own_mode
-    mode = mode or default_mode(metric)
-    finished = ended(meta)
+    _, sweep = open_sweep(exp_dir)
+    metric, mode = sweep.objective(metric, mode)
     rows = []
     for t in load_trials(exp_dir):
         row: dict[str, Any] = {"trial_id": t.trial_id}
@@ -252,7 +220,7 @@ def results_table(exp_dir: str | os.PathLike, metric: str | None = None, mode: s
         for key, short in HELD_COLUMNS.items():
             row[short] = t.last.get(key)
         row["epochs"] = t.last.get("epoch", 0)
-        row["status"] = trial_status(t, meta.get("max_t"), finished)
+        row["status"] = trial_status(t, sweep.max_t, sweep.ended)
         row["early_stopped"] = row["status"] == "early-stopped"
         for key, value in t.last.items():
             if key.endswith(("_acc", "_f1")) or key == "objective_mean":
@@ -276,6 +244,9 @@ def histories(exp_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 MASKING_ALL = "dps (masking 1.0)"
+# The one order in which tables, plots, ensembles and the demo list methods: the baselines, DPS, then its
+# controls (the names method_name gives).
+METHOD_ORDER = ("ce", "flyp", *(f"dps ({s})" for s in SUPPRESS_MODES), MASKING_ALL)
 
 
 def method_name(config: dict[str, Any]) -> str:
@@ -293,6 +264,11 @@ def method_name(config: dict[str, Any]) -> str:
     return algorithm
 
 
+def in_method_order(methods: Iterable[str]) -> list[str]:
+    """``methods``, each once, in :data:`METHOD_ORDER`; names it does not hold follow, alphabetically."""
+    return sorted(set(methods), key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
+
+
 def best_per_method(exp_dirs: list[str | os.PathLike], metric: str, mode: str = "max") -> list[dict[str, Any]]:
     """For each method, the kept checkpoint best by ``metric``: its path, trial and metrics.
 
@@ -302,16 +278,13 @@ def best_per_method(exp_dirs: list[str | os.PathLike], metric: str, mode: str = 
     candidates: dict[str, list[tuple[float, Path, dict]]] = {}
     for exp in exp_dirs:
         for path, metrics in checkpoints(exp):
-            cfg_path = path / "config.json"
-            if not _finite(metrics.get(metric)) or not cfg_path.is_file():
+            if not _finite(metrics.get(metric)) or not (path / CONFIG_FILE).is_file():
                 continue
-            method = method_name(json.loads(cfg_path.read_text()))
+            method = method_name(checkpoint_json(path, CONFIG_FILE))
             candidates.setdefault(method, []).append((metrics[metric], path, metrics))
     best = {m: best_of(c, lambda t: t[0], mode) for m, c in candidates.items()}
-    order = ["ce", "dps (top)", "dps (random)", "dps (bottom)", "dps (random_global)", MASKING_ALL, "flyp"]
-    names = sorted(best, key=lambda m: (order.index(m) if m in order else len(order), m))
     return [{"method": m, "checkpoint": best[m][1], "trial": _trial_id(best[m][1].parent), **best[m][2]}
-            for m in names]
+            for m in in_method_order(best)]
 
 
 def _trial_id(trial_dir: Path) -> str:
@@ -375,13 +348,7 @@ def read_ensemble(path: str | os.PathLike) -> dict[str, Any]:
     kind = ensemble_kind(p)
     if kind is None:
         raise UserError(f"{str(p)!r}: neither a sweep nor the output of `dps-tune wise` or `dps-tune soup`")
-    name = WISE_JSON if kind == "wise" else SOUP_JSON
-    try:
-        summary = json.loads((p / name).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{str(p / name)!r}: damaged ({first_line(exc)})") from None
-    if not isinstance(summary, dict):
-        raise UserError(f"{str(p / name)!r}: not a JSON object")
+    summary = read_json_object(p / (WISE_JSON if kind == "wise" else SOUP_JSON), f"{kind} output {str(p)!r}")
     summary["kind"], summary["path"] = kind, str(p)
     if kind == "wise":
         rows = pd.read_csv(p / WISE_CSV) if (p / WISE_CSV).is_file() else pd.DataFrame()
@@ -396,9 +363,8 @@ PARETO_DEFAULT = (("id_val_f1", "max"), ("ood_val_f1", "max"))
 
 def pareto_objectives(exp_dir: str | os.PathLike) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The sweep's objectives when it has several, else ID and OOD validation macro-F1."""
-    from dps_tune.config import objectives
-
-    metrics, modes = objectives(sweep_meta(exp_dir).get("tune", {}))
+    sweep = SweepFile.read(exp_dir)
+    metrics, modes = objectives((sweep.tune if sweep else None) or {})
     if len(metrics) > 1:
         return metrics, modes
     return tuple(m for m, _ in PARETO_DEFAULT), tuple(d for _, d in PARETO_DEFAULT)

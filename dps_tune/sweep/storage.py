@@ -27,11 +27,12 @@ import pyarrow.fs as pafs
 
 from dps_tune.errors import UserError, first_line
 from dps_tune.files import atomic_path, file_lock
+from dps_tune.layout import METRICS_FILE, MODEL_FILE, STATE_FILE
 from dps_tune.paths import cache_dir, is_remote
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("model.safetensors", "train_state.pt")
+WEIGHT_FILES = (MODEL_FILE, STATE_FILE)
 REMOTE_SUFFIX = ".remote"  # in a mirror, ``model.safetensors.remote`` stands for the file on the storage
 SOURCE_FILE = ".dps_tune_source"  # in a mirror's root: the URI it mirrors
 
@@ -191,7 +192,7 @@ def checkpoint_dirs(fs: pafs.FileSystem, trial_path: str) -> list[tuple[str, dic
         if not info.base_name.startswith("checkpoint_"):
             continue
         try:
-            with fs.open_input_stream(f"{info.path}/metrics.json") as f:
+            with fs.open_input_stream(f"{info.path}/{METRICS_FILE}") as f:
                 metrics = json.loads(f.read().decode())
         except (OSError, ValueError):
             continue

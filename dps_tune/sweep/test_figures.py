@@ -22,8 +22,9 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from dps_tune.config import is_test_split
+from dps_tune.files import json_object_or_none, read_json_object
 from dps_tune.layout import CONFIG_FILE, METRICS_FILE, OPEN_CLIP_KEY, PREDICTIONS_FILE
+from dps_tune.objectives import is_test_split
 from dps_tune.paths import is_remote
 from dps_tune.sweep import storage
 
@@ -34,10 +35,8 @@ Mapper = Callable[[list[dict]], Iterable[tuple[dict, dict]]]
 
 def _missing_splits(ckpt: Path) -> list[str]:
     """The test splits of ``ckpt``'s config that its ``metrics.json`` has no figures for."""
-    try:
-        config = json.loads((ckpt / CONFIG_FILE).read_text())
-        metrics = json.loads((ckpt / METRICS_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+    config, metrics = json_object_or_none(ckpt / CONFIG_FILE), json_object_or_none(ckpt / METRICS_FILE)
+    if config is None or metrics is None:
         return []  # a damaged checkpoint: the commands that read it say so
     splits = config.get("data", {}).get("eval_splits") or []
     if config.get("data", {}).get("dataset") == "csv":
@@ -77,7 +76,7 @@ def evaluate_job(job: dict) -> dict[str, Any]:
 
     path = Path(job["checkpoint"])
     local = path if (path / ckpt.MODEL_FILE).is_file() else storage.fetch_weights(path)
-    config = json.loads((path / CONFIG_FILE).read_text())
+    config = read_json_object(path / CONFIG_FILE, f"checkpoint {str(path)!r}")
     config.pop(OPEN_CLIP_KEY, None)
     evaluation = {k: config[k] for k in ("model", "pretrained", "seed", "data", "train") if k in config}
     ev = _evaluator(json.dumps(evaluation, sort_keys=True))

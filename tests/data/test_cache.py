@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_raw
 from dps_tune import cli, models
 from dps_tune.data import augment
 from dps_tune.data import cache_reader, cache_writer
@@ -18,7 +17,9 @@ from dps_tune.bench import data as bench_data
 from dps_tune.config import DataConfig, config_from_dict
 from dps_tune.errors import DataError
 from dps_tune.train import run_trial
-from fixtures import IWILDCAM_SPLITS, make_iwildcam
+from support.cli import run_killed
+from support.datasets import IWILDCAM_SPLITS, make_iwildcam
+from support.worlds import tiny_raw
 
 NUM_IWILDCAM = sum(n for _, n, _ in IWILDCAM_SPLITS)  # every image is in exactly one split
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -115,23 +116,15 @@ def test_prepare_resumes_after_an_interrupted_run(tmp_path, monkeypatch):
 @pytest.mark.parametrize("sig", ["KILL", "INT"])
 def test_prepare_killed_mid_shard_resumes_without_redoing_or_trusting_the_partial_shard(tmp_path, write_yaml, sig):
     """SIGKILL (no cleanup at all), or Ctrl-C, while the second shard is being decoded, then `prepare` again."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     make_iwildcam(tmp_path)
     config = write_yaml(tiny_raw(**{"data.dataset": "iwildcam", "data.root": str(tmp_path)}))
     out = tmp_path / "cache"
     eight_rows = 8 * cache_writer._shard_bytes(1, 16)  # shards of 8 images at --size 16
-    killer = Path(__file__).resolve().parents[1] / "kill_after.py"
 
     def prepare(kill_at: int, calls_file=None):
-        return subprocess.run(
-            [sys.executable, str(killer), "dps_tune.data.cache_writer:decode_square", str(kill_at), "--signal", sig,
-             "--attr", f"dps_tune.data.cache_writer:SHARD_BYTES={eight_rows}", "--",
-             "prepare", str(config), "--out", str(out), "--size", "16", "--workers", "0", "--no-progress"],
-            capture_output=True, text=True, timeout=300,
-            env={**os.environ, **({"CALLS_FILE": str(calls_file)} if calls_file else {})})
+        return run_killed("dps_tune.data.cache_writer:decode_square", kill_at, "prepare", config, "--out", out,
+                          "--size", "16", "--workers", "0", "--no-progress", sig=sig, calls=calls_file, timeout=300,
+                          attrs=(f"dps_tune.data.cache_writer:SHARD_BYTES={eight_rows}",))
 
     killed = prepare(13)  # images 1-8 make shard 0; the kill comes in the middle of shard 1
     manifest = json.loads((out / "manifest.json").read_text())

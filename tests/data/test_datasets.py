@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_WORLD
 from dps_tune.data import datasets as data_mod
 from dps_tune.data import synthetic
 from dps_tune.config import DataConfig, SyntheticConfig
 from dps_tune.errors import DataError
-from fixtures import IWILDCAM_SPLITS, make_iwildcam
+from support.datasets import IWILDCAM_SPLITS, make_iwildcam
+from support.worlds import TINY_WORLD
 
 
 def test_iwildcam_layout_splits_and_names(tmp_path):

@@ -33,9 +33,9 @@ def test_the_page_lists_each_section_and_skips_empty_ones():
 def test_the_frontier_sentence_says_whether_ce_s_curve_was_resampled_too(tmp_path, monkeypatch):
     import numpy as np
 
-    from fixtures import write_wise_output
     from dps_tune.demo import study
     from dps_tune.sweep import confirm
+    from support.experiments import write_wise_output
 
     rng = np.random.default_rng(6)
     n = 300

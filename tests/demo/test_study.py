@@ -2,10 +2,11 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from support.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -14,11 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(3600)  # a cold cache builds the pretrained model first: 3 to 5 minutes on 2 cores
 def test_demo_runs_the_whole_study(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run(
-        [sys.executable, "-m", "dps_tune.cli", "demo", "--out", str(out), "--no-dashboard",
-         "--set", "tune.num_samples=2", "--set", "epochs=2", "--set", "data.synthetic.train_per_class=40"],
-        cwd=ROOT, capture_output=True, text=True, timeout=3500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_cli("demo", "--out", out, "--no-dashboard", "--set", "tune.num_samples=2", "--set", "epochs=2",
+                   "--set", "data.synthetic.train_per_class=40", cwd=ROOT, timeout=3500)
     text = proc.stdout
     stages = ("[1/7]", "[2/7] CE sweep", "[3/7] DPS sweep", "[4/7] FLYP sweep", "[5/7] WiSE-FT",
               "[6/7] confirmation", "[7/7] comparison")

@@ -21,13 +21,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli, tiny_raw
+from support.cli import cli_argv, run_cli
+from support.worlds import SWEEP_WORLD, tiny_raw
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the environment's `ray` and `dps-tune`
-WORLD = {"classes": 4, "train_per_class": 12, "eval_per_class": 4, "image_size": 32}
+WORLD = {**SWEEP_WORLD, "eval_per_class": 4}
 
 
 def free_ports(n: int) -> list[int]:
@@ -166,9 +167,8 @@ def test_a_trial_finishes_on_the_other_node_when_its_node_is_removed(tmp_path, t
         runs = tmp_path / "runs"
         exp = runs / "moved"
         sweep = subprocess.Popen(
-            [sys.executable, "-m", "dps_tune.cli", "sweep", str(space), "--set", f"optim.epochs={epochs}",
-             "--address", cluster.address, "--storage", str(runs), "--shared-storage", "--name", "moved",
-             "--no-dashboard"],
+            cli_argv("sweep", space, "--set", f"optim.epochs={epochs}", "--address", cluster.address, "--storage",
+                     runs, "--shared-storage", "--name", "moved", "--no-dashboard"),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
         deadline = time.time() + 300

@@ -6,21 +6,16 @@ import optuna
 import pytest
 import yaml
 
-from conftest import kill_after_first_checkpoint_deletion, restore_points_left, run_cli, tiny_raw
 from dps_tune.sweep import confirm, results
-from fixtures import write_experiment
+from support.cli import cli_argv, kill_after_first_checkpoint_deletion, run_cli
+from support.experiments import restore_points_left, write_experiment
+from support.worlds import SWEEP_WORLD, tiny_raw
 
 pytestmark = pytest.mark.slow
 
-WORLD = {"classes": 4, "train_per_class": 12, "eval_per_class": 6, "image_size": 32}
-
-
-def dps_tune(*args, check=True, timeout=1200):
-    return run_cli(*args, check=check, timeout=timeout)
-
 
 def write_space(tmp, name, tune, search=None, **overrides):
-    raw = tiny_raw(**{"data.synthetic": WORLD, "data.batch_size": 16, "optim.epochs": 2, "optim.lr": 1e-3,
+    raw = tiny_raw(**{"data.synthetic": SWEEP_WORLD, "data.batch_size": 16, "optim.epochs": 2, "optim.lr": 1e-3,
                       **overrides})
     raw["search"] = search or {"lr": {"loguniform": [5e-4, 3e-3]}, "algorithm": {"choice": ["ce", "flyp"]}}
     raw["tune"] = {"num_samples": 2, "max_concurrent_trials": 2, "grace_period": 2, "keep_checkpoints": 1,
@@ -35,7 +30,7 @@ def two_objective(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mo")
     space = write_space(tmp, "mo", {"metric": ["id_val_f1", "ood_val_f1"], "mode": ["max", "max"],
                                     "num_samples": 3})
-    proc = dps_tune("sweep", space, "--storage", tmp / "runs", "--name", "mo", "--no-dashboard")
+    proc = run_cli("sweep", space, "--storage", tmp / "runs", "--name", "mo", "--no-dashboard")
     return tmp / "runs" / "mo", proc
 
 
@@ -48,7 +43,7 @@ def test_a_two_objective_sweep_has_a_two_direction_study_and_a_pareto_view(two_o
     for t in results.load_trials(exp):
         for h in t.history:
             assert h["objective_mean"] == pytest.approx((h["id_val_f1"] + h["ood_val_f1"]) / 2)
-    out = dps_tune("results", exp, "--pareto").stdout
+    out = run_cli("results", exp, "--pareto").stdout
     assert "non-dominated trials on id_val_f1 (max), ood_val_f1 (max)" in out
     front = results.pareto_table(exp)
     table = results.results_table(exp)
@@ -57,18 +52,18 @@ def test_a_two_objective_sweep_has_a_two_direction_study_and_a_pareto_view(two_o
             assert any((f["id_val_f1"] >= row["id_val_f1"]) and (f["ood_val_f1"] >= row["ood_val_f1"])
                        for _, f in front.iterrows())
     # best and the ensembles still select on one metric named on the command line
-    assert "best by ood_val_f1" in dps_tune("best", exp, "--metric", "ood_val_f1").stdout
-    dps_tune("report", exp, "--out", tmp_path / "r.html")
+    assert "best by ood_val_f1" in run_cli("best", exp, "--metric", "ood_val_f1").stdout
+    run_cli("report", exp, "--out", tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text()
     assert 'id="plot-pareto"' in page and "95% CI" in page
-    boot = dps_tune("results", exp, "--bootstrap", "--resamples", "200").stdout
+    boot = run_cli("results", exp, "--bootstrap", "--resamples", "200").stdout
     assert "ood_test_acc 95% CI" in boot and "[" in boot
 
 
 def test_confirm_retrains_each_method_with_fresh_seeds_and_pairs_them(two_objective, tmp_path):
     exp, _ = two_objective
-    proc = dps_tune("confirm", exp, "--seeds", "2", "--select", "id_val_f1", "--storage", tmp_path, "--name", "conf",
-                    "--no-dashboard")
+    proc = run_cli("confirm", exp, "--seeds", "2", "--select", "id_val_f1", "--storage", tmp_path, "--name", "conf",
+                   "--no-dashboard")
     conf = tmp_path / "conf"
     summary = json.loads((conf / "confirm.json").read_text())
     methods = set(summary["methods"]) - {"zero-shot"}
@@ -89,15 +84,15 @@ def test_confirm_retrains_each_method_with_fresh_seeds_and_pairs_them(two_object
         assert pair["mean"] == pytest.approx(sum(diffs) / 2)
         assert "Holm-adjusted over the family" in proc.stdout
     # an experiment like any other
-    dps_tune("best", conf, "--export", tmp_path / "best")
-    dps_tune("report", conf, "--out", tmp_path / "conf.html")
+    run_cli("best", conf, "--export", tmp_path / "best")
+    run_cli("report", conf, "--out", tmp_path / "conf.html")
 
 
 def test_a_sweep_with_the_same_seed_gives_the_same_values_and_metrics(tmp_path):
     space = write_space(tmp_path, "rep", {"metric": "id_val_f1"}, search={"lr": {"loguniform": [5e-4, 3e-3]}})
     runs = []
     for name in ("a", "b"):
-        dps_tune("sweep", space, "--storage", tmp_path / "runs", "--name", name, "--no-dashboard")
+        run_cli("sweep", space, "--storage", tmp_path / "runs", "--name", name, "--no-dashboard")
         trials = results.load_trials(tmp_path / "runs" / name)
         runs.append(sorted((t.param("optim.lr"), tuple(sorted((k, v) for k, v in t.last.items()
                                                                if k.endswith(("_acc", "_f1")))))
@@ -111,7 +106,7 @@ def test_a_sweep_with_the_same_seed_gives_the_same_values_and_metrics(tmp_path):
 ])
 def test_bad_confirm_input_is_one_line(two_objective, tmp_path, args, message):
     exp, _ = two_objective
-    proc = dps_tune("confirm", exp, *args, "--storage", tmp_path, "--name", "x", check=False)
+    proc = run_cli("confirm", exp, *args, "--storage", tmp_path, "--name", "x", check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
     assert not (tmp_path / "x").exists()
@@ -139,7 +134,7 @@ def test_a_killed_confirmation_is_finished_by_resume_without_redoing_training(tw
     assert not (conf / "confirm.json").exists()
     saved = restore_points_left(conf)
 
-    again = dps_tune("resume", conf, "--no-dashboard")
+    again = run_cli("resume", conf, "--no-dashboard")
     assert "Holm-adjusted" in again.stdout or "seeds" in again.stdout, again.stdout[-2000:]
     summary = json.loads((conf / "confirm.json").read_text())
     assert summary["methods"] and summary["selected"]
@@ -163,16 +158,14 @@ def test_ctrl_c_pauses_a_confirmation_that_resume_finishes(two_objective, tmp_pa
     import os
     import signal
     import subprocess
-    import sys
     import time
 
     from dps_tune.sweep import ray_tune
 
     exp, _ = two_objective
     conf = tmp_path / "conf"
-    proc = subprocess.Popen([sys.executable, "-m", "dps_tune.cli", "confirm", str(exp), "--seeds", "2", "--select",
-                             "id_val_f1", "--storage", str(tmp_path), "--name", "conf", "--no-dashboard", "--set",
-                             "tune.resume_every=1"],
+    proc = subprocess.Popen(cli_argv("confirm", exp, "--seeds", "2", "--select", "id_val_f1", "--storage", tmp_path,
+                                     "--name", "conf", "--no-dashboard", "--set", "tune.resume_every=1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 600
     while not list(conf.glob("*/checkpoint_*/metrics.json")) and time.time() < deadline and proc.poll() is None:
@@ -197,7 +190,7 @@ def test_ctrl_c_pauses_a_confirmation_that_resume_finishes(two_objective, tmp_pa
     to_resume = [t for t, (status, name) in ray_tune.restore_points(str(conf)).items()
                  if name is not None and status != "TERMINATED"]
 
-    again = dps_tune("resume", conf, "--no-dashboard")
+    again = run_cli("resume", conf, "--no-dashboard")
     assert again.stderr.count("resumes from epoch 1") == len(to_resume), again.stderr[-3000:]
     assert "mean [95% CI]" in again.stdout and "(confirm.json, confirm.csv;" in again.stdout, again.stdout[-2000:]
     summary = json.loads((conf / confirm.CONFIRM_JSON).read_text())
@@ -211,8 +204,8 @@ def test_ctrl_c_pauses_a_confirmation_that_resume_finishes(two_objective, tmp_pa
     assert sorted(zip(table["algorithm"], table["seed"])) == sorted((m, s) for m in trained for s in (1, 2))
     for trial in results.load_trials(conf):  # no hole in any trial's reported history
         assert [h["epoch"] for h in trial.history] == [1.0, 2.0], (trial.trial_id, trial.history)
-    dps_tune("best", conf, "--export", tmp_path / "best")
-    dps_tune("report", conf, "--out", tmp_path / "conf.html")
+    run_cli("best", conf, "--export", tmp_path / "best")
+    run_cli("report", conf, "--out", tmp_path / "conf.html")
 
 
 def test_confirm_runs_the_controls_at_dps_selected_configuration_and_seeds(tmp_path):
@@ -233,7 +226,7 @@ def test_confirm_runs_the_controls_at_dps_selected_configuration_and_seeds(tmp_p
         # a random arm tuned on its own scores higher: its configuration must not be what the controls use
         ("rand", {**dps, "dps.suppress": "random", "dps.masking": 0.8, "optim.lr": 5e-4}, 1, 1.5),
     ])
-    proc = dps_tune("confirm", exp, "--seeds", "2", "--storage", tmp_path, "--name", "conf", "--no-dashboard")
+    proc = run_cli("confirm", exp, "--seeds", "2", "--storage", tmp_path, "--name", "conf", "--no-dashboard")
     conf = tmp_path / "conf"
     trials = results.load_trials(conf)
     configs = {}

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,18 +16,19 @@ from http.cookies import SimpleCookie
 import pytest
 import yaml
 
-from conftest import tiny_raw
-from fixtures import write_experiment
+from support.cli import cli_argv, run_cli
+from support.experiments import write_experiment
+from support.worlds import SWEEP_WORLD, tiny_raw
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-WORLD = {"classes": 4, "train_per_class": 100, "eval_per_class": 6, "image_size": 32}
+WORLD = {**SWEEP_WORLD, "train_per_class": 100}  # longer trials: the browser looks while the sweep runs
 
 
 def start(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dps_tune.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=dict(os.environ))
+    return subprocess.Popen(cli_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -150,8 +150,6 @@ def test_dashboard_in_a_real_browser_on_a_running_sweep(tmp_path):
 
 
 def test_the_dashboard_refuses_what_it_cannot_serve(tmp_path):
-    from conftest import run_cli
-
     (tmp_path / "plain").mkdir()
     for args, message in [((tmp_path / "nothing",), "no such directory"),
                           ((tmp_path / "plain",), "not a dps_tune experiment"),

@@ -10,33 +10,28 @@ import open_clip
 import pytest
 import yaml
 
-from conftest import run_cli, tiny_raw
 from dps_tune import checkpoint, models
 from dps_tune.config import config_from_dict
 from dps_tune.data import datasets as data_mod
 from dps_tune.evaluate import evaluate_splits, tokenize_prompts
 from dps_tune.sweep import report, results
 from dps_tune.train import evaluate_start
+from support.cli import run_cli, run_killed
+from support.worlds import SWEEP_WORLD, tiny_raw
 
 pytestmark = pytest.mark.slow
-
-WORLD = {"classes": 4, "train_per_class": 12, "eval_per_class": 6, "image_size": 32}
-
-
-def dps_tune(*args, check=True, timeout=1200):
-    return run_cli(*args, check=check, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ens")
-    raw = tiny_raw(**{"data.synthetic": WORLD, "data.batch_size": 16, "optim.epochs": 2, "optim.lr": 1e-3})
+    raw = tiny_raw(**{"data.synthetic": SWEEP_WORLD, "data.batch_size": 16, "optim.epochs": 2, "optim.lr": 1e-3})
     raw["search"] = {"lr": {"loguniform": [5e-4, 3e-3]}}
     raw["tune"] = {"metric": "id_val_f1", "num_samples": 3, "max_concurrent_trials": 2, "grace_period": 2,
                    "keep_checkpoints": 2}
     space = tmp / "ce.yaml"
     space.write_text(yaml.safe_dump(raw))
-    dps_tune("sweep", space, "--storage", tmp / "runs", "--name", "ce", "--no-dashboard")
+    run_cli("sweep", space, "--storage", tmp / "runs", "--name", "ce", "--no-dashboard")
     return tmp / "runs" / "ce", config_from_dict({k: v for k, v in raw.items() if k not in ("search", "tune")})
 
 
@@ -52,7 +47,7 @@ def uninterrupted(sweep, tmp_path_factory):
         key = (command, *extra)
         if key not in done:
             done[key] = tmp_path_factory.mktemp("whole") / command
-            dps_tune(command, exp, *extra, "--out", done[key], "--in-process", "--no-progress")
+            run_cli(command, exp, *extra, "--out", done[key], "--in-process", "--no-progress")
         return done[key]
 
     return run
@@ -94,7 +89,7 @@ def check_row_predictions(out: Path, rows: list[dict]) -> None:
 def test_wise_on_a_sweep_through_ray(sweep, tmp_path):
     exp, base = sweep
     out = tmp_path / "wise"
-    proc = dps_tune("wise", exp, "--alphas", "0:1:0.5", "--top-k", "2", "--out", out, "--no-progress")
+    proc = run_cli("wise", exp, "--alphas", "0:1:0.5", "--top-k", "2", "--out", out, "--no-progress")
     assert "ce + wise a=" in proc.stdout, proc.stdout
     rows = read_csv(out / "wise.csv")
     assert len(rows) == 2 * 3 and {r["alpha"] for r in rows} == {"0.0", "0.5", "1.0"}
@@ -120,8 +115,8 @@ def test_wise_on_a_sweep_through_ray(sweep, tmp_path):
     # A killed run: two rows lost and one cut short. The rerun redoes only those.
     lines = (out / "wise.csv").read_text().splitlines()
     (out / "wise.csv").write_text("\n".join(lines[:-3]) + "\n" + lines[-3][: len(lines[-3]) // 2])
-    rerun = dps_tune("wise", exp, "--alphas", "0:1:0.5", "--top-k", "2", "--out", out, "--no-progress",
-                     "--in-process")
+    rerun = run_cli("wise", exp, "--alphas", "0:1:0.5", "--top-k", "2", "--out", out, "--no-progress",
+                    "--in-process")
     assert "3 of 6 evaluations found" in rerun.stderr, rerun.stderr[-2000:]
     rows_again = read_csv(out / "wise.csv")
     complete = [r for r in rows_again if r["ood_test_f1"]]
@@ -134,7 +129,7 @@ def test_wise_on_a_sweep_through_ray(sweep, tmp_path):
 def test_soup_on_a_sweep_through_ray(sweep, tmp_path):
     exp, _ = sweep
     out = tmp_path / "soup"
-    proc = dps_tune("soup", exp, "--out", out, "--no-progress")
+    proc = run_cli("soup", exp, "--out", out, "--no-progress")
     assert "greedy soups" in proc.stdout
     summary = json.loads((out / "soup.json").read_text())
     soup = summary["soups"]["ce"]
@@ -150,13 +145,13 @@ def test_soup_on_a_sweep_through_ray(sweep, tmp_path):
     again = reevaluate_in_plain_open_clip(export)
     assert all(again[k] == recorded[k] for k in again)
 
-    uniform = dps_tune("soup", exp, "--uniform", "--out", tmp_path / "uniform", "--no-progress", "--in-process")
+    uniform = run_cli("soup", exp, "--uniform", "--out", tmp_path / "uniform", "--no-progress", "--in-process")
     assert "uniform soups" in uniform.stdout
     assert len(json.loads((tmp_path / "uniform" / "soup.json").read_text())["soups"]["ce"]["ingredients"]) == len(kept)
 
     # The report draws the WiSE-FT curve and the soup beside the sweep, and tabulates them.
-    dps_tune("wise", exp, "--alphas", "0,0.5,1", "--out", tmp_path / "wise", "--no-progress", "--in-process")
-    dps_tune("report", exp, tmp_path / "wise", out, "--out", tmp_path / "r.html")
+    run_cli("wise", exp, "--alphas", "0,0.5,1", "--out", tmp_path / "wise", "--no-progress", "--in-process")
+    run_cli("report", exp, tmp_path / "wise", out, "--out", tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text()
     assert 'id="ensemble-table"' in page and "WiSE-FT, alpha" in page and "soup of" in page
     # CE's best checkpoint against its own curve: the interval resamples both on the same images
@@ -178,15 +173,7 @@ def test_soup_on_a_sweep_through_ray(sweep, tmp_path):
 def run_until(kill_at: int, command: str, exp: Path, *args, sig: str = "KILL", calls: Path | None = None):
     """``dps-tune COMMAND EXP ARGS`` killed (SIGKILL, or Ctrl-C with ``sig="INT"``) before its ``kill_at``-th
     evaluation (0: never); with ``calls``, the number of evaluations it ran is written there."""
-    import os
-    import subprocess
-    import sys
-
-    killer = Path(__file__).resolve().parents[1] / "kill_after.py"
-    return subprocess.run([sys.executable, str(killer), "dps_tune.sweep.ensembles:evaluate_job", str(kill_at),
-                           "--signal", sig, "--", command, str(exp), *map(str, args)],
-                          capture_output=True, text=True, timeout=1200,
-                          env={**os.environ, **({"CALLS_FILE": str(calls)} if calls else {})})
+    return run_killed("dps_tune.sweep.ensembles:evaluate_job", kill_at, command, exp, *args, sig=sig, calls=calls)
 
 
 def row_key(command: str):
@@ -322,25 +309,25 @@ def test_bad_ensemble_input_is_one_line_and_writes_nothing(sweep, tmp_path):
     ]
     for args, message in cases:
         out = tmp_path / "out"
-        proc = dps_tune(*args, "--out", out, check=False)
+        proc = run_cli(*args, "--out", out, check=False)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (args, proc.stderr)
         assert not out.exists(), args
 
 
 def test_sweep_post_runs_wise_and_soup_on_the_sweeps_ray(tmp_path):
-    raw = tiny_raw(**{"data.synthetic": WORLD, "data.batch_size": 16, "optim.epochs": 2, "optim.lr": 1e-3})
+    raw = tiny_raw(**{"data.synthetic": SWEEP_WORLD, "data.batch_size": 16, "optim.epochs": 2, "optim.lr": 1e-3})
     raw["search"] = {"lr": {"loguniform": [5e-4, 3e-3]}}
     raw["tune"] = {"metric": "id_val_f1", "num_samples": 2, "max_concurrent_trials": 2, "grace_period": 2}
     space = tmp_path / "ce.yaml"
     space.write_text(yaml.safe_dump(raw))
-    proc = dps_tune("sweep", space, "--storage", tmp_path / "runs", "--name", "ce", "--no-dashboard",
-                    "--post", "wise,soup")
+    proc = run_cli("sweep", space, "--storage", tmp_path / "runs", "--name", "ce", "--no-dashboard",
+                   "--post", "wise,soup")
     assert "WiSE-FT ce: alpha" in proc.stdout and "greedy soup ce:" in proc.stdout
     wise = json.loads((tmp_path / "runs" / "ce-wise" / "wise.json").read_text())
     assert len(wise["alphas"]) == 11 and wise["select"] == "id_val_f1"
     assert len(read_csv(tmp_path / "runs" / "ce-wise" / "wise.csv")) == 11
     assert (tmp_path / "runs" / "ce-soup" / "soup_ce" / "model.safetensors").is_file()
-    bad = dps_tune("sweep", space, "--storage", tmp_path / "runs", "--name", "x", "--post", "wise,stew", check=False)
+    bad = run_cli("sweep", space, "--storage", tmp_path / "runs", "--name", "x", "--post", "wise,stew", check=False)
     assert bad.returncode == 2 and "--post wise,stew: 'stew' is not one of wise, soup" in bad.stderr
     assert not (tmp_path / "runs" / "x").exists()

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from conftest import tiny_raw
 from dps_tune import cli
 from dps_tune.config import config_from_dict, to_dict
 from dps_tune.errors import LaunchError
 from dps_tune.sweep import ray_tune  # imported, never skipped: a broken module fails these tests
+from support.worlds import tiny_raw
 
 
 def _sweep_dir(tmp_path, meta_text: str | None = None):

@@ -14,20 +14,20 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from conftest import kill_after_first_checkpoint_deletion, restore_points_left, tiny_raw
 from dps_tune import models
 from dps_tune.data import datasets as data_mod
 from dps_tune.sweep import ray_tune, results
 from dps_tune.checkpoint import load_checkpoint
 from dps_tune.evaluate import evaluate_splits, tokenize_prompts
+from support.cli import cli_argv, kill_after_first_checkpoint_deletion, run_cli
+from support.experiments import restore_points_left
+from support.worlds import SWEEP_WORLD, tiny_raw
 
 pytestmark = pytest.mark.slow
 
-WORLD = {"classes": 4, "train_per_class": 12, "eval_per_class": 6, "image_size": 32}
-
 
 def space(tmp: Path, name: str, *, algorithm="ce", search=None, tune=None, **overrides) -> Path:
-    raw = tiny_raw(algorithm=algorithm, **{"data.synthetic": WORLD, "data.batch_size": 16, "optim.epochs": 3,
+    raw = tiny_raw(algorithm=algorithm, **{"data.synthetic": SWEEP_WORLD, "data.batch_size": 16, "optim.epochs": 3,
                                            "optim.lr": 1e-3, **overrides})
     raw["search"] = search if search is not None else {"lr": {"loguniform": [3e-4, 3e-3]},
                                                        "wd": {"uniform": [0.0, 0.3]}}
@@ -40,20 +40,12 @@ def space(tmp: Path, name: str, *, algorithm="ce", search=None, tune=None, **ove
     return path
 
 
-def dps_tune(*args, env=None, timeout=1200, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "dps_tune.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
 @pytest.fixture(scope="module")
 def ce_sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ce")
     # As from a Linux shell without the loopback switch the tests set (1 is Ray's default there).
-    proc = dps_tune("sweep", space(tmp, "ce"), "--storage", tmp / "runs", "--name", "ce", "--no-dashboard",
-                    env={"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
+    proc = run_cli("sweep", space(tmp, "ce"), "--storage", tmp / "runs", "--name", "ce", "--no-dashboard",
+                   env={"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
     return tmp / "runs" / "ce", proc
 
 
@@ -82,7 +74,7 @@ def test_sweep_end_to_end(ce_sweep, tmp_path):
             assert t.value is not None and len(t.intermediate_values) < 3
 
     # `results` on the command line, and its CSV
-    out = dps_tune("results", exp, "--csv", tmp_path / "r.csv").stdout
+    out = run_cli("results", exp, "--csv", tmp_path / "r.csv").stdout
     assert "ood_test_acc" in out and "early-stopped" in out
     assert len((tmp_path / "r.csv").read_text().strip().splitlines()) == 7
 
@@ -99,7 +91,7 @@ def test_sweep_end_to_end(ce_sweep, tmp_path):
     assert list(exp.glob("*/checkpoint_*/model.safetensors")) and not list(exp.glob("*/checkpoint_*/train_state.pt"))
 
     # `best --export` reloads through plain open_clip and reproduces its metrics
-    dps_tune("best", exp, "--export", tmp_path / "best")
+    run_cli("best", exp, "--export", tmp_path / "best")
     recorded = json.loads((tmp_path / "best" / "metrics.json").read_text())
     # the best over every kept checkpoint of every trial, not over the trials' last results
     kept = [json.loads(p.read_text()) for p in exp.glob("*/checkpoint_*/metrics.json")]
@@ -122,7 +114,7 @@ def test_dps_stage_ranks_once(ce_sweep, tmp_path):
     path = space(tmp_path, "dps", algorithm="dps", search=search, tune={"num_samples": 3},
                  **{"dps.reference_experiment": str(exp), "dps.reference_metric": "id_val_acc",
                     "dps.ranking_cache": str(tmp_path / "rankings")})
-    first = dps_tune("sweep", path, "--storage", tmp_path / "runs", "--name", "dps1", "--no-dashboard")
+    first = run_cli("sweep", path, "--storage", tmp_path / "runs", "--name", "dps1", "--no-dashboard")
     text = first.stdout + first.stderr
     assert text.count("DPS ranking: computed") == 1
     assert text.count("ranking cache miss") == 1  # the driver's, before any trial started
@@ -140,8 +132,8 @@ def test_dps_stage_ranks_once(ce_sweep, tmp_path):
     assert held == pytest.approx(sorted(table["params_held"]))
     assert all("dps_held_frac_token_embedding" in t.user_attrs for t in study.trials)
     # a later sweep on the same pair reuses the ranking
-    second = dps_tune("sweep", path, "--storage", tmp_path / "runs", "--name", "dps2", "--no-dashboard",
-                      "--num-samples", "1")
+    second = run_cli("sweep", path, "--storage", tmp_path / "runs", "--name", "dps2", "--no-dashboard",
+                     "--num-samples", "1")
     assert "DPS ranking: cache hit" in second.stderr
     assert len(list((tmp_path / "rankings").glob("*.pt"))) == 1
 
@@ -154,12 +146,12 @@ def test_an_errored_dps_sweep_resumes_with_its_ranking(ce_sweep, tmp_path):
                  **{"dps.reference_experiment": str(exp), "dps.reference_metric": "id_val_acc",
                     "dps.ranking_cache": str(tmp_path / "rankings")})
     env = {"DPS_TUNE_INJECT_CRASH_AT_EPOCH": "2", "DPS_TUNE_INJECT_CRASH_MARKER_DIR": str(tmp_path / "markers")}
-    first = dps_tune("sweep", path, "--storage", tmp_path / "runs", "--name", "dpsr", "--no-dashboard", env=env,
-                     check=False)
+    first = run_cli("sweep", path, "--storage", tmp_path / "runs", "--name", "dpsr", "--no-dashboard", env=env,
+                    check=False)
     assert first.returncode == 1, first.stderr[-2000:]
     pinned = json.loads((tmp_path / "runs" / "dpsr" / "dps_tune_sweep.json").read_text())["base"]["dps"]
     assert pinned["reference"].startswith(str(exp)) and pinned["reference_experiment"] is None
-    again = dps_tune("resume", tmp_path / "runs" / "dpsr", "--no-dashboard", env=env)
+    again = run_cli("resume", tmp_path / "runs" / "dpsr", "--no-dashboard", env=env)
     assert "DPS ranking: cache hit" in again.stderr
     assert sum("DPS: suppressing" in x for x in again.stderr.splitlines() + again.stdout.splitlines()) == 2
     table = results.results_table(tmp_path / "runs" / "dpsr")
@@ -170,7 +162,7 @@ def test_crashed_trial_is_retried_from_its_checkpoint(tmp_path):
     path = space(tmp_path, "crash", search={"lr": {"uniform": [1e-3, 2e-3]}},
                  tune={"num_samples": 2, "grace_period": 3, "max_failures": 1})
     env = {"DPS_TUNE_INJECT_CRASH_AT_EPOCH": "2", "DPS_TUNE_INJECT_CRASH_MARKER_DIR": str(tmp_path / "markers")}
-    dps_tune("sweep", path, "--storage", tmp_path / "runs", "--name", "crash", "--no-dashboard", env=env)
+    run_cli("sweep", path, "--storage", tmp_path / "runs", "--name", "crash", "--no-dashboard", env=env)
     assert len(list((tmp_path / "markers").glob("*.crashed"))) == 2  # both trials crashed once
     for trial in results.load_trials(tmp_path / "runs" / "crash"):
         lines = [json.loads(x) for x in (trial.path / "result.json").read_text().splitlines()]
@@ -187,11 +179,11 @@ def test_resume_reruns_trials_that_errored_out(tmp_path):
                  tune={"num_samples": 2, "grace_period": 3, "max_failures": 0})
     env = {"DPS_TUNE_INJECT_CRASH_AT_EPOCH": "2", "DPS_TUNE_INJECT_CRASH_MARKER_DIR": str(tmp_path / "markers")}
     exp = tmp_path / "runs" / "errored"
-    first = dps_tune("sweep", path, "--storage", tmp_path / "runs", "--name", "errored", "--no-dashboard",
-                     env=env, check=False)
+    first = run_cli("sweep", path, "--storage", tmp_path / "runs", "--name", "errored", "--no-dashboard",
+                    env=env, check=False)
     assert first.returncode == 1 and "2 trial(s) failed" in first.stderr, first.stderr[-2000:]
     assert set(results.results_table(exp)["status"]) == {"error"}
-    dps_tune("resume", exp, "--no-dashboard", env=env)  # each trial crashes once only
+    run_cli("resume", exp, "--no-dashboard", env=env)  # each trial crashes once only
     table = results.results_table(exp)
     assert len(table) == 2 and set(table["status"]) == {"completed"}, table
     # the study was told each trial's real outcome once, not FAIL at the first error
@@ -209,13 +201,13 @@ def test_economy_writes_weights_for_the_top_k_only_and_an_errored_trial_resumes_
                        "keep_checkpoints": 1})
     env = {"DPS_TUNE_INJECT_CRASH_AT_EPOCH": "2", "DPS_TUNE_INJECT_CRASH_MARKER_DIR": str(tmp_path / "markers")}
     exp = tmp_path / "runs" / "economy"
-    first = dps_tune("sweep", path, "--storage", tmp_path / "runs", "--name", "economy", "--no-dashboard",
-                     env=env, check=False)
+    first = run_cli("sweep", path, "--storage", tmp_path / "runs", "--name", "economy", "--no-dashboard",
+                    env=env, check=False)
     assert first.returncode == 1, first.stderr[-2000:]
     for trial in results.load_trials(exp):  # errored at epoch 2: its train state of epoch 2 is kept
         states = list(trial.path.glob("checkpoint_*/train_state.pt"))
         assert len(states) == 1 and json.loads((states[0].parent / "metrics.json").read_text())["epoch"] == 2.0
-    again = dps_tune("resume", exp, "--no-dashboard", env=env)
+    again = run_cli("resume", exp, "--no-dashboard", env=env)
     assert again.stderr.count("resumes from epoch 2.0") == 2, again.stderr[-3000:]
     table = results.results_table(exp)
     assert set(table["status"]) == {"completed"}, table
@@ -241,7 +233,7 @@ def test_killed_driver_resumes(tmp_path):
     assert json.loads((exp / "dps_tune_sweep.json").read_text())["status"] == "running"
     saved = restore_points_left(exp)
     assert saved
-    dps_tune("resume", exp, "--no-dashboard")
+    run_cli("resume", exp, "--no-dashboard")
     table = results.results_table(exp)
     assert len(table) == 4 and table["trial_id"].is_unique
     assert set(table["status"]) == {"completed"}, table
@@ -265,16 +257,15 @@ def test_the_same_name_launched_twice_at_once_refuses_the_second_and_spares_the_
     path = space(tmp_path, "twice", tune={"num_samples": 2}, **{"optim.epochs": 2})
     runs = tmp_path / "runs"
     exp = runs / "twice"
-    first = subprocess.Popen([sys.executable, "-m", "dps_tune.cli", "sweep", str(path), "--storage", str(runs),
-                              "--name", "twice", "--no-dashboard"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    first = subprocess.Popen(cli_argv("sweep", path, "--storage", runs, "--name", "twice", "--no-dashboard"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = cache_dir() / "locks" / f"{storage._key(str(exp))}.lock"
     deadline = time.time() + 120
     while not lock.exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert lock.exists(), "the first launch never took the experiment's lock"
     # While the first is starting Ray, or already training: either way the second is refused.
-    second = dps_tune("sweep", path, "--storage", runs, "--name", "twice", "--no-dashboard", check=False)
+    second = run_cli("sweep", path, "--storage", runs, "--name", "twice", "--no-dashboard", check=False)
     err = second.stderr.strip().splitlines()
     assert second.returncode == 2 and len(err) == 1 and str(exp) in err[0], second.stderr
     assert "another dps-tune process" in err[0] or "exists already" in err[0]
@@ -292,7 +283,7 @@ def test_the_same_name_launched_twice_at_once_refuses_the_second_and_spares_the_
 ])
 def test_bad_launch_is_a_one_line_error(problem, message, tmp_path):
     path = space(tmp_path, "bad", search=problem.get("search"), tune=problem.get("tune"))
-    proc = dps_tune("sweep", path, "--storage", tmp_path / "runs", "--no-dashboard", check=False, timeout=120)
+    proc = run_cli("sweep", path, "--storage", tmp_path / "runs", "--no-dashboard", check=False, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [x for x in proc.stderr.strip().splitlines() if x.startswith("dps-tune: error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
@@ -329,11 +320,8 @@ def test_sweep_on_a_running_cluster(tmp_path):
         path = space(tmp_path, "cluster", tune={"num_samples": 2})
         # The cluster asks for a token; with RAY_ADDRESS set and RAY_AUTH_MODE unset, Ray
         # does not send it. That is one line saying what to set, not a traceback, and no experiment.
-        env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
-        env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
-        proc = subprocess.run([sys.executable, "-m", "dps_tune.cli", "sweep", str(path), "--storage",
-                               str(tmp_path / "runs"), "--name", "noauth"], capture_output=True, text=True,
-                              timeout=300, env=env)
+        proc = run_cli("sweep", path, "--storage", tmp_path / "runs", "--name", "noauth", check=False, timeout=300,
+                       env={"RAY_AUTH_MODE": None, "RAY_ADDRESS": f"127.0.0.1:{port}"})
         assert proc.returncode == 2, proc.stderr[-3000:]
         errors = [x for x in proc.stderr.splitlines() if x.startswith("dps-tune: error:")]
         assert len(errors) == 1 and f"RAY_ADDRESS 127.0.0.1:{port}" in errors[0], proc.stderr[-3000:]
@@ -341,10 +329,8 @@ def test_sweep_on_a_running_cluster(tmp_path):
         assert not (tmp_path / "runs" / "noauth").exists()
         # Ray sends its token to an explicit address only when told to (RAY_AUTH_MODE=token).
         # From another directory, so the driver imports the copy and not this checkout.
-        proc = subprocess.run([sys.executable, "-m", "dps_tune.cli", "sweep", str(path), "--address",
-                               f"127.0.0.1:{port}", "--storage", str(tmp_path / "runs"), "--name", "c"],
-                              capture_output=True, text=True, timeout=1200, cwd=tmp_path,
-                              env={**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(shipped)})
+        proc = run_cli("sweep", path, "--address", f"127.0.0.1:{port}", "--storage", tmp_path / "runs", "--name", "c",
+                       check=False, cwd=tmp_path, env={"RAY_AUTH_MODE": "token", "PYTHONPATH": str(shipped)})
         assert proc.returncode == 0, proc.stderr[-3000:]
         table = results.results_table(tmp_path / "runs" / "c")
         assert len(table) == 2 and table["id_val_acc"].notna().all()
@@ -360,8 +346,8 @@ def test_ctrl_c_pauses_a_sweep_that_resume_finishes(tmp_path):
     checkpoint: one block naming the resume command, exit 130; `resume` then finishes every trial once."""
     path = space(tmp_path, "pause", tune={"num_samples": 3, "grace_period": 2}, **{"optim.epochs": 2})
     exp = tmp_path / "runs" / "pause"
-    proc = subprocess.Popen([sys.executable, "-m", "dps_tune.cli", "sweep", str(path), "--storage",
-                             str(tmp_path / "runs"), "--name", "pause", "--no-dashboard"],
+    proc = subprocess.Popen(cli_argv("sweep", path, "--storage", tmp_path / "runs", "--name", "pause",
+                                     "--no-dashboard"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 600
     while not list(exp.glob("*/checkpoint_*/metrics.json")) and time.time() < deadline and proc.poll() is None:
@@ -389,11 +375,11 @@ def test_ctrl_c_pauses_a_sweep_that_resume_finishes(tmp_path):
     assert meta["status"] == "interrupted" and meta["interrupted"], meta
     table = results.results_table(exp)
     assert "interrupted" in set(table["status"]) and "early-stopped" not in set(table["status"]), table
-    assert "interrupted" in dps_tune("results", exp).stdout
+    assert "interrupted" in run_cli("results", exp).stdout
     study = optuna.load_study(study_name="pause", storage=f"sqlite:///{exp / 'optuna.db'}")
     assert TrialState.FAIL not in {t.state for t in study.trials}  # nothing told finished that did not finish
 
-    dps_tune("resume", exp, "--no-dashboard")
+    run_cli("resume", exp, "--no-dashboard")
     study = optuna.load_study(study_name="pause", storage=f"sqlite:///{exp / 'optuna.db'}")
     assert len(study.trials) == 3, study.trials
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials), study.trials
@@ -402,9 +388,9 @@ def test_ctrl_c_pauses_a_sweep_that_resume_finishes(tmp_path):
     for trial in results.load_trials(exp):  # no hole in any trial's reported history
         epochs = [h["epoch"] for h in trial.history]
         assert epochs == [float(e) for e in range(1, len(epochs) + 1)], (trial.trial_id, epochs)
-    dps_tune("results", exp)
-    dps_tune("best", exp, "--export", tmp_path / "best")
-    dps_tune("report", exp, "--out", tmp_path / "r.html")
+    run_cli("results", exp)
+    run_cli("best", exp, "--export", tmp_path / "best")
+    run_cli("report", exp, "--out", tmp_path / "r.html")
 
 
 def test_a_full_storage_stops_the_sweep_in_one_line_and_resume_finishes_it(tmp_path, small_disk):
@@ -415,7 +401,7 @@ def test_a_full_storage_stops_the_sweep_in_one_line_and_resume_finishes_it(tmp_p
     path = space(tmp_path, "full", search={"lr": {"uniform": [1e-3, 2e-3]}}, **{"optim.epochs": 2},
                  tune={"num_samples": 2, "grace_period": 2, "max_failures": 0})
     exp = disk / "full"
-    first = dps_tune("sweep", path, "--storage", disk, "--name", "full", "--no-dashboard", check=False)
+    first = run_cli("sweep", path, "--storage", disk, "--name", "full", "--no-dashboard", check=False)
     err = first.stderr.strip().splitlines()
     assert first.returncode == 2, first.stderr[-3000:]
     assert err[-1].startswith(f"dps-tune: error: storage {exp} is full (") and "MB free of 89" in err[-1], err[-3:]
@@ -433,7 +419,7 @@ def test_a_full_storage_stops_the_sweep_in_one_line_and_resume_finishes_it(tmp_p
                  if name is not None and status != "TERMINATED"]
 
     grow("400m")
-    again = dps_tune("resume", exp, "--no-dashboard")
+    again = run_cli("resume", exp, "--no-dashboard")
     assert again.stderr.count("resumes from epoch 1") == len(to_resume), again.stderr[-3000:]
     study = optuna.load_study(study_name="full", storage=f"sqlite:///{exp / 'optuna.db'}")
     assert len(study.trials) == 2 and {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
@@ -443,9 +429,9 @@ def test_a_full_storage_stops_the_sweep_in_one_line_and_resume_finishes_it(tmp_p
         assert [h["epoch"] for h in trial.history] == [1.0, 2.0], trial.history
         raw = [json.loads(line)["step"] for line in (trial.path / "result.json").read_text().splitlines() if line]
         assert all(raw.count(step) == 1 for step in raw if step <= saved.get(trial.path.name, 0)), raw
-    dps_tune("results", exp)
-    dps_tune("best", exp, "--export", tmp_path / "best")
-    dps_tune("report", exp, "--out", tmp_path / "r.html")
+    run_cli("results", exp)
+    run_cli("best", exp, "--export", tmp_path / "best")
+    run_cli("report", exp, "--out", tmp_path / "r.html")
 
 
 def test_a_trial_the_study_already_holds_as_finished_keeps_its_record_and_the_sweep_goes_on(tmp_path):

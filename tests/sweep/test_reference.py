@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import tiny_raw
 from dps_tune import models
 from dps_tune.config import config_from_dict
 from dps_tune.sweep import reference
 from dps_tune.sweep.search_space import parse_search
+from support.worlds import tiny_raw
 
 
 @pytest.fixture

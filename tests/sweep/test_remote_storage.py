@@ -13,7 +13,8 @@ import optuna
 import pytest
 from safetensors.torch import load_file
 
-from test_ray_tune import dps_tune, space
+from support.cli import run_cli
+from test_ray_tune import space
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +23,7 @@ def test_sweep_results_best_report_and_resume_on_a_file_uri(tmp_path):
     store = tmp_path / "bucket"
     uri = f"file://{store}"
     path = space(tmp_path, "remote", tune={"num_samples": 2, "max_concurrent_trials": 2}, **{"optim.epochs": 2})
-    proc = dps_tune("sweep", path, "--storage", uri, "--name", "exp", "--no-dashboard")
+    proc = run_cli("sweep", path, "--storage", uri, "--name", "exp", "--no-dashboard")
     exp_uri = f"{uri}/exp"
     assert f"experiment: {exp_uri}" in proc.stdout
 
@@ -34,21 +35,21 @@ def test_sweep_results_best_report_and_resume_on_a_file_uri(tmp_path):
     trial_dirs = [p.parent for p in exp.glob("*/params.json")]
     assert len(trial_dirs) == 2 and all((t / "dps_tune_config.json").is_file() for t in trial_dirs)
 
-    out = dps_tune("results", exp_uri).stdout
+    out = run_cli("results", exp_uri).stdout
     assert "ood_test_acc" in out and out.count("completed") + out.count("early-stopped") == 2
 
-    best = dps_tune("best", exp_uri, "--export", tmp_path / "best").stdout
+    best = run_cli("best", exp_uri, "--export", tmp_path / "best").stdout
     assert f"{exp_uri}/" in best  # it names the checkpoint where it is, on the storage
     chosen = best.split(": ", 1)[1].splitlines()[0].strip()
     on_storage = load_file(chosen.removeprefix("file://") + "/model.safetensors")
     exported = load_file(str(tmp_path / "best" / "model.safetensors"))
     assert on_storage.keys() == exported.keys() and all((on_storage[k] == exported[k]).all() for k in exported)
 
-    dps_tune("report", exp_uri, "--out", tmp_path / "report.html")
+    run_cli("report", exp_uri, "--out", tmp_path / "report.html")
     assert "results-table" in (tmp_path / "report.html").read_text()
 
     # A finished sweep resumes to the same end: nothing is lost, nothing runs again.
-    dps_tune("resume", exp_uri, "--no-dashboard")
+    run_cli("resume", exp_uri, "--no-dashboard")
     assert json.loads((exp / "dps_tune_sweep.json").read_text())["status"] == "finished"
     assert len(list(exp.glob("*/params.json"))) == 2
 
@@ -56,7 +57,7 @@ def test_sweep_results_best_report_and_resume_on_a_file_uri(tmp_path):
     # values (tune.seed), not the old study's trials feeding the new search.
     first = sorted(json.loads(p.read_text())["optim.lr"] for p in exp.glob("*/params.json"))
     shutil.rmtree(exp)
-    dps_tune("sweep", path, "--storage", uri, "--name", "exp", "--no-dashboard")
+    run_cli("sweep", path, "--storage", uri, "--name", "exp", "--no-dashboard")
     study = optuna.load_study(study_name="exp", storage=f"sqlite:///{exp / 'optuna.db'}")
     assert len(study.trials) == 2
     assert sorted(json.loads(p.read_text())["optim.lr"] for p in exp.glob("*/params.json")) == first
@@ -65,7 +66,7 @@ def test_sweep_results_best_report_and_resume_on_a_file_uri(tmp_path):
 def test_a_storage_uri_that_names_a_file_or_nothing_is_one_line(tmp_path):
     (tmp_path / "afile").write_text("x")
     for target in (f"file://{tmp_path / 'afile'}", f"file://{tmp_path / 'nothing'}"):
-        proc = dps_tune("results", target, check=False, timeout=120)
+        proc = run_cli("results", target, check=False, timeout=120)
         assert proc.returncode == 2 and "no such directory on the storage" in proc.stderr
         assert "Traceback" not in proc.stderr
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fixtures import write_experiment, write_wise_output
 from dps_tune import cli
 from dps_tune.sweep import report, results
 from dps_tune.errors import UserError
+from support.experiments import write_experiment, write_wise_output
 
 ZERO_SHOT = {"id_val_acc": 0.41, "id_val_f1": 0.38, "id_test_acc": 0.40, "id_test_f1": 0.37,
              "ood_val_acc": 0.33, "ood_val_f1": 0.30, "ood_test_acc": 0.31, "ood_test_f1": 0.28}

@@ -35,9 +35,9 @@ from optuna.trial import TrialState
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
-from conftest import kill_after_first_checkpoint_deletion
+from support.cli import kill_after_first_checkpoint_deletion, run_cli
 from test_dashboard import dashboard_url, start, stop
-from test_ray_tune import dps_tune, space
+from test_ray_tune import space
 
 pytestmark = pytest.mark.slow
 
@@ -100,8 +100,8 @@ def test_sweep_killed_and_resumed_on_s3_then_read_by_every_command(s3rver, tmp_p
                  tune={"num_samples": 2, "max_concurrent_trials": 2, "grace_period": EPOCHS})
 
     # The SDK's default checksummed uploads come back as their aws-chunked framing: refused before Ray starts.
-    refused = dps_tune("sweep", path, "--storage", root, "--name", "exp", "--no-dashboard", check=False,
-                       env={"AWS_REQUEST_CHECKSUM_CALCULATION": "when_supported"})
+    refused = run_cli("sweep", path, "--storage", root, "--name", "exp", "--no-dashboard", check=False,
+                      env={"AWS_REQUEST_CHECKSUM_CALCULATION": "when_supported"})
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr[-3000:]
     assert "reads back changed" in refused.stderr and "AWS_REQUEST_CHECKSUM_CALCULATION=when_required" in \
         refused.stderr, refused.stderr
@@ -123,7 +123,7 @@ def test_sweep_killed_and_resumed_on_s3_then_read_by_every_command(s3rver, tmp_p
             saved[trial] = json.loads(read(f"{trial}/{name}/metrics.json"))["step"]
     assert saved, "the kill came before any restore point reached the store"
 
-    dps_tune("resume", exp, "--no-dashboard")
+    run_cli("resume", exp, "--no-dashboard")
     assert json.loads(read("dps_tune_sweep.json"))["status"] == "finished"
 
     # Every trial finished exactly once, in the study and in Ray's results.
@@ -141,13 +141,13 @@ def test_sweep_killed_and_resumed_on_s3_then_read_by_every_command(s3rver, tmp_p
         assert all(raw.count(step) == 1 for step in raw if step <= saved.get(trial.path.name, 0)), raw
 
     # `results`, also with the endpoint from the environment instead of the URI's query.
-    out = dps_tune("results", exp, "--csv", tmp_path / "r.csv").stdout
+    out = run_cli("results", exp, "--csv", tmp_path / "r.csv").stdout
     assert out.count("completed") == 2 and "ood_test_acc" in out
-    by_env = dps_tune("results", f"s3://{BUCKET}/runs/exp", env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3rver}"})
+    by_env = run_cli("results", f"s3://{BUCKET}/runs/exp", env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3rver}"})
     assert by_env.stdout == out
 
     # `best --export`: the checkpoint it names is real bytes on the store, as the export is.
-    best = dps_tune("best", exp, "--export", tmp_path / "best").stdout
+    best = run_cli("best", exp, "--export", tmp_path / "best").stdout
     chosen = best.split(": ", 1)[1].splitlines()[0].strip()
     assert chosen.startswith(f"s3://{BUCKET}/runs/exp/") and chosen.endswith(f"?{query}"), chosen
     ckpt_fs, ckpt_path = storage.resolve(chosen)
@@ -164,7 +164,7 @@ def test_sweep_killed_and_resumed_on_s3_then_read_by_every_command(s3rver, tmp_p
 
     assert open_clip.create_model("tiny-vit", pretrained=str(tmp_path / "best" / "model.safetensors"))
 
-    dps_tune("report", exp, "--out", tmp_path / "report.html")
+    run_cli("report", exp, "--out", tmp_path / "report.html")
     assert (tmp_path / "report.html").read_text().count("completed") >= 2
 
     # `dashboard` on the S3 experiment, on 127.0.0.1: its index, and its Optuna study through the API.

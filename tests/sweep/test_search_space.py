@@ -1,10 +1,10 @@
 import optuna.distributions as od
 import pytest
 
-from conftest import tiny_raw
 from dps_tune.config import config_from_dict
 from dps_tune.errors import ConfigError
 from dps_tune.sweep.search_space import load_sweep, parse_search, to_optuna
+from support.worlds import tiny_raw
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_searched_epochs_need_max_t(write_yaml):
 def test_shipped_iwildcam_spaces_validate(name, tmp_path):
     from pathlib import Path
 
-    from fixtures import make_iwildcam
+    from support.datasets import make_iwildcam
 
     make_iwildcam(tmp_path)
     (tmp_path / "ce_sweep").mkdir()

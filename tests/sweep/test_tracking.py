@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli, tiny_raw
-from dps_tune.config import metric_names
+from dps_tune.objectives import metric_names
+from support.cli import run_cli
+from support.worlds import TINY_WORLD, tiny_raw
 
 pytestmark = pytest.mark.slow
 
-WORLD = {"classes": 4, "train_per_class": 8, "eval_per_class": 4, "image_size": 32}
 SEARCHED = ("optim.lr", "optim.wd")
 
 
@@ -64,7 +64,7 @@ def wandb_run(run_file: Path) -> tuple[str, str, dict, list[dict]]:
 def test_every_trial_reaches_mlflow_and_wandb(tmp_path):
     import mlflow
 
-    raw = tiny_raw(**{"data.synthetic": WORLD, "optim.epochs": 1})
+    raw = tiny_raw(**{"data.synthetic": TINY_WORLD, "optim.epochs": 1})
     raw["search"] = {"optim.lr": {"loguniform": [3e-4, 3e-3]}, "optim.wd": {"uniform": [0.0, 0.3]}}
     raw["tune"] = {"metric": "id_val_f1", "num_samples": 2, "max_concurrent_trials": 2, "loggers": ["mlflow", "wandb"]}
     space = tmp_path / "space.yaml"
@@ -117,7 +117,7 @@ def test_every_trial_reaches_mlflow_and_wandb(tmp_path):
 
 def test_a_tracker_that_is_not_installed_is_one_line_before_ray_starts(tmp_path):
     """``sys.modules[name] = None`` is how Python marks a package as not importable."""
-    raw = tiny_raw(**{"data.synthetic": WORLD})
+    raw = tiny_raw(**{"data.synthetic": TINY_WORLD})
     raw["search"] = {"optim.lr": {"loguniform": [3e-4, 3e-3]}}
     raw["tune"] = {"loggers": ["mlflow", "wandb"]}
     space = tmp_path / "space.yaml"

@@ -12,11 +12,12 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from dps_tune.config import SUPPRESS_MODES, best_of
+from dps_tune.config import SUPPRESS_MODES
+from dps_tune.objectives import best_of
 from dps_tune.sweep.report.loading import Experiment, _Curve, _finite, _Marked, _Point, _Soup
-from dps_tune.sweep.report.style import (ARM_TITLES, KIND_NAMES, SPLIT_NAMES, STATUS_STYLE, _method_order, _styles,
-                                         metric_label)
-from dps_tune.sweep.results import method_name, pareto_objectives
+from dps_tune.sweep.report.style import ARM_TITLES, KIND_NAMES, SPLIT_NAMES, STATUS_STYLE, _styles, metric_label
+from dps_tune.sweep.results import in_method_order, method_name, pareto_objectives
+from dps_tune.sweep.sweep_file import SweepFile
 
 HELD = "dps_params_held_frac"  # the share of all trainable parameters a DPS trial held at θ0
 
@@ -275,10 +276,10 @@ def plot_params_held(points: Sequence[_Point], zero_shot: Mapping[str, float] | 
     return fig
 
 
-def asha_rungs(meta: Mapping[str, Any]) -> list[float]:
-    """The epochs at which ASHA (Ray's ``ASHAScheduler``, one bracket) compares trials."""
-    tune = meta.get("tune") or {}
-    max_t, grace, rf = meta.get("max_t"), tune.get("grace_period"), tune.get("reduction_factor")
+def asha_rungs(sweep: SweepFile) -> list[float]:
+    """The epochs at which ASHA (Ray's ``ASHAScheduler``, one bracket) compares trials in ``sweep``."""
+    tune = sweep.tune or {}
+    max_t, grace, rf = sweep.max_t, tune.get("grace_period"), tune.get("reduction_factor")
     if not (_finite(max_t) and _finite(grace) and _finite(rf)) or grace <= 0 or rf <= 1 or max_t <= grace:
         return []
     count = int(math.log(max_t / grace) / math.log(rf) + 1)
@@ -311,7 +312,7 @@ def plot_learning_curves(experiments: Sequence[Experiment], zero_shot: Mapping[s
             ax.plot(xs, ys, ls=ls, color=color, lw=2.8 if top else 1.4, alpha=1.0 if top else 0.8,
                     zorder=4 if top else 2)
             ax.plot(xs[-1:], ys[-1:], ls="", marker=end, color=color, markersize=6, mew=1.6, zorder=5 if top else 3)
-        rungs = asha_rungs(exp.meta)
+        rungs = asha_rungs(exp.sweep)
         for rung in rungs:
             ax.axvline(rung, color="0.6", ls="-.", lw=0.9, zorder=1)
         if _finite(zs.get(exp.metric)):
@@ -321,9 +322,9 @@ def plot_learning_curves(experiments: Sequence[Experiment], zero_shot: Mapping[s
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{metric_label(exp.metric)} ({exp.mode})")
         ax.grid(True, alpha=0.3)
-        if _finite(exp.meta.get("max_t")):
-            ax.set_xlim(0, exp.meta["max_t"] * 1.04)
-        exp_methods = _method_order(method_name(t.config) for t in exp.trials)
+        if _finite(exp.sweep.max_t):
+            ax.set_xlim(0, exp.sweep.max_t * 1.04)
+        exp_methods = in_method_order(method_name(t.config) for t in exp.trials)
         handles = [Line2D([], [], color=styles[m][0], lw=2.2, label=m) for m in exp_methods]
         handles += [Line2D([], [], color="0.25", ls=STATUS_STYLE[s][0], marker=STATUS_STYLE[s][1], label=s)
                     for s in STATUS_STYLE if s in statuses]

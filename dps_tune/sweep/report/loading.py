@@ -7,7 +7,6 @@ the points marked on the ID-vs-OOD plot beside each trial's last report.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -17,10 +16,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from dps_tune.config import DEFAULT_METRIC, best_of, default_mode, scalar_objective
-from dps_tune.errors import UserError, first_line
-from dps_tune.sweep.results import (Trial, curve_correct, ended, load_trials, method_name, open_experiment,
-                                    results_table, trial_status)
+from dps_tune.errors import UserError
+from dps_tune.files import read_json_object
+from dps_tune.layout import METRICS_FILE
+from dps_tune.objectives import best_of
+from dps_tune.sweep.results import (Trial, curve_correct, load_trials, method_name, open_sweep, results_table,
+                                    trial_status)
+from dps_tune.sweep.sweep_file import SweepFile
 
 ZERO_SHOT_FILE = "zero_shot.json"
 
@@ -31,7 +33,7 @@ class Experiment:
 
     name: str
     path: Path
-    meta: dict[str, Any]
+    sweep: SweepFile
     trials: list[Trial]
     table: pd.DataFrame
     metric: str
@@ -39,10 +41,10 @@ class Experiment:
 
     @property
     def finished(self) -> bool:
-        return ended(self.meta)
+        return self.sweep.ended
 
     def status(self, trial: Trial) -> str:
-        return trial_status(trial, self.meta.get("max_t"), self.finished)
+        return trial_status(trial, self.sweep.max_t, self.finished)
 
 
 def _finite(x: Any) -> bool:
@@ -51,12 +53,11 @@ def _finite(x: Any) -> bool:
 
 def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
     """Read one sweep directory; a missing directory or one without trials is a :class:`UserError`."""
-    path, meta = open_experiment(exp_dir)
-    tune = meta.get("tune") or {}
-    metric, mode = scalar_objective(tune) if tune else (DEFAULT_METRIC, default_mode(DEFAULT_METRIC))
+    path, sweep = open_sweep(exp_dir)
+    metric, mode = sweep.objective()
     trials = load_trials(path)
-    return Experiment(meta.get("name") or path.resolve().name, path, meta, trials,
-                      results_table(path, metric, mode), metric, mode)
+    return Experiment(sweep.name or path.resolve().name, path, sweep, trials, results_table(path, metric, mode),
+                      metric, mode)
 
 
 def load_zero_shot(path: str | os.PathLike) -> dict[str, float]:
@@ -66,18 +67,13 @@ def load_zero_shot(path: str | os.PathLike) -> dict[str, float]:
     of metrics (``{"id_val_acc": 0.7, ...}``), optionally nested under ``"metrics"``.
     """
     src = Path(path)
-    file = src / "metrics.json" if src.is_dir() else src
+    file = src / METRICS_FILE if src.is_dir() else src
     if not file.is_file():
-        what = "no metrics.json in this directory" if src.is_dir() else "no such file or directory"
+        what = f"no {METRICS_FILE} in this directory" if src.is_dir() else "no such file or directory"
         raise UserError(f"zero-shot metrics {str(src)!r}: {what}")
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"zero-shot metrics {str(file)!r}: not readable JSON ({first_line(exc)})") from None
-    if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
+    data = read_json_object(file, f"zero-shot metrics {str(file)!r}")
+    if isinstance(data.get("metrics"), dict):
         data = data["metrics"]
-    if not isinstance(data, dict):
-        raise UserError(f"zero-shot metrics {str(file)!r}: expected a JSON object of metrics")
     metrics = {str(k): float(v) for k, v in data.items() if str(k).endswith(("_acc", "_f1")) and _finite(v)}
     if not metrics:
         raise UserError(f"zero-shot metrics {str(file)!r}: no *_acc or *_f1 metric in it")

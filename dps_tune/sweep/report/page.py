@@ -62,8 +62,8 @@ def render_report(exp_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
     best_rows = summary_rows(experiments, zs)
     summary = pd.DataFrame(best_rows, columns=SUMMARY_COLUMNS)
     exp_rows = pd.DataFrame([{
-        "experiment": e.name, "path": str(e.path.resolve()), "status": e.meta.get("status", "unknown"),
-        "trials": len(e.trials), "selected by": f"{e.metric} ({e.mode})", "max_t": e.meta.get("max_t"),
+        "experiment": e.name, "path": str(e.path.resolve()), "status": e.sweep.status or "unknown",
+        "trials": len(e.trials), "selected by": f"{e.metric} ({e.mode})", "max_t": e.sweep.max_t,
     } for e in experiments])
     title = "dps-tune report: " + ", ".join(e.name for e in experiments)
     page = PAGE.substitute(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from dps_tune.sweep.results import in_method_order
+
 ARM_TITLES = {"top": "most-moved rows suppressed", "bottom": "least-moved rows suppressed (matched)",
               "random": "random rows suppressed (matched control)",
               "random_global": "random rows over all tensors (unmatched)"}
@@ -29,14 +31,9 @@ SPLIT_NAMES = {"id_val": "ID val", "id_test": "ID test", "ood_val": "OOD val", "
 KIND_NAMES = {"acc": "accuracy", "f1": "macro-F1"}
 
 
-def _method_order(methods: Iterable[str]) -> list[str]:
-    known = list(METHOD_STYLE)
-    return sorted(set(methods), key=lambda m: (known.index(m) if m in known else len(known), m))
-
-
 def _styles(methods: Iterable[str]) -> dict[str, tuple[str, str]]:
     styles, spare = {}, iter(SPARE_STYLES)
-    for m in _method_order(methods):
+    for m in in_method_order(methods):
         styles[m] = METHOD_STYLE.get(m) or next(spare, ("#000000", "o"))
     return styles
 

@@ -6,10 +6,9 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from dps_tune.config import DEFAULT_METRIC, best_of, default_mode
+from dps_tune.objectives import DEFAULT_METRIC, best_of, default_mode
 from dps_tune.sweep.report.loading import Experiment, _Curve, _finite, _Marked, _Soup
-from dps_tune.sweep.report.style import _method_order
-from dps_tune.sweep.results import Trial, checkpoints, method_name
+from dps_tune.sweep.results import Trial, checkpoints, in_method_order, method_name
 
 SUMMARY_METRICS = ("id_test_acc", "id_test_f1", "ood_test_acc", "ood_test_f1")
 CI_COLUMNS = tuple(f"{m} 95% CI" for m in SUMMARY_METRICS)  # seeded bootstrap over the test images
@@ -75,7 +74,7 @@ def summary_rows(experiments: Sequence[Experiment], zero_shot: Mapping[str, floa
             for h in t.history:
                 if _finite(h.get(e.metric)):
                     groups.setdefault((method_name(t.config), e.metric, e.mode), []).append((h[e.metric], e, t, h))
-    order = _method_order(m for m, _, _ in groups)
+    order = in_method_order(m for m, _, _ in groups)
     rows = []
     if zero_shot:
         rows.append({"method": "zero-shot", "experiment": "", "trial_id": "", "epoch": None, "selected by": "",
@@ -109,7 +108,7 @@ def ensemble_table(curves: Sequence[_Curve], soups: Sequence[_Soup],
         by_alpha = dict(c.points)
         if 0.0 in by_alpha and not any(r["method"] == "zero-shot" for r in rows):
             rows.append({"method": "zero-shot", "variant": "alpha 0", **by_alpha[0.0]})
-    for method in _method_order([*(c.method for c in curves), *(s.name for s in soups)]):
+    for method in in_method_order([*(c.method for c in curves), *(s.name for s in soups)]):
         for c in (c for c in curves if c.method == method):
             scored = [(a, m) for a, m in c.points if _finite(m.get(ood_metric))]
             on_ood = best_of(scored, lambda am: am[1][ood_metric], default_mode(ood_metric))[0] if scored else None

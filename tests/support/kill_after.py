@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tests/kill_after.py MODULE:FUNCTION[,MODULE:FUNCTION...] N [--after] [--signal INT]
+    python tests/support/kill_after.py MODULE:FUNCTION[,MODULE:FUNCTION...] N [--after] [--signal INT]
         [--attr MODULE:NAME=INT ...] -- ARGS...
 
 The Nth call of ``MODULE.FUNCTION`` (counted over every function named) kills the
