@@ -1,5 +1,6 @@
-"""``dps-tune`` in a subprocess, as a shell runs it: the one runner, and the argv of the commands a test
-starts and drives itself (its own process group for Ctrl-C, output read while it runs, a crash at a chosen call).
+"""``dps-tune`` as a shell runs it: the one runner (a fork of :mod:`support.cli_server`'s server, or a
+subprocess), and the argv of the commands a test starts and drives itself (its own process group for Ctrl-C,
+output read while it runs, a crash at a chosen call).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from support.cli_server import FORKSERVER, run_in_fork
+
 HERE = Path(__file__).resolve().parent
 KILL_AFTER = HERE / "kill_after.py"  # `dps-tune ARGS`, killed at the Nth call of a function
-FORKSERVER = HERE / "cli_forkserver.py"  # `dps-tune ARGS` in forked children of one light process
 
 # Every function that deletes a superseded checkpoint: Ray's own, and dps_tune's deferred one.
 CHECKPOINT_DELETERS = "ray.train._internal.checkpoint_manager:_delete_fs_path,dps_tune.sweep.storage:delete_checkpoint"
@@ -46,8 +48,16 @@ def run(argv: list[str], *, env: dict | None = None, check: bool = True, timeout
 
 def run_cli(*args, env: dict | None = None, check: bool = True, timeout: float = 1200,
             cwd: Path | str | None = None) -> subprocess.CompletedProcess:
-    """``dps-tune ARGS`` (as ``python -m dps_tune.cli``) in a subprocess: see :func:`run`."""
-    return run(cli_argv(*args), env=env, check=check, timeout=timeout, cwd=cwd)
+    """``dps-tune ARGS`` to its end, as ``python -m dps_tune.cli`` would run it, in a fork of a process that has
+    imported torch already (:mod:`support.cli_server`), or in a subprocess where a fork cannot stand in for
+    one; otherwise as :func:`run`."""
+    full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+    proc = run_in_fork([str(a) for a in args], full_env, timeout, cwd)
+    if proc is None:
+        return run(cli_argv(*args), env=env, check=check, timeout=timeout, cwd=cwd)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def run_killed(targets: str, n: int, *args, sig: str = "KILL", attrs: tuple[str, ...] = (),

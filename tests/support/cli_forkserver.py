@@ -9,15 +9,23 @@ whether the command itself imported it.
 Protocol, one JSON object per line: the test writes ``{"argv", "cwd", "env", "out",
 "timeout"}`` on stdin; the child's stdout and stderr go to ``out/stdout`` and
 ``out/stderr`` and its verdict to ``out/result.json``; this process answers
-``{"timed_out": bool}`` once the child has ended (killed with its process group after
+``{"timed_out": bool, "status": int}`` once the child has ended (killed with its process group after
 ``timeout`` seconds).
 
 ``--preload a,b`` imports those modules too, before any fork: the server for the cases
 that must read weights preloads torch and open_clip, so they do not pay for them each.
+
+The suite's ``run_cli`` uses the same server for every command a test runs to its end
+(:mod:`support.cli`). Its cases add ``"replace_env": true`` (the child's environment is
+exactly ``env``, as a subprocess's would be) and ``"announce": true`` (this process
+first answers ``{"pid": N}``, so a test stopped meanwhile can kill the command's process
+group). A child ends as a Python process does: its atexit handlers run (Ray's shutdown
+among them), and an uncaught exception is a traceback and exit status 1.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -30,7 +38,10 @@ from dps_tune.cli import main  # the one import that is paid once
 def _child(case: dict) -> None:
     os.setpgid(0, 0)  # so a timeout kills whatever the command started
     os.chdir(case["cwd"])
+    if case.get("replace_env"):
+        os.environ.clear()
     os.environ.update(case["env"])
+    sys.argv = [sys.modules[main.__module__].__file__, *case["argv"]]  # as `python -m dps_tune.cli ARGS` has it
     out = case["out"]
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
@@ -44,11 +55,13 @@ def _child(case: dict) -> None:
         import traceback
 
         traceback.print_exc()
-        code = 99
+        code = 1
+    verdict = {"code": code, "torch": "torch" in sys.modules, "ray": "ray" in sys.modules}
+    atexit._run_exitfuncs()  # what the interpreter runs at exit: Ray's shutdown, logging's flush
     sys.stdout.flush()
     sys.stderr.flush()
     with open(os.path.join(out, "result.json"), "w") as fh:
-        json.dump({"code": code, "torch": "torch" in sys.modules, "ray": "ray" in sys.modules}, fh)
+        json.dump(verdict, fh)
     os._exit(0)
 
 
@@ -58,10 +71,12 @@ def serve() -> None:
         pid = os.fork()
         if pid == 0:
             _child(case)
+        if case.get("announce"):
+            print(json.dumps({"pid": pid}), flush=True)
         deadline = time.monotonic() + case["timeout"]
         timed_out = False
         while True:
-            done, _ = os.waitpid(pid, os.WNOHANG)
+            done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 break
             if time.monotonic() > deadline:
@@ -70,10 +85,11 @@ def serve() -> None:
                     os.killpg(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                os.waitpid(pid, 0)
+                _, status = os.waitpid(pid, 0)
                 break
             time.sleep(0.01)
-        print(json.dumps({"timed_out": timed_out}), flush=True)
+        # the child's own exit status: 0 once it wrote its verdict, -N when signal N ended it first
+        print(json.dumps({"timed_out": timed_out, "status": os.waitstatus_to_exitcode(status)}), flush=True)
 
 
 if __name__ == "__main__":
