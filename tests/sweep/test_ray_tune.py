@@ -394,17 +394,18 @@ def test_ctrl_c_pauses_a_sweep_that_resume_finishes(tmp_path):
 
 
 def test_a_full_storage_stops_the_sweep_in_one_line_and_resume_finishes_it(tmp_path, small_disk):
-    """Two trials of two epochs on an 85 MiB tmpfs: the first epoch's checkpoints (weights and train state, 41 MB
-    each) fit, the second's (13.5 MB of weights each) do not. One line names the storage; after it grows,
-    `resume` finishes both trials from what was whole."""
-    disk, grow = small_disk("85m")
+    """Two trials of two epochs on a 45 MiB tmpfs: one trial's first checkpoint (weights and train state, 41 MB)
+    fits, and nothing more: not its second (13.5 MB of weights), nor the other trial's first. So the disk fills
+    whether the trials overlap or, on a loaded machine, run one after the other on a reused actor. One line names
+    the storage; after it grows, `resume` finishes both trials from what was whole (or from the start)."""
+    disk, grow = small_disk("45m")
     path = space(tmp_path, "full", search={"lr": {"uniform": [1e-3, 2e-3]}}, **{"optim.epochs": 2},
                  tune={"num_samples": 2, "grace_period": 2, "max_failures": 0})
     exp = disk / "full"
     first = run_cli("sweep", path, "--storage", disk, "--name", "full", "--no-dashboard", check=False)
     err = first.stderr.strip().splitlines()
     assert first.returncode == 2, first.stderr[-3000:]
-    assert err[-1].startswith(f"dps-tune: error: storage {exp} is full (") and "MB free of 89" in err[-1], err[-3:]
+    assert err[-1].startswith(f"dps-tune: error: storage {exp} is full (") and "MB free of 47" in err[-1], err[-3:]
     assert err[-1].endswith(f"continue it with `dps-tune resume {exp}`"), err[-1]
     assert "Traceback" not in first.stderr, first.stderr[-3000:]
     for error in exp.glob("*/error.txt"):  # the trials' errors name the disk
