@@ -23,6 +23,12 @@ REPORT_LAYERS = ("style", "loading", "figures", "tables", "page")
 # format with the JPEG loaders and `prepare`, but loads neither of them.
 CACHE_PATH = ("dps_tune.data.cache_reader", "dps_tune.data.augment")
 NOT_ON_CACHE_PATH = ("dps_tune.data.datasets", "dps_tune.data.cache_writer")
+# The command line, in layers: a module imports only the CLI modules of the layers before
+# its own; the package __init__ (the parser and main) gathers the commands, and outside the
+# package only the reference page reads it, through the package.
+CLI = "dps_tune.cli"
+CLI_LAYERS = (("base",), ("training", "reading", "ensembling", "dashboard"), ("sweeping",))
+CLI_READERS = ("dps_tune.reference_doc",)
 
 
 def module_name(path: Path) -> str:
@@ -159,6 +165,24 @@ def test_the_report_package_imports_point_down_its_layers():
     for module, targets in g.items():
         if not module.startswith(REPORT):
             assert not {t for t in targets if t.startswith(REPORT + ".")}, f"{module} reaches into {REPORT}"
+
+
+def test_the_cli_package_imports_point_down_its_layers():
+    g = graph()
+    modules = [f"{CLI}.{name}" for layer in CLI_LAYERS for name in layer]
+    assert sorted(m for m in g if m.startswith(CLI + ".")) == sorted(modules + [f"{CLI}.__main__"])
+    assert set(modules) - {f"{CLI}.base"} <= g[CLI]
+    below: set[str] = set()
+    for layer in CLI_LAYERS:
+        for module in (f"{CLI}.{name}" for name in layer):
+            inside = {m for m in g[module] if m == CLI or m.startswith(CLI + ".")}
+            assert inside <= below, f"{module} imports {sorted(inside - below)}"
+        below |= {f"{CLI}.{name}" for name in layer}
+    assert {m for m in g[f"{CLI}.__main__"] if m.startswith(CLI)} == {CLI}
+    for module, targets in g.items():
+        if module != CLI and not module.startswith(CLI + "."):
+            reached = {t for t in targets if t == CLI or t.startswith(CLI + ".")}
+            assert not reached or (module in CLI_READERS and reached == {CLI}), f"{module} imports {sorted(reached)}"
 
 
 def test_every_data_file_of_the_package_ships_in_the_wheel():
