@@ -29,6 +29,12 @@ NOT_ON_CACHE_PATH = ("dps_tune.data.datasets", "dps_tune.data.cache_writer")
 CLI = "dps_tune.cli"
 CLI_LAYERS = (("base",), ("training", "reading", "ensembling", "dashboard"), ("sweeping",))
 CLI_READERS = ("dps_tune.reference_doc",)
+# Imports written as strings, which the walker cannot see: models.TAG_PROVIDERS names
+# "module:function" hooks that the model layer imports the first time a pretrained tag is
+# looked up, so that it never imports the demo that builds those weights. The core may
+# import by string only there, and only these providers.
+STRING_IMPORTS = {"dps_tune.models": "TAG_PROVIDERS"}
+TAG_PROVIDERS = {("dps_tune.demo.pretrain", "register_tags")}
 
 
 def module_name(path: Path) -> str:
@@ -125,6 +131,41 @@ def test_training_core_imports_no_sweep_demo_or_ray():
     for module in core:
         for imported in imports_of(modules[module]):
             assert not imported.startswith(FORBIDDEN_FOR_CORE), f"{module} imports {imported}"
+
+
+def string_imports(path: Path, name: str) -> set[tuple[str, str]]:
+    """The ``module:function`` specs of the list ``name`` assigned at the top of ``path``."""
+    for node in ast.parse(path.read_text()).body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (
+            node.targets[0] if isinstance(node, ast.Assign) else None)
+        if isinstance(target, ast.Name) and target.id == name:
+            return {tuple(spec.split(":")) for spec in ast.literal_eval(node.value)}
+    raise AssertionError(f"{path} assigns no {name}")
+
+
+def imports_by_string(path: Path) -> bool:
+    """Whether ``path`` calls ``importlib.import_module`` or ``__import__`` anywhere."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            f = node.func
+            if (isinstance(f, ast.Attribute) and f.attr == "import_module") or (
+                    isinstance(f, ast.Name) and f.id in ("import_module", "__import__")):
+                return True
+    return False
+
+
+def test_the_core_imports_by_string_only_the_declared_tag_providers_and_they_exist():
+    """The demo's ``synthetic`` tags reach the model layer through a string: each spec names a function
+    of the package above the core, and no other core module imports anything by name."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    core = {m for m in modules if m.count(".") and unit(m).split(".")[1] in CORE}
+    assert {m for m in core if imports_by_string(modules[m])} == set(STRING_IMPORTS)
+    specs = set().union(*(string_imports(modules[m], name) for m, name in STRING_IMPORTS.items()))
+    assert specs == TAG_PROVIDERS, f"undeclared or lost tag providers: {sorted(specs ^ TAG_PROVIDERS)}"
+    for module, function in specs:
+        assert module in modules and module not in core, f"tag provider {module} is not a package module above the core"
+        defined = {n.name for n in ast.parse(modules[module].read_text()).body if isinstance(n, ast.FunctionDef)}
+        assert function in defined, f"{module} defines no {function}"
 
 
 def test_only_one_module_imports_ray():
