@@ -33,7 +33,9 @@ _TAG_BUILDERS: dict[tuple[str, str], Callable[[], Path]] = {}
 
 # Modules that register pretrained tags of their own, as "module:function". They are
 # imported the first time a tag is looked up, so this model layer never imports the
-# application code that builds those weights (the demo's ``synthetic`` tag).
+# application code that builds those weights (the demo's ``synthetic`` tag); a Ray worker,
+# which imports only the trainable, resolves the tag all the same. tests/test_architecture.py
+# resolves these strings: each must name a function above the core, declared there.
 TAG_PROVIDERS: list[str] = ["dps_tune.demo.pretrain:register_tags"]
 _providers_loaded = False
 

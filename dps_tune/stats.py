@@ -1,9 +1,7 @@
-"""Uncertainty: t-intervals over seeds, paired differences, bootstrap intervals, Holm, Pareto fronts.
+"""Uncertainty: t-intervals over seeds, bootstrap intervals, Holm, Pareto fronts.
 
 * :func:`t_interval`: the mean of per-seed values with a two-sided Student-t interval,
   mean ± t(1 − (1 − c)/2, n − 1) · s / √n, s the sample standard deviation (ddof 1).
-* :func:`paired_difference`: the same interval on a − b over the seeds both share, so the
-  seed-to-seed variation the two methods have in common cancels.
 * :func:`bootstrap_interval`: resample the evaluation images with replacement (seeded),
   recompute accuracy and macro-F1 on each resample, and take the percentile interval.
   Macro-F1 is averaged, in each resample, over the labels present in that resample's
@@ -53,12 +51,6 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
     mean, std = float(x.mean()), float(x.std(ddof=1))
     half = float(sps.t.ppf(0.5 + confidence / 2, x.size - 1)) * std / math.sqrt(x.size)
     return Interval(mean, mean - half, mean + half, int(x.size), std)
-
-
-def paired_difference(a: Mapping[int, float], b: Mapping[int, float], confidence: float = 0.95) -> Interval:
-    """t-interval of a[seed] − b[seed] over the seeds both have."""
-    seeds = sorted(set(a) & set(b))
-    return t_interval([a[s] - b[s] for s in seeds], confidence)
 
 
 def bootstrap_interval(y_true: torch.Tensor, y_pred: torch.Tensor, *, resamples: int = 1000, seed: int = 0,

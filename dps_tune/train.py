@@ -192,7 +192,7 @@ def run_trial(
     work = Path(tempfile.mkdtemp(prefix="dps_tune_") if own_work_dir else work_dir)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        trial = _Trial(cfg, rt, ranking, work, memory_fraction, keep, derive)
+        trial = _TrialRun(cfg, rt, ranking, work, memory_fraction, keep, derive)
         if resume_from is not None:
             trial.resume(resume_from)
         return trial.run(report, progress)
@@ -224,7 +224,7 @@ def evaluate_start(cfg: Config, predictions: dict[str, tuple[torch.Tensor, torch
     return evaluate_splits(model, prompts, inputs.eval_loaders(), bf16=rt.bf16, predictions=predictions)
 
 
-class _Trial:
+class _TrialRun:
     """The state of one running trial: model, inputs, objective, optimizer and loop position."""
 
     def __init__(self, cfg: Config, rt: Runtime, ranking: suppression.Scores | None, work: Path,

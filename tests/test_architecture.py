@@ -23,6 +23,18 @@ REPORT_LAYERS = ("style", "loading", "figures", "tables", "page")
 # format with the JPEG loaders and `prepare`, but loads neither of them.
 CACHE_PATH = ("dps_tune.data.cache_reader", "dps_tune.data.augment")
 NOT_ON_CACHE_PATH = ("dps_tune.data.datasets", "dps_tune.data.cache_writer")
+# The command line, in layers: a module imports only the CLI modules of the layers before
+# its own; the package __init__ (the parser and main) gathers the commands, and outside the
+# package only the reference page reads it, through the package.
+CLI = "dps_tune.cli"
+CLI_LAYERS = (("base",), ("training", "reading", "ensembling", "dashboard"), ("sweeping",))
+CLI_READERS = ("dps_tune.reference_doc",)
+# Imports written as strings, which the walker cannot see: models.TAG_PROVIDERS names
+# "module:function" hooks that the model layer imports the first time a pretrained tag is
+# looked up, so that it never imports the demo that builds those weights. The core may
+# import by string only there, and only these providers.
+STRING_IMPORTS = {"dps_tune.models": "TAG_PROVIDERS"}
+TAG_PROVIDERS = {("dps_tune.demo.pretrain", "register_tags")}
 
 
 def module_name(path: Path) -> str:
@@ -121,6 +133,41 @@ def test_training_core_imports_no_sweep_demo_or_ray():
             assert not imported.startswith(FORBIDDEN_FOR_CORE), f"{module} imports {imported}"
 
 
+def string_imports(path: Path, name: str) -> set[tuple[str, str]]:
+    """The ``module:function`` specs of the list ``name`` assigned at the top of ``path``."""
+    for node in ast.parse(path.read_text()).body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (
+            node.targets[0] if isinstance(node, ast.Assign) else None)
+        if isinstance(target, ast.Name) and target.id == name:
+            return {tuple(spec.split(":")) for spec in ast.literal_eval(node.value)}
+    raise AssertionError(f"{path} assigns no {name}")
+
+
+def imports_by_string(path: Path) -> bool:
+    """Whether ``path`` calls ``importlib.import_module`` or ``__import__`` anywhere."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            f = node.func
+            if (isinstance(f, ast.Attribute) and f.attr == "import_module") or (
+                    isinstance(f, ast.Name) and f.id in ("import_module", "__import__")):
+                return True
+    return False
+
+
+def test_the_core_imports_by_string_only_the_declared_tag_providers_and_they_exist():
+    """The demo's ``synthetic`` tags reach the model layer through a string: each spec names a function
+    of the package above the core, and no other core module imports anything by name."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    core = {m for m in modules if m.count(".") and unit(m).split(".")[1] in CORE}
+    assert {m for m in core if imports_by_string(modules[m])} == set(STRING_IMPORTS)
+    specs = set().union(*(string_imports(modules[m], name) for m, name in STRING_IMPORTS.items()))
+    assert specs == TAG_PROVIDERS, f"undeclared or lost tag providers: {sorted(specs ^ TAG_PROVIDERS)}"
+    for module, function in specs:
+        assert module in modules and module not in core, f"tag provider {module} is not a package module above the core"
+        defined = {n.name for n in ast.parse(modules[module].read_text()).body if isinstance(n, ast.FunctionDef)}
+        assert function in defined, f"{module} defines no {function}"
+
+
 def test_only_one_module_imports_ray():
     users = sorted(module_name(p) for p in PACKAGE.rglob("*.py")
                    if any(m == "ray" or m.startswith("ray.") for m in imports_of(p)))
@@ -159,6 +206,24 @@ def test_the_report_package_imports_point_down_its_layers():
     for module, targets in g.items():
         if not module.startswith(REPORT):
             assert not {t for t in targets if t.startswith(REPORT + ".")}, f"{module} reaches into {REPORT}"
+
+
+def test_the_cli_package_imports_point_down_its_layers():
+    g = graph()
+    modules = [f"{CLI}.{name}" for layer in CLI_LAYERS for name in layer]
+    assert sorted(m for m in g if m.startswith(CLI + ".")) == sorted(modules + [f"{CLI}.__main__"])
+    assert set(modules) - {f"{CLI}.base"} <= g[CLI]
+    below: set[str] = set()
+    for layer in CLI_LAYERS:
+        for module in (f"{CLI}.{name}" for name in layer):
+            inside = {m for m in g[module] if m == CLI or m.startswith(CLI + ".")}
+            assert inside <= below, f"{module} imports {sorted(inside - below)}"
+        below |= {f"{CLI}.{name}" for name in layer}
+    assert {m for m in g[f"{CLI}.__main__"] if m.startswith(CLI)} == {CLI}
+    for module, targets in g.items():
+        if module != CLI and not module.startswith(CLI + "."):
+            reached = {t for t in targets if t == CLI or t.startswith(CLI + ".")}
+            assert not reached or (module in CLI_READERS and reached == {CLI}), f"{module} imports {sorted(reached)}"
 
 
 def test_every_data_file_of_the_package_ships_in_the_wheel():

@@ -24,18 +24,19 @@ def test_train_resume_continues_an_interrupted_run_exactly(tmp_path, write_yaml,
 
     from dps_tune import cli
     from dps_tune.checkpoint import load_checkpoint
+    from dps_tune.cli import training
     from support.worlds import tiny_raw
 
     path = write_yaml(tiny_raw(**{"optim.epochs": 2}))
     assert cli.main(["train", str(path), "--out", str(tmp_path / "unbroken"), "--no-progress"]) == 0
 
-    real_keep = cli._keep_newest
+    real_keep = training._keep_newest
 
     def interrupted(src, final):
         real_keep(src, final)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_keep_newest", interrupted)
+    monkeypatch.setattr(training, "_keep_newest", interrupted)
     assert cli.main(["train", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 130
     monkeypatch.undo()
     ckpt = tmp_path / "run" / "checkpoint"

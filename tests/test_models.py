@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import open_clip
 import pytest
 import torch
@@ -55,6 +60,20 @@ def test_pretrained_tag_resolves_through_open_clip_hub_cache(tmp_path):
         assert _same_weights(src, loaded)
     finally:
         del oc_pretrained._PRETRAINED["tiny-vit"]["unit_test_tag"]
+
+
+def test_a_fresh_process_knows_the_synthetic_tags_through_the_model_layer_alone():
+    """What a Ray worker has: it imports the trainable, never the demo, and must still resolve
+    ``pretrained: synthetic`` (models.TAG_PROVIDERS registers the demo's tags on first look-up)."""
+    code = ("import sys\n"
+            "from dps_tune import models\n"
+            "assert 'dps_tune.demo.pretrain' not in sys.modules\n"
+            "print(' '.join(sorted(t for t in models.list_pretrained_tags('tiny-rn') if t.startswith('synthetic'))))\n")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["synthetic", "synthetic-eroding"]
 
 
 def test_registered_file_tag(tmp_path):

@@ -20,21 +20,6 @@ def test_t_interval_matches_scipy():
         stats.t_interval([0.5])
 
 
-def test_paired_difference_uses_matching_seeds_only():
-    a = {0: 0.70, 1: 0.72, 2: 0.68, 7: 0.99}
-    b = {0: 0.65, 1: 0.66, 2: 0.64, 5: 0.10}
-    got = stats.paired_difference(a, b)
-    diffs = [0.05, 0.06, 0.04]
-    low, high = sps.t.interval(0.95, 2, loc=np.mean(diffs), scale=sps.sem(diffs))
-    assert got.n == 3 and got.mean == pytest.approx(0.05)
-    assert (got.low, got.high) == (pytest.approx(low), pytest.approx(high))
-    assert got.excludes_zero
-    # unpaired, the seed noise would swamp it; paired on shared seeds, it does not
-    noisy_a = {s: v + s * 0.1 for s, v in a.items()}
-    noisy_b = {s: v + s * 0.1 for s, v in b.items()}
-    assert stats.paired_difference(noisy_a, noisy_b).mean == pytest.approx(0.05)
-
-
 @pytest.mark.parametrize("seed", range(3))
 def test_the_counting_f1_equals_the_metric_and_labels_come_from_each_resample(seed):
     g = torch.Generator().manual_seed(seed)

@@ -4,7 +4,7 @@ Generates photo-sized JPEGs (2048×1536, about 1 MB each, like iWildCam's camera
 photos) in a temporary directory, then measures both paths in the same run:
 
 * **jpeg**: one epoch through the ordinary training loader
-  (:func:`dps_tune.data.train_loader`, W worker processes; W = 0 decodes in the main
+  (:func:`dps_tune.data.datasets.train_loader`, W worker processes; W = 0 decodes in the main
   process): decode every file, random resized crop to 224 px, normalise. This is what
   every epoch of every trial pays without a cache.
 * **cache**: ``prepare`` once (not part of the ratio: it is paid once per sweep), then

@@ -27,8 +27,9 @@ from dps_tune.data.sampling import steps_per_epoch
 
 logger = logging.getLogger(__name__)
 
-# (images [B, 3, H, W] float32 on the device, labels [B] on the device, record index [B] on the CPU)
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# (images [B, 3, H, W] float32 on the device, labels [B] on the device, record index [B] on the CPU): the
+# index picks each image's captions (FLYP); methods.Batch is what an objective's loss then takes.
+IndexedBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class Inputs(Protocol):
@@ -39,10 +40,10 @@ class Inputs(Protocol):
     batch_size: int
     steps_per_epoch: int
 
-    def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+    def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[IndexedBatch]:
         """The batches of ``epoch`` from ``start_batch`` on, already on the device."""
 
-    def eval_loaders(self, splits: Iterable[str] | None = None) -> dict[str, Iterable[Batch]]:
+    def eval_loaders(self, splits: Iterable[str] | None = None) -> dict[str, Iterable[IndexedBatch]]:
         """One re-iterable loader per evaluation split (or per split of ``splits``), in record order."""
 
 
@@ -75,14 +76,14 @@ class JpegInputs(_Common):
         self.train_transform = TrainTransform(image_size(pre), pre.mean, pre.std)
         self.eval_transform = image_transform_v2(pre, is_train=False)  # open_clip's own eval preprocessing
 
-    def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+    def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[IndexedBatch]:
         loader = train_loader(self.records, self.train_transform, batch_size=self.data.batch_size,
                               workers=self.data.workers, seed=self.seed, epoch=epoch, start_batch=start_batch,
                               pin_memory=self.pin_memory)
         for images, labels, index in loader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), index
 
-    def eval_loaders(self, splits: Iterable[str] | None = None) -> dict[str, Iterable[Batch]]:
+    def eval_loaders(self, splits: Iterable[str] | None = None) -> dict[str, Iterable[IndexedBatch]]:
         return {split: eval_loader(records, self.eval_transform, batch_size=self.data.eval_batch_size,
                                    workers=self.data.workers, pin_memory=self.pin_memory)
                 for split, records in _chosen(self.spec.splits, splits).items()}
@@ -97,12 +98,12 @@ class CachedInputs(_Common):
         self.cache = cache
         self.train_augment, self.eval_transform = augment.for_preprocess(pre)
 
-    def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+    def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[IndexedBatch]:
         return iter(cache_reader.CachedTrainLoader(
             self.cache, self.records, self.train_augment, batch_size=self.data.batch_size, seed=self.seed,
             epoch=epoch, start_batch=start_batch, device=self.device, pin_memory=self.pin_memory))
 
-    def eval_loaders(self, splits: Iterable[str] | None = None) -> dict[str, Iterable[Batch]]:
+    def eval_loaders(self, splits: Iterable[str] | None = None) -> dict[str, Iterable[IndexedBatch]]:
         return {split: cache_reader.CachedEvalLoader(self.cache, records, self.eval_transform,
                                                      batch_size=self.data.eval_batch_size, device=self.device,
                                                      pin_memory=self.pin_memory)

@@ -119,12 +119,6 @@ def overrides(base: Config, cfg: Config) -> dict[str, Any]:
     return {key: value for key, _, value in leaves(cfg) if old[key] != value}
 
 
-def seed_points(variants: Sequence[Variant], seeds: Sequence[int]) -> tuple[Config, list[dict[str, Any]]]:
-    """The run's base config (the first variant) and one parameter dict per (variant, seed)."""
-    base = variants[0].config
-    return base, [{**overrides(base, v.config), "seed": s} for v in variants for s in seeds]
-
-
 def run_tune(sweep_tune: Mapping[str, Any], select: str, overrides: Mapping[str, Any] | None = None) -> TuneConfig:
     """The confirmation run's tune block: the sweep's resources, one metric, one kept checkpoint, no early stop."""
     return tune_config_from_dict({**sweep_tune, "metric": select, "mode": default_mode(select), "asha_metric": "",

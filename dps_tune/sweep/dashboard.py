@@ -53,7 +53,7 @@ CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inlin
 
 
 @dataclass
-class Experiment:
+class ServedExperiment:
     name: str
     path: Path
     db: Path
@@ -68,7 +68,7 @@ def _check_study_file(db: Path) -> None:
         raise UserError(f"experiment {str(db.parent)!r}: optuna.db is not a readable Optuna study ({exc})") from None
 
 
-def find_experiments(exp_dirs: Sequence[str | os.PathLike]) -> list[Experiment]:
+def find_experiments(exp_dirs: Sequence[str | os.PathLike]) -> list[ServedExperiment]:
     """The experiments to serve; each must be a sweep directory with an Optuna study."""
     if not exp_dirs:
         raise UserError("no experiment directory given")
@@ -79,14 +79,14 @@ def find_experiments(exp_dirs: Sequence[str | os.PathLike]) -> list[Experiment]:
         if not db.is_file():
             raise UserError(f"experiment {str(d)!r}: no optuna.db (a sweep without a search: space has no study)")
         _check_study_file(db)
-        found.append(Experiment(sweep.name or path.name, path.resolve(), db))
+        found.append(ServedExperiment(sweep.name or path.name, path.resolve(), db))
     return found
 
 
 class _LiveReport:
     """The report of the experiments, rebuilt when any trial has reported since the last build."""
 
-    def __init__(self, experiments: Sequence[Experiment], out: Path):
+    def __init__(self, experiments: Sequence[ServedExperiment], out: Path):
         self.experiments, self.out = experiments, out
         self.lock = threading.Lock()
         self.signature: str | None = None
@@ -122,7 +122,7 @@ class _LiveReport:
 class Dashboard:
     """The WSGI application: token check, experiment index, live report, optuna-dashboard."""
 
-    def __init__(self, experiments: Sequence[Experiment], token: str, work_dir: Path, port: int):
+    def __init__(self, experiments: Sequence[ServedExperiment], token: str, work_dir: Path, port: int):
         import optuna_dashboard
 
         self.experiments, self.token = list(experiments), token

@@ -583,9 +583,9 @@ def _refuse_existing(location: str) -> None:
 
 @contextlib.contextmanager
 def _launching(storage_path: str | None, name: str) -> Iterator[tuple[str, str, Path]]:
-    """:func:`_new_experiment`, held under the experiment's lock for the whole run (:func:`storage.driving`)."""
+    """:func:`_new_experiment`, held under the experiment's lock for the whole run (:func:`storage.driver_lock`)."""
     storage_path, location, local = _new_experiment(storage_path, name)
-    with storage.driving(location):
+    with storage.driver_lock(location):
         _refuse_existing(location)  # another launch may have got there between the check and the lock
         storage.check_round_trip(location)
         if is_remote(location) and local.exists():
@@ -893,7 +893,7 @@ def resume_sweep(exp: str | os.PathLike | Resumable, *, address: str | None = No
                  shared_storage: bool = False) -> str:
     """Continue an interrupted sweep: unfinished and errored trials go on from their last checkpoints."""
     job = exp if isinstance(exp, Resumable) else load_resumable(exp)
-    with storage.driving(job.location):
+    with storage.driver_lock(job.location):
         location, cfg, tune_cfg, space = job.location, job.config, job.tune, job.space
         storage.check_round_trip(location)
         restore_at, filesystem = _restore_point(location)

@@ -232,17 +232,6 @@ def results_table(exp_dir: str | os.PathLike, metric: str | None = None, mode: s
     return df.reset_index(drop=True)
 
 
-def histories(exp_dir: str | os.PathLike) -> pd.DataFrame:
-    """Every evaluation of every trial: one row per (trial, report), with the trial's parameters."""
-    rows = []
-    for t in load_trials(exp_dir):
-        params = {short: t.param(dotted) for dotted, short in PARAM_COLUMNS.items()}
-        for h in t.history:
-            rows.append({"trial_id": t.trial_id, **params,
-                         **{k: v for k, v in h.items() if _finite(v) or k in ("epoch", "step")}})
-    return pd.DataFrame(rows)
-
-
 MASKING_ALL = "dps (masking 1.0)"
 # The one order in which tables, plots, ensembles and the demo list methods: the baselines, DPS, then its
 # controls (the names method_name gives).

@@ -94,7 +94,7 @@ def staging_dir(location: str) -> Path:
 
 
 @contextlib.contextmanager
-def driving(location: str) -> Iterator[None]:
+def driver_lock(location: str) -> Iterator[None]:
     """Hold the right to drive the experiment at ``location`` (launch, run or resume it) on this machine.
 
     An advisory lock under the cache directory, not in the experiment: a second

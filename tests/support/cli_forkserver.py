@@ -26,6 +26,7 @@ among them), and an uncaught exception is a traceback and exit status 1.
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import json
 import os
 import signal
@@ -34,6 +35,8 @@ import time
 
 from dps_tune.cli import main  # the one import that is paid once
 
+MAIN_FILE = importlib.util.find_spec("dps_tune.cli.__main__").origin  # found, not run
+
 
 def _child(case: dict) -> None:
     os.setpgid(0, 0)  # so a timeout kills whatever the command started
@@ -41,7 +44,7 @@ def _child(case: dict) -> None:
     if case.get("replace_env"):
         os.environ.clear()
     os.environ.update(case["env"])
-    sys.argv = [sys.modules[main.__module__].__file__, *case["argv"]]  # as `python -m dps_tune.cli ARGS` has it
+    sys.argv = [MAIN_FILE, *case["argv"]]  # as `python -m dps_tune.cli ARGS` has it
     out = case["out"]
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)

@@ -122,7 +122,7 @@ def test_a_sweep_whose_experiment_another_process_drives_is_refused_before_ray(t
     raw = tiny_raw()
     raw["search"] = {"lr": {"loguniform": [1e-4, 1e-3]}}
     runs = tmp_path / "runs"
-    with storage.driving(str((runs / "busy").resolve())):
+    with storage.driver_lock(str((runs / "busy").resolve())):
         assert cli.main(["sweep", str(write_yaml(raw)), "--storage", str(runs), "--name", "busy"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "another dps-tune process" in err[0] and "busy" in err[0], err

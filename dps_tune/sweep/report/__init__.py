@@ -24,7 +24,7 @@ skeleton ``page.html`` and the stylesheet ``page.css`` (package data).
 
 from dps_tune.sweep.report.figures import (asha_rungs, plot_id_ood, plot_learning_curves, plot_masking,
                                            plot_params_held, plot_pareto)
-from dps_tune.sweep.report.loading import (ZERO_SHOT_FILE, Experiment, best_checkpoints, confirmed_means,
+from dps_tune.sweep.report.loading import (ZERO_SHOT_FILE, ReportedExperiment, best_checkpoints, confirmed_means,
                                            find_zero_shot, load_experiment, load_zero_shot)
 from dps_tune.sweep.report.page import CSS, html_table, render_report
 from dps_tune.sweep.report.style import METHOD_STYLE, metric_label
@@ -35,7 +35,7 @@ from dps_tune.sweep.report.figures import _logit  # noqa: F401
 from dps_tune.sweep.report.loading import _Curve, _ensembles, _Marked, _points  # noqa: F401
 
 __all__ = ["CSS", "FRONTIER_FIXED", "FRONTIER_PAIRED", "METHOD_STYLE", "SUMMARY_METRICS", "ZERO_SHOT_FILE",
-           "Experiment", "all_trials_table", "asha_rungs", "best_checkpoints", "confirmed_means", "ensemble_table",
-           "find_zero_shot", "frontier_table", "html_table", "load_experiment", "load_zero_shot", "metric_label",
+           "ReportedExperiment", "all_trials_table", "asha_rungs", "best_checkpoints", "confirmed_means",
+           "ensemble_table", "find_zero_shot", "frontier_table", "html_table", "load_experiment", "load_zero_shot", "metric_label",
            "plot_id_ood", "plot_learning_curves", "plot_masking", "plot_params_held", "plot_pareto", "render_report",
            "summary_rows", "summary_table"]

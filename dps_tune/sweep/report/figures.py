@@ -14,7 +14,7 @@ from matplotlib.lines import Line2D
 
 from dps_tune.config import SUPPRESS_MODES
 from dps_tune.objectives import best_of
-from dps_tune.sweep.report.loading import Experiment, _Curve, _finite, _Marked, _Point, _Soup
+from dps_tune.sweep.report.loading import ReportedExperiment, _Curve, _finite, _Marked, _Point, _Soup
 from dps_tune.sweep.report.style import ARM_TITLES, KIND_NAMES, SPLIT_NAMES, STATUS_STYLE, _styles, metric_label
 from dps_tune.sweep.results import in_method_order, method_name, pareto_objectives
 from dps_tune.sweep.sweep_file import SweepFile
@@ -154,7 +154,7 @@ def plot_id_ood(points: Sequence[_Point], x_metric: str, y_metric: str,
     return fig
 
 
-def plot_pareto(experiments: Sequence[Experiment]) -> Figure | None:
+def plot_pareto(experiments: Sequence[ReportedExperiment]) -> Figure | None:
     """Every trial's last ID-val against OOD-val metric (or the sweep's own two objectives), the front drawn.
 
     The front is the set of trials no other trial of the same experiment beats on both.
@@ -286,7 +286,7 @@ def asha_rungs(sweep: SweepFile) -> list[float]:
     return [grace * rf ** k for k in range(count) if grace * rf ** k < max_t]
 
 
-def plot_learning_curves(experiments: Sequence[Experiment], zero_shot: Mapping[str, float] | None) -> Figure:
+def plot_learning_curves(experiments: Sequence[ReportedExperiment], zero_shot: Mapping[str, float] | None) -> Figure:
     """The sweep metric against epoch for every trial; one panel per experiment."""
     methods = [method_name(t.config) for e in experiments for t in e.trials]
     styles = _styles(methods)

@@ -1,6 +1,6 @@
 """Reading sweeps, ensembles and zero-shot metrics into what the figures and tables draw.
 
-Built on the readers of :mod:`dps_tune.sweep.results`: one :class:`Experiment` per sweep
+Built on the readers of :mod:`dps_tune.sweep.results`: one :class:`ReportedExperiment` per sweep
 directory, the WiSE-FT curves and soups of ``dps-tune wise`` and ``dps-tune soup``, and
 the points marked on the ID-vs-OOD plot beside each trial's last report.
 """
@@ -28,7 +28,7 @@ ZERO_SHOT_FILE = "zero_shot.json"
 
 
 @dataclass(frozen=True)
-class Experiment:
+class ReportedExperiment:
     """One sweep directory as the report sees it."""
 
     name: str
@@ -51,13 +51,13 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
+def load_experiment(exp_dir: str | os.PathLike) -> ReportedExperiment:
     """Read one sweep directory; a missing directory or one without trials is a :class:`UserError`."""
     path, sweep = open_sweep(exp_dir)
     metric, mode = sweep.objective()
     trials = load_trials(path)
-    return Experiment(sweep.name or path.resolve().name, path, sweep, trials, results_table(path, metric, mode),
-                      metric, mode)
+    return ReportedExperiment(sweep.name or path.resolve().name, path, sweep, trials,
+                              results_table(path, metric, mode), metric, mode)
 
 
 def load_zero_shot(path: str | os.PathLike) -> dict[str, float]:
@@ -101,7 +101,7 @@ class _Point:
         return float(v) if _finite(v) else None
 
 
-def _points(experiments: Sequence[Experiment]) -> list[_Point]:
+def _points(experiments: Sequence[ReportedExperiment]) -> list[_Point]:
     return [_Point(t, method_name(t.config), e.status(t)) for e in experiments for t in e.trials]
 
 
@@ -154,7 +154,7 @@ class _Marked:
     seeds: int = 0
 
 
-def best_checkpoints(experiments: Sequence[Experiment], x_metric: str, y_metric: str) -> list[_Marked]:
+def best_checkpoints(experiments: Sequence[ReportedExperiment], x_metric: str, y_metric: str) -> list[_Marked]:
     """Each trial's evaluation best by its sweep's metric (the checkpoint Ray keeps), at ``x_metric`` / ``y_metric``."""
     out = []
     for e in experiments:
@@ -167,7 +167,7 @@ def best_checkpoints(experiments: Sequence[Experiment], x_metric: str, y_metric:
     return out
 
 
-def confirmed_means(experiments: Sequence[Experiment], x_metric: str, y_metric: str) -> list[_Marked]:
+def confirmed_means(experiments: Sequence[ReportedExperiment], x_metric: str, y_metric: str) -> list[_Marked]:
     """The methods' confirmed means (``dps-tune confirm``'s ``confirm.json``) with their 95% intervals."""
     from dps_tune.sweep.confirm import ZERO_SHOT, read_summary
 

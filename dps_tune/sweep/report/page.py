@@ -26,7 +26,7 @@ from dps_tune.errors import UserError, first_line
 from dps_tune.files import write_text
 from dps_tune.sweep.report.figures import (plot_id_ood, plot_learning_curves, plot_masking, plot_params_held,
                                            plot_pareto)
-from dps_tune.sweep.report.loading import (Experiment, _Curve, _ensembles, _Marked, _Point, _points, _Soup,
+from dps_tune.sweep.report.loading import (ReportedExperiment, _Curve, _ensembles, _Marked, _Point, _points, _Soup,
                                            best_checkpoints, confirmed_means, load_experiment, load_zero_shot)
 from dps_tune.sweep.report.style import metric_label
 from dps_tune.sweep.report.tables import SUMMARY_COLUMNS, all_trials_table, ensemble_table, frontier_table, summary_rows
@@ -87,7 +87,7 @@ def render_report(exp_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
 # ----------------------------------------------------------------------------- inputs
 
 
-def _read_inputs(exp_dirs: Sequence[str | os.PathLike]) -> tuple[list[Experiment], list[dict[str, Any]]]:
+def _read_inputs(exp_dirs: Sequence[str | os.PathLike]) -> tuple[list[ReportedExperiment], list[dict[str, Any]]]:
     """The sweeps and the ``wise``/``soup`` outputs among ``exp_dirs``, each directory once."""
     if not exp_dirs:
         raise UserError("no experiment directory given")
@@ -156,7 +156,7 @@ def _figure_html(img_id: str, fig: Figure | None, alt: str, caption: str, missin
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def _figures_html(experiments: Sequence[Experiment], points: Sequence[_Point], zs: Mapping[str, float] | None,
+def _figures_html(experiments: Sequence[ReportedExperiment], points: Sequence[_Point], zs: Mapping[str, float] | None,
                   curves: Sequence[_Curve], soups: Sequence[_Soup], x_metric: str, y_metric: str) -> dict[str, str]:
     """Every figure of the page as HTML, by its place in ``page.html``."""
     pairs = [(x_metric, y_metric)]
@@ -218,7 +218,7 @@ def _zero_shot_line(zs: Mapping[str, float] | None, source: str | None) -> str:
     return "<p>Zero-shot metrics given by the caller.</p>" if zs else "<p>No zero-shot metrics given.</p>"
 
 
-def _ensembles_html(experiments: Sequence[Experiment], curves: Sequence[_Curve], soups: Sequence[_Soup],
+def _ensembles_html(experiments: Sequence[ReportedExperiment], curves: Sequence[_Curve], soups: Sequence[_Soup],
                     summaries: Sequence[Mapping[str, Any]], best_rows: Sequence[Mapping[str, Any]]) -> str:
     table = ensemble_table(curves, soups, summaries)
     return f"""<section id="ensembles">

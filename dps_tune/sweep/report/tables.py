@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from dps_tune.objectives import DEFAULT_METRIC, best_of, default_mode
-from dps_tune.sweep.report.loading import Experiment, _Curve, _finite, _Marked, _Soup
+from dps_tune.sweep.report.loading import ReportedExperiment, _Curve, _finite, _Marked, _Soup
 from dps_tune.sweep.results import Trial, checkpoints, in_method_order, method_name
 
 SUMMARY_METRICS = ("id_test_acc", "id_test_f1", "ood_test_acc", "ood_test_f1")
@@ -39,7 +39,7 @@ def _bootstrap_cells(trial: Trial, step: Any) -> dict[str, Any]:
     return {}
 
 
-def all_trials_table(experiments: Sequence[Experiment], zero_shot: Mapping[str, float] | None) -> pd.DataFrame:
+def all_trials_table(experiments: Sequence[ReportedExperiment], zero_shot: Mapping[str, float] | None) -> pd.DataFrame:
     """Every experiment's ``results_table`` with an ``experiment`` column; the zero-shot row first."""
     frames = [e.table.assign(experiment=e.name) for e in experiments]
     table = pd.concat(frames, ignore_index=True)
@@ -51,7 +51,7 @@ def all_trials_table(experiments: Sequence[Experiment], zero_shot: Mapping[str, 
     return table
 
 
-def summary_table(experiments: Sequence[Experiment], zero_shot: Mapping[str, float] | None) -> pd.DataFrame:
+def summary_table(experiments: Sequence[ReportedExperiment], zero_shot: Mapping[str, float] | None) -> pd.DataFrame:
     """The best-per-method table (see :func:`summary_rows`)."""
     return pd.DataFrame(summary_rows(experiments, zero_shot), columns=SUMMARY_COLUMNS)
 
@@ -60,7 +60,8 @@ SUMMARY_COLUMNS = ["method", "experiment", "trial_id", "epoch", "selected by", "
                    *CI_COLUMNS, "trial status"]
 
 
-def summary_rows(experiments: Sequence[Experiment], zero_shot: Mapping[str, float] | None) -> list[dict[str, Any]]:
+def summary_rows(experiments: Sequence[ReportedExperiment], zero_shot: Mapping[str, float] | None
+                 ) -> list[dict[str, Any]]:
     """Per method: the evaluation best by its sweep's metric, over every report of every trial.
 
     Ray keeps each trial's best checkpoint by the sweep metric, so this is the checkpoint
@@ -68,7 +69,7 @@ def summary_rows(experiments: Sequence[Experiment], zero_shot: Mapping[str, floa
     reports alone. Trials of one method are ranked together only when their sweeps select
     by the same metric and mode; otherwise each selection gets its own row.
     """
-    groups: dict[tuple[str, str, str], list[tuple[float, Experiment, Trial, dict[str, Any]]]] = {}
+    groups: dict[tuple[str, str, str], list[tuple[float, ReportedExperiment, Trial, dict[str, Any]]]] = {}
     for e in experiments:
         for t in e.trials:
             for h in t.history:
