@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import pytest
 import torch
 
 from dps_tune import checkpoint as ckpt
@@ -67,3 +68,32 @@ def test_a_kept_checkpoint_gets_its_test_figures_once(tiny_config, tmp_path):
     # once: a second pass finds nothing to do
     assert test_figures.pending_jobs(tmp_path / "exp") == []
     assert test_figures.complete(str(tmp_path / "exp"), _in_process) == 0
+
+
+def test_the_jobs_stay_in_this_process_without_a_cluster_or_a_gpu(monkeypatch):
+    """A sweep's test figures and `wise`/`soup` evaluate in the command itself where Ray would
+    only be its own on a CPU machine; a cluster or a GPU gets Ray tasks."""
+    from dps_tune.sweep import ray_tune
+
+    monkeypatch.setattr(ray_tune.ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ray_tune.evaluates_here() is True
+    assert ray_tune.evaluates_here("auto") is False
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert ray_tune.evaluates_here() is False
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ray_tune.evaluates_here() is False
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray_tune, "_connect", refuse)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    jobs = [{"x": 1}, {"x": 2}, {"x": 3}]
+    assert list(ray_tune.map_jobs(lambda job: 2 * job["x"], jobs)) == [(j, 2 * j["x"]) for j in jobs]
+    assert list(ray_tune.map_jobs(lambda job: job["x"], jobs, tasks=False)) == [(j, j["x"]) for j in jobs]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(AssertionError, match="Ray was started"):
+        list(ray_tune.map_jobs(lambda job: job["x"], jobs))

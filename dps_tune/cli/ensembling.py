@@ -20,8 +20,11 @@ def _add_ensemble_options(p: argparse.ArgumentParser, what: str) -> None:
                                  "given the same --out redoes no finished evaluation")
     p.add_argument("--address", help="Ray cluster to evaluate on: auto or ray://HOST:10001 (default: $RAY_ADDRESS, "
                                      "else a local Ray)")
-    p.add_argument("--in-process", action="store_true",
-                   help="evaluate one after another in this process instead of as Ray tasks")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--in-process", action="store_true",
+                       help="evaluate one after another in this process instead of as Ray tasks")
+    where.add_argument("--ray-tasks", action="store_true",
+                       help="evaluate as Ray tasks even where this process would serve (a local Ray without a GPU)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -32,7 +35,8 @@ def _ensemble_mapper(args: argparse.Namespace):
         return ensembles.map_in_process
     from dps_tune.sweep import ray_tune
 
-    return lambda jobs: ray_tune.map_jobs(ensembles.evaluate_job, jobs, address=args.address)
+    return lambda jobs: ray_tune.map_jobs(ensembles.evaluate_job, jobs, address=args.address,
+                                          tasks=True if args.ray_tasks else None)
 
 
 def _progress_bar(args: argparse.Namespace, desc: str):

@@ -6,7 +6,7 @@
    with a random-suppression control arm at the same ratios;
 4. a FLYP sweep;
 5. WiSE-FT of each method's best checkpoint, and a greedy soup of the CE checkpoints,
-   evaluated as Ray tasks;
+   evaluated as Ray tasks where there is a GPU, else in this process (see map_jobs);
 6. a confirmation run: each method's selected configuration retrained with 3 fresh seeds;
 7. a comparison table (the trial best on the selection metric for each method, with its
    ``id_test`` and ``ood_test`` figures, beside zero-shot, WiSE-FT and the soup), then the
@@ -127,7 +127,7 @@ def format_comparison(rows: list[dict]) -> str:
 
 
 def _ensembles(out: Path, exp_dirs: list[Path], metric: str) -> tuple[dict, dict]:
-    """Stage 5: WiSE-FT for every method and a greedy CE soup, as Ray tasks on the demo's Ray."""
+    """Stage 5: WiSE-FT for every method and a greedy CE soup, on the demo's Ray (or here: see map_jobs)."""
     start = time.time()
 
     def mapper(jobs):

@@ -89,7 +89,7 @@ def check_row_predictions(out: Path, rows: list[dict]) -> None:
 def test_wise_on_a_sweep_through_ray(sweep, tmp_path):
     exp, base = sweep
     out = tmp_path / "wise"
-    proc = run_cli("wise", exp, "--alphas", "0:1:0.5", "--top-k", "2", "--out", out, "--no-progress")
+    proc = run_cli("wise", exp, "--alphas", "0:1:0.5", "--top-k", "2", "--out", out, "--no-progress", "--ray-tasks")
     assert "ce + wise a=" in proc.stdout, proc.stdout
     rows = read_csv(out / "wise.csv")
     assert len(rows) == 2 * 3 and {r["alpha"] for r in rows} == {"0.0", "0.5", "1.0"}
@@ -129,7 +129,7 @@ def test_wise_on_a_sweep_through_ray(sweep, tmp_path):
 def test_soup_on_a_sweep_through_ray(sweep, tmp_path):
     exp, _ = sweep
     out = tmp_path / "soup"
-    proc = run_cli("soup", exp, "--out", out, "--no-progress")
+    proc = run_cli("soup", exp, "--out", out, "--no-progress", "--ray-tasks")
     assert "greedy soups" in proc.stdout
     summary = json.loads((out / "soup.json").read_text())
     soup = summary["soups"]["ce"]
