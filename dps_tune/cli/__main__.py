@@ -1,7 +1,5 @@
 """``python -m dps_tune.cli ARGS``: the same as ``dps-tune ARGS``."""
 
-import sys
+from dps_tune.cli import entry
 
-from dps_tune.cli import main
-
-sys.exit(main())
+entry()
