@@ -929,11 +929,13 @@ def evaluates_here(address: str | None = None) -> bool:
     """Whether :func:`map_jobs` runs its jobs in this process rather than as Ray tasks.
 
     It does where Ray is (or would be) this process's own, on a machine without a GPU. A
-    task there only adds a worker process that imports torch and loads the model and the
-    data again, about 10 s on 2 cores, and a task's one CPU runs torch on one thread; this
-    process has them already and runs torch on every core. On the demo's three experiments
-    (20 evaluations, 2 cores) that was 22.3 s as Ray tasks against 14.2 s here, with
-    identical figures. A cluster (``address``, ``RAY_ADDRESS``) or a GPU gets Ray tasks.
+    task there adds a worker process that imports torch and loads the model and the data
+    again, about 10 CPU-seconds, and a task's one CPU runs torch on one thread; this
+    process has them already and runs torch on every core. Measured on 2 cores: a tiny
+    sweep's test figures took 11.5 s as tasks and 0.6 s here; WiSE-FT over the demo's
+    three experiments (15 evaluations of 4,000 images) 65.4 s and 109 CPU-seconds as
+    tasks, 66.4 s and 77 CPU-seconds here. A cluster (``address``, ``RAY_ADDRESS``) or a
+    GPU gets Ray tasks; ``wise --ray-tasks`` asks for them on many cores.
     """
     if ray.is_initialized():
         return _EMBEDDED.is_set() and ray.cluster_resources().get("GPU", 0) < 1
