@@ -173,29 +173,9 @@ def test_crashed_trial_is_retried_from_its_checkpoint(tmp_path):
     assert set(table["status"]) == {"completed"}
 
 
-def test_resume_reruns_trials_that_errored_out(tmp_path):
-    """With no retries left a trial ends in error; `resume` continues it from its checkpoint."""
-    path = space(tmp_path, "errored", search={"lr": {"uniform": [1e-3, 2e-3]}},
-                 tune={"num_samples": 2, "grace_period": 3, "max_failures": 0})
-    env = {"DPS_TUNE_INJECT_CRASH_AT_EPOCH": "2", "DPS_TUNE_INJECT_CRASH_MARKER_DIR": str(tmp_path / "markers")}
-    exp = tmp_path / "runs" / "errored"
-    first = run_cli("sweep", path, "--storage", tmp_path / "runs", "--name", "errored", "--no-dashboard",
-                    env=env, check=False)
-    assert first.returncode == 1 and "2 trial(s) failed" in first.stderr, first.stderr[-2000:]
-    assert set(results.results_table(exp)["status"]) == {"error"}
-    run_cli("resume", exp, "--no-dashboard", env=env)  # each trial crashes once only
-    table = results.results_table(exp)
-    assert len(table) == 2 and set(table["status"]) == {"completed"}, table
-    # the study was told each trial's real outcome once, not FAIL at the first error
-    study = optuna.load_study(study_name="errored", storage=f"sqlite:///{exp / 'optuna.db'}")
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2, study.trials
-    for trial in results.load_trials(exp):
-        epochs = [json.loads(x)["epoch"] for x in (trial.path / "result.json").read_text().splitlines()]
-        assert epochs == [1.0, 2.0, 3.0], epochs  # went on after epoch 2, not from the start
-
-
-def test_economy_writes_weights_for_the_top_k_only_and_an_errored_trial_resumes_from_its_train_state(tmp_path):
-    """Default checkpoint economy, train state every 2 epochs; each trial crashes once after epoch 2."""
+def test_errored_trials_resume_from_their_train_state_and_the_economy_writes_weights_for_the_top_k_only(tmp_path):
+    """Default checkpoint economy, train state every 2 epochs; each trial crashes once after epoch 2 with no
+    retries left, so it ends in error; `resume` continues it from its train state."""
     path = space(tmp_path, "economy", search={"lr": {"uniform": [1e-3, 2e-3]}}, **{"optim.epochs": 4},
                  tune={"num_samples": 2, "grace_period": 4, "max_failures": 0, "resume_every": 2,
                        "keep_checkpoints": 1})
@@ -203,14 +183,18 @@ def test_economy_writes_weights_for_the_top_k_only_and_an_errored_trial_resumes_
     exp = tmp_path / "runs" / "economy"
     first = run_cli("sweep", path, "--storage", tmp_path / "runs", "--name", "economy", "--no-dashboard",
                     env=env, check=False)
-    assert first.returncode == 1, first.stderr[-2000:]
+    assert first.returncode == 1 and "2 trial(s) failed" in first.stderr, first.stderr[-2000:]
+    assert set(results.results_table(exp)["status"]) == {"error"}
     for trial in results.load_trials(exp):  # errored at epoch 2: its train state of epoch 2 is kept
         states = list(trial.path.glob("checkpoint_*/train_state.pt"))
         assert len(states) == 1 and json.loads((states[0].parent / "metrics.json").read_text())["epoch"] == 2.0
     again = run_cli("resume", exp, "--no-dashboard", env=env)
     assert again.stderr.count("resumes from epoch 2.0") == 2, again.stderr[-3000:]
     table = results.results_table(exp)
-    assert set(table["status"]) == {"completed"}, table
+    assert len(table) == 2 and set(table["status"]) == {"completed"}, table
+    # the study was told each trial's real outcome once, not FAIL at the first error
+    study = optuna.load_study(study_name="economy", storage=f"sqlite:///{exp / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2, study.trials
     assert not list(exp.glob("*/checkpoint_*/train_state.pt"))  # finished: no train state left
     for trial in results.load_trials(exp):
         lines = [json.loads(x) for x in (trial.path / "result.json").read_text().splitlines()]
