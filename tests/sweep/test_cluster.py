@@ -9,12 +9,9 @@
 import json
 import os
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +19,7 @@ import pytest
 import yaml
 
 from support.cli import cli_argv, run_cli
+from support.ray_head import free_ports, ray_head
 from support.worlds import SWEEP_WORLD, tiny_raw
 
 pytestmark = pytest.mark.slow
@@ -29,16 +27,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the environment's `ray` and `dps-tune`
 WORLD = {**SWEEP_WORLD, "eval_per_class": 4}
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def write_space(tmp: Path, **tune) -> Path:
@@ -72,26 +60,15 @@ def _reload_ray_auth() -> None:
 
 
 def test_ray_job_submit_runs_a_sweep_on_a_token_authenticated_head(tmp_path, token_env):
-    gcs, dashboard, client, agent, agent_grpc, metrics, runtime_env = free_ports(7)
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    head = subprocess.Popen(
-        [BIN / "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
-         "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-         "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
-         "--runtime-env-agent-port", str(runtime_env), "--num-cpus", "2", "--temp-dir", temp,
-         "--disable-usage-stats"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
+    with ray_head(dashboard=True) as head:
+        address = f"http://127.0.0.1:{head['dashboard']}"
         deadline = time.time() + 360  # a loaded 2-core machine takes minutes to start the dashboard
         while True:  # the job API answers once the dashboard is up
             probe = subprocess.run([BIN / "ray", "job", "list", "--address", address], capture_output=True,
                                    text=True, timeout=120)
             if probe.returncode == 0:
                 break
-            logs = "".join(p.read_text()[-2000:] for p in Path(temp).glob("session_*/logs/dashboard.err"))
-            assert head.poll() is None, head.stderr.read()[-1500:] + logs
+            logs = "".join(p.read_text()[-2000:] for p in Path(head["temp"]).glob("session_*/logs/dashboard.err"))
             assert time.time() < deadline, probe.stderr[-1500:] + logs
             time.sleep(2)
 
@@ -115,15 +92,6 @@ def test_ray_job_submit_runs_a_sweep_on_a_token_authenticated_head(tmp_path, tok
         out = run_cli("results", runs / "job").stdout
         assert out.count("completed") == 2, out
         assert json.loads((runs / "job" / "dps_tune_sweep.json").read_text())["status"] == "finished"
-    finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its node's processes
-            try:
-                head.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
-                head.wait()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def raylet_pid(node) -> int:

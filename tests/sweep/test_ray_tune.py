@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from dps_tune.checkpoint import load_checkpoint
 from dps_tune.evaluate import evaluate_splits, tokenize_prompts
 from support.cli import cli_argv, kill_after_first_checkpoint_deletion, run_cli
 from support.experiments import restore_points_left
+from support.ray_head import ray_head
 from support.worlds import SWEEP_WORLD, tiny_raw
 
 pytestmark = pytest.mark.slow
@@ -276,11 +276,6 @@ def test_bad_launch_is_a_one_line_error(problem, message, tmp_path):
 
 def test_sweep_on_a_running_cluster(tmp_path):
     """--address: code reaches the cluster's workers through runtime_env, not through the driver's process."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     import shutil
 
     # The driver runs a copy of the package that records, in any process started by the
@@ -294,13 +289,9 @@ def test_sweep_on_a_running_cluster(tmp_path):
         init.write("\nimport os as _os\nif _os.environ.get('DPS_TUNE_TEST_MARKS'):\n"
                    "    open(_os.path.join(_os.environ['DPS_TUNE_TEST_MARKS'], str(_os.getpid())), 'w')"
                    ".write(__file__)\n")
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                            "--num-cpus", "2", "--include-dashboard=false", "--disable-usage-stats"],
-                           capture_output=True, text=True, timeout=180,
-                           env={**os.environ, "DPS_TUNE_TEST_MARKS": str(marks)})
-    assert start.returncode == 0, start.stderr[-2000:]
-    try:
+    # A node of this test's own (support/ray_head.py): `ray stop` would stop the other xdist worker's Ray too.
+    with ray_head(env={"DPS_TUNE_TEST_MARKS": str(marks)}) as head:
+        port = head["gcs"]
         path = space(tmp_path, "cluster", tune={"num_samples": 2})
         # The cluster asks for a token; with RAY_ADDRESS set and RAY_AUTH_MODE unset, Ray
         # does not send it. That is one line saying what to set, not a traceback, and no experiment.
@@ -321,8 +312,6 @@ def test_sweep_on_a_running_cluster(tmp_path):
         imported_from = [m.read_text() for m in marks.iterdir()]
         assert imported_from, "no cluster worker imported the driver's copy of dps_tune"
         assert all(not p.startswith(str(shipped)) for p in imported_from), imported_from  # a shipped copy
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
 
 
 def test_ctrl_c_pauses_a_sweep_that_resume_finishes(tmp_path):
