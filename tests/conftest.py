@@ -16,14 +16,6 @@ for _name, _value in (("RAY_health_check_failure_threshold", "20"), ("RAY_health
                       ("RAY_gcs_rpc_server_reconnect_timeout_s", "300")):
     os.environ.setdefault(_name, _value)
 
-# One torch thread per core and test worker, in every process a test starts (the forked commands,
-# Ray's workers, subprocesses), set before torch is imported. Two workers on two cores each running
-# two threads oversubscribe the CPU, and torch's OpenMP threads then wait on each other: the demo's
-# reduced pretrained build took 251 s against 66 s with one thread beside one busy core.
-_THREADS = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
-for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_name, _THREADS)
-
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -31,9 +23,9 @@ import torch  # noqa: E402
 
 from support.worlds import tiny_raw  # noqa: E402
 
-# The same thread count here as in the processes the tests start: tests compare figures bit for bit
-# with them, and a different thread count changes a convolution's summation order.
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# Two threads under pytest-xdist too: tests compare figures bit for bit with subprocesses that use
+# torch's default, and a different thread count changes a convolution's summation order.
+torch.set_num_threads(2)
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set by pytest-xdist (`make test` runs several workers)
 
 
