@@ -93,20 +93,24 @@ def test_the_console_script_flushes_everything_and_keeps_the_exit_status(tmp_pat
     import subprocess
     import sys
 
+    import os
+
     command = [sys.executable, "-m", "dps_tune.cli"]
-    ok = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=300)
+    # Buffered output, as from a pipe: only the command's own flush before its exit writes it out.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    ok = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=300, env=env)
     assert ok.returncode == 0, ok.stderr
     for name in ("train", "sweep", "resume", "results", "best", "report", "wise", "soup", "confirm", "demo", "dashboard"):
         assert name in ok.stdout, name
     bad = subprocess.run([*command, "results", str(tmp_path / "nothing")], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, env=env)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no such directory" in bad.stderr, bad.stderr
     # A command that imports torch and writes files: every line and every file is complete at exit.
     out = tmp_path / "run"
     from support.worlds import tiny_raw
 
     proc = subprocess.run([*command, "train", str(write_yaml(tiny_raw())), "--set", "epochs=1", "--out", str(out),
-                           "--no-progress"], capture_output=True, text=True, timeout=600)
+                           "--no-progress"], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert last["epoch"] == 1 and json.loads((out / "checkpoint" / "metrics.json").read_text())["epoch"] == 1
