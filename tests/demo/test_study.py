@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_demo_runs_the_whole_study(tmp_path):
     out = tmp_path / "demo"
     proc = run_cli("demo", "--out", out, "--no-dashboard", "--set", "tune.num_samples=2", "--set", "epochs=2",
-                   "--set", "data.synthetic.train_per_class=40", cwd=ROOT, timeout=3500)
+                   "--set", "data.synthetic.train_per_class=40", "--set", "data.synthetic.eval_per_class=30", cwd=ROOT, timeout=3500)
     text = proc.stdout
     stages = ("[1/7]", "[2/7] CE sweep", "[3/7] DPS sweep", "[4/7] FLYP sweep", "[5/7] WiSE-FT",
               "[6/7] confirmation", "[7/7] comparison")
@@ -40,7 +40,7 @@ def test_demo_runs_the_whole_study(tmp_path):
         assert {(a, "zero-shot", "id_test_acc"), (a, "zero-shot", "ood_test_acc")} <= pairs, a
     assert ("dps (top)", "dps (random)", "ood_test_acc") in pairs and "Holm" in table
     # the world's header: every split's size and its standard error
-    assert "id_val     1,000 images at 12 locations" in text and "ood_test   1,000 images at 12 locations" in text
+    assert "id_val       300 images at 12 locations" in text and "ood_test     300 images at 12 locations" in text
     # findings.md: each sentence chosen by its interval, one per compared pair
     findings = (out / "findings.md").read_text()
     assert "## Against zero-shot" in findings and "## Against CE's WiSE-FT curve" in findings
