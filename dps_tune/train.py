@@ -61,7 +61,9 @@ def resolve_runtime(cfg: Config) -> Runtime:
     if bf16 and not cuda:
         raise TrainingError("train.precision = 'bf16': bf16 autocast is only used on CUDA; use fp32 on the CPU")
     compile_ = cuda if t.compile == "auto" else t.compile == "on"
-    return Runtime(device, bf16, compile_, fused_adamw=cuda, pin_memory=cuda)
+    # Fused AdamW on the CPU too (torch >= 2.4): one AdamW step over a tiny CLIP's 3.3M parameters
+    # (the 49,408-row token table is most of them) took 16 ms with foreach and 4.2 ms fused, on one thread.
+    return Runtime(device, bf16, compile_, fused_adamw=True, pin_memory=cuda)
 
 
 def _backward_compiled_now() -> contextlib.AbstractContextManager:

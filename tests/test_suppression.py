@@ -157,7 +157,11 @@ def test_floor_uses_the_written_decimal():
     assert suppression.suppressed_count(0.9, 189_696) == 170_726
 
 
-def test_suppressed_rows_hold_bit_for_bit_under_adamw():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_suppressed_rows_hold_bit_for_bit_under_adamw(fused):
+    """Under the fused AdamW every run uses, and under the foreach one."""
+    from dps_tune.optim import build_optimizer
+
     torch.manual_seed(0)
     model = models.create_model("tiny-vit", "none")
     theta0 = models.plain_state_dict(model)
@@ -167,7 +171,8 @@ def test_suppressed_rows_hold_bit_for_bit_under_adamw():
     scores = suppression.rank_scores(theta0, theta1)
     masks = suppression.select_rows(scores, 0.5, "top")
     sup = suppression.RowSuppressor(model, masks)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.2)
+    opt = build_optimizer(model, lr=1e-3, wd=0.2, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+    assert opt.defaults["fused" if fused else "foreach"] is True
     sup.attach(opt)
     tok = models.get_tokenizer("tiny-vit")
     prompts = torch.stack([tok([f"a photo of a {c}." for c in ("cat", "dog", "owl")])])

@@ -1,6 +1,7 @@
 """``make demo``: a complete robust fine-tuning study on the synthetic world, on a laptop.
 
 1. build (once, cached) the tiny CLIP pretrained on the synthetic world, and evaluate it zero-shot;
+   decode the world's images once into an image cache that every trial reads;
 2. a CE sweep (Optuna + ASHA) on the daylight (ID) domain;
 3. a DPS sweep over masking × lr × wd whose reference is the CE sweep's best checkpoint,
    with a random-suppression control arm at the same ratios;
@@ -90,6 +91,26 @@ def world_header(cfg) -> str:
         lines.append(f"  {split:<9} {n:>6,} images at {len(layout.locations[split]):>2} locations: "
                      f"an accuracy's binomial standard error is at most {se:.4f} ({1 / n:.4f} per image)")
     return "\n".join(lines)
+
+
+def image_cache_overrides(cfg, overrides: list[str]) -> list[str]:
+    """Decode the demo world's images once into an image cache (as `dps-tune prepare` does) and
+    return the override that makes every trial read it, unless ``overrides`` name a cache already.
+
+    A trial of the demo config then trains about twice as fast: reading the PNGs took 2.2 times as
+    long as reading the cache over two epochs of 2,000 images on one core. The cache keeps each
+    image at the world's size and the trial crops and resizes it, as it would the file."""
+    from dps_tune.config import split_overrides
+    from dps_tune.data import cache_writer, synthetic
+    from dps_tune.data.datasets import load_dataset
+    from dps_tune.paths import cache_dir
+
+    if cfg.data.dataset != "synthetic" or "data.image_cache" in split_overrides(overrides)[0]:
+        return []
+    world = cfg.data.synthetic
+    where = cache_dir() / "image_cache" / synthetic.world_key(world)
+    cache_writer.prepare(load_dataset(cfg.data), where, size=world.image_size, progress=False)
+    return [f"data.image_cache={where}"]
 
 
 def _say(text: str) -> None:
@@ -227,6 +248,11 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
     _say(world_header(base))
     _say(f"[1/{STAGES_TOTAL}] pretrained tiny CLIP ({base.model}, pretrained={base.pretrained!r})")
     pretrain.ensure_pretrained(base.model)
+    cached = image_cache_overrides(base, overrides)
+    if cached:
+        overrides = overrides + cached
+        base = _load_stage(STAGES[0][1], out, overrides).config
+        _say(f"      images decoded once into {base.data.image_cache}; every trial reads them from there")
     zero_shot = evaluate_start(base)
     (out / "zero_shot.json").write_text(json.dumps(zero_shot, indent=2))
     _say("      zero-shot: " + "  ".join(f"{k}={zero_shot[k]:.3f}" for k in COLUMNS)
