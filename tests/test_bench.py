@@ -12,7 +12,7 @@ from dps_tune.train import Runtime
 
 RANK_LINE = re.compile(r"^rank: one-pass ([0-9.e+-]+) s, per-row loop ([0-9.e+-]+) s, speedup ([0-9]+)×$")
 STEP_LINE = re.compile(
-    r"^step: (?P<label>paper-code|fast) (?P<algorithm>ce|flyp|dps) tiny-vit batch (?P<batch>\d+) fp32 adamw-foreach "
+    r"^step: (?P<label>paper-code|fast) (?P<algorithm>ce|flyp|dps) tiny-vit batch (?P<batch>\d+) fp32 (?P<adamw>adamw-foreach|adamw-fused) "
     r"(?P<compiled>eager|eager\(compile-failed\)) on cpu: (?P<img_s>[0-9.]+) img/s, (?P<ms>[0-9.]+) ms/step, peak mem n/a, [0-9.e+-]+ TFLOP/step, "
     r"bf16 peak n/a, (?:dps overhead vs ce (?P<overhead>[0-9.]+)× \([+-][0-9.]+%\), )?"
     r"speedup vs baseline (?P<speedup>[0-9.]+)×$")
@@ -95,6 +95,8 @@ def test_step_prints_one_line_per_configuration_with_the_speedup(capsys, algorit
     expected = [("paper-code", algorithm, "8")] + ([("fast", "ce", "16")] if algorithm == "dps" else []) + [
         ("fast", algorithm, "16")]
     assert [(m["label"], m["algorithm"], m["batch"]) for m in matches] == expected
+    # the paper's code steps an unfused AdamW; a trial, on the CPU too, the fused one
+    assert [m["adamw"] for m in matches] == ["adamw-foreach"] + ["adamw-fused"] * (len(matches) - 1)
     assert matches[0]["speedup"] == "1.00"
     for m in matches:
         assert float(m["img_s"]) > 0 and float(m["speedup"]) > 0

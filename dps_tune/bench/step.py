@@ -12,7 +12,7 @@ and iWildCam's two templates.
 Configurations, each printed as one line:
 
 * ``fast``: what a trial does by default on this device (CUDA: bf16 autocast, fused
-  AdamW, torch.compile of the loss; CPU: fp32, foreach AdamW, eager) at ``--batch``;
+  AdamW, torch.compile of the loss; CPU: fp32, fused AdamW, eager) at ``--batch``;
 * ``paper-code`` (with ``--baseline``): fp32, foreach (unfused) AdamW, no compile, batch 64;
 * for ``--algorithm dps`` also a ``fast`` CE step, so the line for DPS can give the
   suppression's per-step overhead as a ratio measured in the same run.

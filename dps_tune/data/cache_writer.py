@@ -27,6 +27,7 @@ import logging
 import math
 import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -244,12 +245,19 @@ def _start_manifest(root: Path, sources: Sources, size: int, rows_per_shard: int
     }
 
 
-def _pool(workers: int):
-    # fork: the children only run PIL and numpy, and start in milliseconds instead of
-    # re-importing torch as spawned children would.
+def _decoders(workers: int) -> ProcessPoolExecutor:
+    """``workers`` decoding processes. fork: the children only run PIL and numpy, and start in
+    milliseconds instead of re-importing torch as spawned children would.
+
+    Not ``multiprocessing.Pool``: when an unreadable image stops ``prepare`` early, leaving a Pool
+    terminates it, and a child that gets SIGTERM before it has finished starting can miss it (the
+    fork keeps the parent's Python handler, Ray's after ``ray.init``) and wait for a job for ever.
+    The suite hung there once, and a loop of 300 Pools stopped after their first result hung 4
+    times. The executor is shut down instead: jobs not started are cancelled and the running ones
+    end (0 hangs in the same loop)."""
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-    return ctx.Pool(workers)
+    return ProcessPoolExecutor(workers, mp_context=ctx)
 
 
 def _reserve(path: Path) -> None:
@@ -279,8 +287,9 @@ def _fill_shards(root: Path, manifest: dict[str, Any], sources: Sources, todo: l
     done_before = len(sources) - len(jobs)
     with contextlib.ExitStack() as stack:
         if workers > 0:
-            pool = stack.enter_context(_pool(workers))
-            results: Iterator = pool.imap(_decode_job, jobs, chunksize=4)
+            decoders = _decoders(workers)
+            stack.callback(decoders.shutdown, wait=True, cancel_futures=True)
+            results: Iterator = decoders.map(_decode_job, jobs, chunksize=4)
         else:
             results = map(_decode_job, jobs)
         bar = stack.enter_context(tqdm(total=len(sources), initial=done_before, unit="img", disable=not progress,
