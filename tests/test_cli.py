@@ -90,10 +90,9 @@ def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_pa
 
 def test_the_console_script_flushes_everything_and_keeps_the_exit_status(tmp_path, write_yaml):
     """`dps-tune` ends without tearing the interpreter down: its output and files are whole, its status kept."""
+    import os
     import subprocess
     import sys
-
-    import os
 
     command = [sys.executable, "-m", "dps_tune.cli"]
     # Buffered output, as from a pipe: only the command's own flush before its exit writes it out.
