@@ -53,6 +53,13 @@ def test_demo_runs_the_whole_study(tmp_path):
     for plot in ("plot-id-ood-acc", "plot-masking", "plot-learning-curves", "summary-table", "results-table",
                  "ensemble-table"):
         assert plot in page, plot
+    # the frontier table: the confirmed means against CE's curve, their intervals from each seed's test predictions
+    from dps_tune.sweep import report
+    assert 'id="frontier-table"' in page and "confirmed mean (2 seeds)" in page
+    means = report.confirmed_means([report.load_experiment(out / "confirm")], "id_test_acc", "ood_test_acc")
+    assert {m.method for m in means} == set(confirmed["methods"]) - {"zero-shot"}
+    assert all(m.correct[0].shape == m.correct[1].shape == (2, 300) for m in means)
+    assert all(m.correct[1].mean() == pytest.approx(m.y) for m in means)
     assert (out / "comparison.txt").read_text().strip() in text
     for stage in ("ce", "dps", "flyp"):
         assert (out / stage / "dps_tune_sweep.json").is_file()

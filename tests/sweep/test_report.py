@@ -275,6 +275,27 @@ def test_the_frontier_interval_resamples_ce_s_curve_on_the_images_wise_recorded(
     row = report.frontier_table([ce], best, []).iloc[0]
     low, high = _ci(row["95% CI"])
     assert row["interval resamples"] == report.FRONTIER_PAIRED and abs(low) < 1e-4 and abs(high) < 1e-4
+    # a confirmed mean: its interval resamples the seeds, then the images (the curve's on the same ones)
+    def confirmed(seeds):
+        id_c, ood_c = np.stack([s[0] for s in seeds]), np.stack([s[1] for s in seeds])
+        return report._Marked("dps (top)", float(id_c.mean()), float(ood_c.mean()), seeds=len(seeds),
+                              correct=(id_c, ood_c))
+    same = [correct[0.5]] * 3  # three seeds, each image for image CE's alpha 0.5: on the curve every time
+    row = report.frontier_table([ce], [], [confirmed(same)]).iloc[0]
+    low, high = _ci(row["95% CI"])
+    assert row["point"] == "confirmed mean (3 seeds)" and row["interval resamples"] == report.CONFIRMED_PAIRED
+    assert abs(row["OOD minus CE's WiSE-FT curve"]) < 1e-12 and abs(low) < 1e-4 and abs(high) < 1e-4
+    # seeds that disagree on OOD: the seed-to-seed spread widens the interval
+    flip = rng.random(n) < 0.3
+    spread = [correct[0.5], (correct[0.5][0], np.where(flip, 1 - correct[0.5][1], correct[0.5][1])),
+              (correct[0.5][0], np.where(flip, 0.0, correct[0.5][1]))]
+    row = report.frontier_table([ce], [], [confirmed(spread)]).iloc[0]
+    low, high = _ci(row["95% CI"])
+    assert low < row["OOD minus CE's WiSE-FT curve"] < high and high - low > 0.02
+    # without the seeds' predictions a confirmed mean has its gap and no interval
+    bare = report._Marked("dps (top)", float(at["id_test_acc"]), float(at["ood_test_acc"]), seeds=3)
+    row = report.frontier_table([ce], [], [bare]).iloc[0]
+    assert row["95% CI"] == "" and row["interval resamples"] == ""
     # an older wise output (no predictions): the curve held fixed, a wide interval, and the table says so
     [old], _ = report._ensembles([results.read_ensemble(write_wise_output(tmp_path / "old", correct,
                                                                          with_predictions=False))])

@@ -28,13 +28,15 @@ from dps_tune.sweep.report.loading import (ZERO_SHOT_FILE, ReportedExperiment, b
                                            find_zero_shot, load_experiment, load_zero_shot)
 from dps_tune.sweep.report.page import CSS, html_table, render_report
 from dps_tune.sweep.report.style import METHOD_STYLE, metric_label
-from dps_tune.sweep.report.tables import (FRONTIER_FIXED, FRONTIER_PAIRED, SUMMARY_METRICS, all_trials_table,
-                                          ensemble_table, frontier_table, summary_rows, summary_table)
+from dps_tune.sweep.report.tables import (CONFIRMED_FIXED, CONFIRMED_PAIRED, FRONTIER_FIXED, FRONTIER_PAIRED,
+                                          SUMMARY_METRICS, all_trials_table, ensemble_table, frontier_table,
+                                          summary_rows, summary_table)
 # Package-private helpers that tests/sweep builds figures and tables from.
 from dps_tune.sweep.report.figures import _logit  # noqa: F401
 from dps_tune.sweep.report.loading import _Curve, _ensembles, _Marked, _points  # noqa: F401
 
-__all__ = ["CSS", "FRONTIER_FIXED", "FRONTIER_PAIRED", "METHOD_STYLE", "SUMMARY_METRICS", "ZERO_SHOT_FILE",
+__all__ = ["CONFIRMED_FIXED", "CONFIRMED_PAIRED", "CSS", "FRONTIER_FIXED", "FRONTIER_PAIRED", "METHOD_STYLE",
+           "SUMMARY_METRICS", "ZERO_SHOT_FILE",
            "ReportedExperiment", "all_trials_table", "asha_rungs", "best_checkpoints", "confirmed_means",
            "ensemble_table", "find_zero_shot", "frontier_table", "html_table", "load_experiment", "load_zero_shot", "metric_label",
            "plot_id_ood", "plot_learning_curves", "plot_masking", "plot_params_held", "plot_pareto", "render_report",

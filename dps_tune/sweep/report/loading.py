@@ -152,6 +152,9 @@ class _Marked:
     x_range: tuple[float, float] | None = None
     y_range: tuple[float, float] | None = None
     seeds: int = 0
+    # a confirmed mean's [seeds, images] per-image correctness on the x and y metrics' test splits
+    # (from the seeds' recorded predictions), when both are test accuracies and every seed kept them
+    correct: tuple[Any, Any] | None = field(default=None, compare=False, repr=False)
 
 
 def best_checkpoints(experiments: Sequence[ReportedExperiment], x_metric: str, y_metric: str) -> list[_Marked]:
@@ -169,14 +172,23 @@ def best_checkpoints(experiments: Sequence[ReportedExperiment], x_metric: str, y
 
 def confirmed_means(experiments: Sequence[ReportedExperiment], x_metric: str, y_metric: str) -> list[_Marked]:
     """The methods' confirmed means (``dps-tune confirm``'s ``confirm.json``) with their 95% intervals."""
-    from dps_tune.sweep.confirm import ZERO_SHOT, read_summary
+    from dps_tune.sweep.confirm import ZERO_SHOT, finished_seeds, matrix, read_summary
 
     out = []
     for e in experiments:
-        for method, row in ((read_summary(e.path) or {}).get("methods") or {}).items():
+        methods = (read_summary(e.path) or {}).get("methods") or {}
+        per_image = None  # read once per confirmation, only when a row can use it
+        for method, row in methods.items():
             x, y = row.get(x_metric), row.get(y_metric)
             if method == ZERO_SHOT or not x or not y or not _finite(x.get("mean")) or not _finite(y.get("mean")):
                 continue
+            seeds = [int(s) for s in row.get("seeds", [])]
+            correct = None
+            if seeds and x_metric.endswith("_test_acc") and y_metric.endswith("_test_acc"):
+                if per_image is None:
+                    per_image = finished_seeds(e.path)[1]
+                mats = [matrix(per_image.get(method, {}), seeds, m) for m in (x_metric, y_metric)]
+                correct = (mats[0], mats[1]) if all(m is not None for m in mats) else None
             out.append(_Marked(method, x["mean"], y["mean"], (x.get("low", x["mean"]), x.get("high", x["mean"])),
-                               (y.get("low", y["mean"]), y.get("high", y["mean"])), len(row.get("seeds", []))))
+                               (y.get("low", y["mean"]), y.get("high", y["mean"])), len(seeds), correct))
     return out

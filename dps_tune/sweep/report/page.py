@@ -242,8 +242,9 @@ def _frontier_html(curves: Sequence[_Curve], best: Sequence[Mapping[str, Any]], 
 test accuracy (interpolated along alpha; empty where the method's ID accuracy lies outside the curve's). Above 0:
 more robust than mixing CE with the zero-shot weights at that ID accuracy. The interval resamples the test images:
 the method's from its checkpoint's predictions and, paired on the same images, the curve's from the predictions
-<code>wise</code> recorded for each alpha, so it counts the curve's own test-set noise. Where the wise output has
-no per-image predictions (an older <code>wise</code>), the curve is held fixed; the last column says which.</p>
+<code>wise</code> recorded for each alpha, so it counts the curve's own test-set noise. A confirmed mean's interval
+resamples its seeds first, then each split's images, so it counts seed-to-seed variance too. Where the wise output
+has no per-image predictions (an older <code>wise</code>), the curve is held fixed; the last column says which.</p>
 {html_table(table, "frontier-table")}"""
 
 

@@ -130,6 +130,8 @@ def ensemble_table(curves: Sequence[_Curve], soups: Sequence[_Soup],
 
 FRONTIER_PAIRED = "the method's and the curve's test images, paired"
 FRONTIER_FIXED = "the method's test images; the curve held fixed (its wise output has no per-image predictions)"
+CONFIRMED_PAIRED = "the seeds, then the test images (the curve's too, paired)"
+CONFIRMED_FIXED = "the seeds, then the method's test images; the curve held fixed (no per-image predictions)"
 
 
 def frontier_table(curves: Sequence[_Curve], best: Sequence[Mapping[str, Any]], confirmed: Sequence[_Marked],
@@ -138,7 +140,8 @@ def frontier_table(curves: Sequence[_Curve], best: Sequence[Mapping[str, Any]], 
 
     ``best`` rows are the best-per-method table's (selected on validation; their interval
     resamples the checkpoint's test images, from its recorded predictions); ``confirmed``
-    are confirmed means (no per-image interval here: see ``confirm.json``). Where ``wise``
+    are confirmed means (their interval resamples the seeds, then each seed's test images,
+    when the seeds' predictions were kept: :func:`confirmed_means`). Where ``wise``
     recorded the curve's per-image predictions (``ce.correct``), each resample recomputes
     the curve's points on the same images as the method's (paired), so the interval counts
     the curve's own test-set noise too; otherwise (an older ``wise`` output) the curve is
@@ -166,8 +169,11 @@ def frontier_table(curves: Sequence[_Curve], best: Sequence[Mapping[str, Any]], 
                      "interval resamples": "" if gap.interval is None else FRONTIER_PAIRED if gap.curve_resampled
                      else FRONTIER_FIXED})
     for c in confirmed:
-        gap = wise_frontier_gap(curve, c.x, c.y)
+        gap = wise_frontier_gap(curve, c.x, c.y, method_correct=c.correct, curve_correct=ce.correct)
         rows.append({"method": c.method, "point": f"confirmed mean ({c.seeds} seeds)", x_metric: c.x, y_metric: c.y,
-                     "OOD minus CE's WiSE-FT curve": gap.gap, "95% CI": "", "interval resamples": ""})
+                     "OOD minus CE's WiSE-FT curve": gap.gap,
+                     "95% CI": f"[{gap.interval.low:+.4f}, {gap.interval.high:+.4f}]" if gap.interval else "",
+                     "interval resamples": "" if gap.interval is None else CONFIRMED_PAIRED if gap.curve_resampled
+                     else CONFIRMED_FIXED})
     return pd.DataFrame(rows, columns=["method", "point", x_metric, y_metric, "OOD minus CE's WiSE-FT curve",
                                        "95% CI", "interval resamples"])
