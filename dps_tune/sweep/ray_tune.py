@@ -60,6 +60,9 @@ OPTUNA_FILE = "optuna.db"
 # Testing hook for retries: crash each trial once, right after it reports this epoch.
 CRASH_AT_EPOCH_ENV = "DPS_TUNE_INJECT_CRASH_AT_EPOCH"
 CRASH_MARKER_ENV = "DPS_TUNE_INJECT_CRASH_MARKER_DIR"
+# Testing hook for a driver killed between a trial's last report and its end: after reporting
+# its last epoch, each trial writes <dir>/<trial id>.held and waits there until it is killed.
+HOLD_AT_END_ENV = "DPS_TUNE_INJECT_HOLD_AT_END_DIR"
 PROGRESS_METRICS = {
     "epoch": "epoch",
     "train_loss": "loss",
@@ -98,19 +101,33 @@ def _maybe_inject_crash(trial_id: str, epoch: float) -> None:
     raise RuntimeError(f"injected crash after epoch {at} ({CRASH_AT_EPOCH_ENV})")
 
 
+def _maybe_hold_at_end(trial_id: str, epoch: float, last_epoch: float) -> None:
+    marker_dir = os.environ.get(HOLD_AT_END_ENV)
+    if not marker_dir or epoch < last_epoch:
+        return
+    marker = Path(marker_dir) / f"{trial_id}.held"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(epoch))
+    while True:
+        time.sleep(1)
+
+
 def trainable(params: dict[str, Any], *, base: Config, ranking: suppression.Scores | None,
               gpu_share: float | None, tune_cfg: TuneConfig) -> None:
     """Ray Tune function trainable: one trial of the frozen ``base`` config with ``params`` applied.
 
     ``params`` holds the searched values under dotted config keys. When Ray retries or
     restores the trial, it goes on from the newest of its checkpoints that holds train
-    state (under the economy scheme that need not be the latest one).
+    state (under the economy scheme that need not be the latest one). A trial restored on
+    the checkpoint of its last epoch (the driver stopped after that report, before the
+    trial's end) has nothing left to train: it ends there, on that report.
     """
     _worker_logging()
     cfg = with_overrides(base, flat_params(params))
     trial_id = tune.get_context().get_trial_id()
     keep = _retention(cfg, tune_cfg)
     derive = _objective_mean(tune_cfg)
+    last_epoch = _last_epoch(cfg, tune_cfg)
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         # Superseded checkpoints and train state are deleted by the driver (_CheckpointPruner), never here.
@@ -123,8 +140,15 @@ def trainable(params: dict[str, Any], *, base: Config, ranking: suppression.Scor
                 raise
             raise RuntimeError(_lost_checkpoint(metrics["epoch"])) from None
         _maybe_inject_crash(trial_id, metrics["epoch"])
+        _maybe_hold_at_end(trial_id, metrics["epoch"], last_epoch)
 
     latest = tune.get_checkpoint()
+    if latest is not None and _trained_to(latest) >= last_epoch:
+        # Its last report and checkpoint are in Ray's state already; training again would redo the whole
+        # trial (the last checkpoint holds no train state: nothing follows it) and report every epoch twice.
+        logger.info("trial %s had trained to its last epoch (%g) before the driver stopped; it ends on that "
+                    "checkpoint (%s)", trial_id, last_epoch, latest.path)
+        return
     start = _resume_point(latest, keep) if latest is not None else None
     if start is None:
         if latest is not None:
@@ -166,10 +190,25 @@ def _objective_mean(t: TuneConfig) -> Any:
     return lambda metrics: {OBJECTIVE_MEAN: objective_mean(metrics, t)}
 
 
+def _last_epoch(cfg: Config, t: TuneConfig) -> float:
+    """Where a trial ends: its last epoch, or the scheduler's ``max_t`` when that comes first."""
+    return min(cfg.optim.epochs, t.max_t) if t.max_t else cfg.optim.epochs
+
+
+def _trained_to(checkpoint: tune.Checkpoint) -> float:
+    """The epoch of a checkpoint's metrics (read on its own filesystem); 0 when they cannot be read."""
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{ckpt.METRICS_FILE}") as f:
+            metrics = json.loads(f.read().decode())
+        return float(metrics.get("epoch", 0)) if isinstance(metrics, dict) else 0.0
+    except (OSError, ValueError, TypeError):
+        return 0.0
+
+
 def _retention(cfg: Config, t: TuneConfig) -> retention.Retention | None:
     if t.checkpoint_scheme == "full":
         return None
-    last = min(cfg.optim.epochs, t.max_t) if t.max_t else cfg.optim.epochs
+    last = _last_epoch(cfg, t)
     metric, mode = scalar_objective(t)
     return retention.Retention(metric=metric, mode=mode, keep=t.keep_checkpoints, last_epoch=last,
                                resume_every=t.resume_every, resume_every_minutes=t.resume_every_minutes)
