@@ -216,3 +216,34 @@ def test_the_same_seed_on_the_same_machine_gives_the_same_metrics(tiny_config):
     assert figures and all(first[k] == second[k] for k in figures)
     other = run_trial(tiny_config(**{"optim.epochs": 2, "seed": 1}))
     assert any(other[k] != first[k] for k in figures)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "update"])
+def test_batchnorm_statistics_move_only_when_asked(tiny_config, tmp_path, mode):
+    """tiny-rn (CLIP's ResNet layout, with BatchNorm) fine-tuned two epochs, evaluated after each: frozen, every
+    BatchNorm layer keeps the pretrained running statistics bit for bit (the evaluation between the epochs puts
+    them back in eval mode, not in training mode) while its affine weights train; "update" re-estimates them on
+    the training batches, state that no method's optimizer controls."""
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(**{"model": "tiny-rn", "train.batchnorm": mode, "optim.epochs": 2})
+    start = models.create_model("tiny-rn", cfg.pretrained)
+    bn = {name for name, m in start.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    assert len(bn) > 10  # the stem's, every bottleneck's and the downsamples'
+    models.set_training(start, batchnorm=mode)
+    assert all(m.training == (mode == "update") for name, m in start.named_modules() if name in bn)
+    assert all(m.training for name, m in start.named_modules() if name and name not in bn)
+    before = models.plain_state_dict(start)
+    rec = Recorder(tmp_path)
+    run_trial(cfg, rec)
+    after = load_file(str(rec.checkpoints[-1] / "model.safetensors"))
+    stats = [f"{name}.{b}" for name in bn for b in ("running_mean", "running_var")]
+    affine = [f"{name}.weight" for name in bn]
+    unchanged = [k for k in stats if torch.equal(before[k], after[k])]
+    if mode == "frozen":
+        assert unchanged == stats
+        assert all(int(after[f"{name}.num_batches_tracked"]) == int(before[f"{name}.num_batches_tracked"])
+                   for name in bn)
+    else:
+        assert not unchanged
+    assert any(not torch.equal(before[k], after[k]) for k in affine)  # the affine weights train either way
