@@ -108,7 +108,7 @@ def test_sweep_end_to_end(ce_sweep, tmp_path):
         assert value == recorded[key], key
 
 
-def test_dps_stage_ranks_once(ce_sweep, tmp_path):
+def test_dps_stage_ranks_once_and_an_errored_dps_sweep_resumes_with_its_ranking(ce_sweep, tmp_path):
     exp, _ = ce_sweep
     search = {"masking": {"uniform": [0.1, 0.9]}, "suppress": {"choice": ["top", "random"]}}
     path = space(tmp_path, "dps", algorithm="dps", search=search, tune={"num_samples": 3},
@@ -131,16 +131,9 @@ def test_dps_stage_ranks_once(ce_sweep, tmp_path):
     held = sorted(t.user_attrs["dps_params_held_frac"] for t in study.trials)
     assert held == pytest.approx(sorted(table["params_held"]))
     assert all("dps_held_frac_token_embedding" in t.user_attrs for t in study.trials)
-    # a later sweep on the same pair reuses the ranking
-    second = run_cli("sweep", path, "--storage", tmp_path / "runs", "--name", "dps2", "--no-dashboard",
-                     "--num-samples", "1")
-    assert "DPS ranking: cache hit" in second.stderr
-    assert len(list((tmp_path / "rankings").glob("*.pt"))) == 1
 
-
-def test_an_errored_dps_sweep_resumes_with_its_ranking(ce_sweep, tmp_path):
-    """Resume resolves the same reference and hands every trial the ranking again (a cache hit)."""
-    exp, _ = ce_sweep
+    # A later sweep on the same pair reuses the ranking. Its trials error out (a crash after epoch 2, no
+    # retries); resume resolves the same reference and hands every trial the ranking again (a cache hit).
     path = space(tmp_path, "dpsr", algorithm="dps", search={"masking": {"uniform": [0.2, 0.8]}},
                  tune={"num_samples": 2, "grace_period": 3, "max_failures": 0},
                  **{"dps.reference_experiment": str(exp), "dps.reference_metric": "id_val_acc",
@@ -149,6 +142,8 @@ def test_an_errored_dps_sweep_resumes_with_its_ranking(ce_sweep, tmp_path):
     first = run_cli("sweep", path, "--storage", tmp_path / "runs", "--name", "dpsr", "--no-dashboard", env=env,
                     check=False)
     assert first.returncode == 1, first.stderr[-2000:]
+    assert "DPS ranking: cache hit" in first.stderr and "DPS ranking: computed" not in first.stdout + first.stderr
+    assert len(list((tmp_path / "rankings").glob("*.pt"))) == 1
     pinned = json.loads((tmp_path / "runs" / "dpsr" / "dps_tune_sweep.json").read_text())["base"]["dps"]
     assert pinned["reference"].startswith(str(exp)) and pinned["reference_experiment"] is None
     again = run_cli("resume", tmp_path / "runs" / "dpsr", "--no-dashboard", env=env)
