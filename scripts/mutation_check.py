@@ -129,6 +129,10 @@ MUTS = [
  ("the driver deletes while the restore point is not on the storage", "dps_tune/sweep/ray_tune.py",
   'if not known or not known[-1][0].rstrip("/").endswith("/" + latest):', "if not known:",
   "tests/sweep/test_pruning.py::test_nothing_is_deleted_while_the_restore_point_is_missing"),
+ ("a trial restored on its last epoch's checkpoint trains again from epoch 0", "dps_tune/sweep/ray_tune.py",
+  "if latest is not None and _trained_to(latest) >= last_epoch:", "if False:",
+  "tests/sweep/test_confirm.py::test_a_confirmation_killed_after_a_trial_s_last_report_ends_that_trial_without_"
+  "training_it_again"),
 ]
 
 MUTATIONS = [Mutation(what, path, old, new, tuple(tests.split())) for what, path, old, new, tests in MUTS]
