@@ -153,9 +153,9 @@ def test_a_killed_confirmation_is_finished_by_resume_without_redoing_training(tw
 
 def test_a_confirmation_killed_after_a_trial_s_last_report_ends_that_trial_without_training_it_again(
         two_objective, tmp_path):
-    """A seed's trial has reported its last epoch (weights only: nothing follows it to resume) and Ray's saved
-    state names that checkpoint, but the trial has not ended when the driver and its Ray are SIGKILLed. `resume`
-    ends that trial on its report: no epoch is trained or reported twice."""
+    """A seed's trial has reported its last epoch (one epoch here; its checkpoint holds weights only: nothing
+    follows it to resume) and Ray's saved state names that checkpoint, but the trial has not ended when the
+    driver and its Ray are SIGKILLed. `resume` ends that trial on its report, without training it again."""
     import os
     import signal
     import subprocess
@@ -167,33 +167,41 @@ def test_a_confirmation_killed_after_a_trial_s_last_report_ends_that_trial_witho
     conf, held = tmp_path / "conf", tmp_path / "held"
     with open(tmp_path / "first.err", "w") as err:
         first = subprocess.Popen(cli_argv("confirm", exp, "--seeds", "2", "--select", "id_val_f1", "--storage",
-                                          tmp_path, "--name", "conf", "--no-dashboard"),
+                                          tmp_path, "--name", "conf", "--no-dashboard", "--set", "epochs=1"),
                                  stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
                                  env={**os.environ, ray_tune.HOLD_AT_END_ENV: str(held)})
+    def held_at_end() -> list[str]:  # the trials Ray's saved state names RUNNING on their last epoch's checkpoint
+        points = ray_tune.restore_points(str(conf)) if conf.is_dir() else {}
+        return [t for t, (status, name) in points.items() if status == "RUNNING" and name
+                and json.loads(next(conf.glob(f"*_{t}_*/{name}/metrics.json")).read_text())["epoch"] == 1]
+
     try:
-        at_end, deadline = [], time.time() + 900
-        while not at_end and time.time() < deadline and first.poll() is None:
+        deadline = time.time() + 900
+        while not held_at_end() and time.time() < deadline and first.poll() is None:
             time.sleep(0.5)
-            points = ray_tune.restore_points(str(conf)) if conf.is_dir() else {}
-            at_end = [t for t, (status, name) in points.items() if status == "RUNNING" and name
-                      and json.loads(next(conf.glob(f"*_{t}_*/{name}/metrics.json")).read_text())["epoch"] == 2]
-        assert at_end, f"no trial held at its last epoch: {(tmp_path / 'first.err').read_text()[-3000:]}"
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started, as a lost machine takes them
         first.wait(timeout=60)
+    at_end = held_at_end()  # as the kill left it: what `resume` restores
+    assert at_end, f"no trial held at its last epoch: {(tmp_path / 'first.err').read_text()[-3000:]}"
     assert len(list(held.glob("*.held"))) >= len(at_end)
+    saved = restore_points_left(conf)
 
     again = run_cli("resume", conf, "--no-dashboard")
-    assert again.stderr.count("had trained to its last epoch (2)") == len(at_end), again.stderr[-3000:]
+    assert again.stderr.count("had trained to its last epoch (1)") == len(at_end), again.stderr[-3000:]
     summary = json.loads((conf / confirm.CONFIRM_JSON).read_text())
     trained = set(summary["methods"]) - {"zero-shot"}
     assert trained and all(summary["methods"][m]["seeds"] == [1, 2] for m in trained)
     table = results.results_table(conf)
     assert set(table["status"]) == {"completed"} and len(table) == 2 * len(trained), table
-    for trial in results.load_trials(conf):  # each epoch reported once; the held trials' before the kill
+    for trial in results.load_trials(conf):
         raw = [json.loads(line)["step"] for line in (trial.path / "result.json").read_text().splitlines()
                if line.strip()]
-        assert len(raw) == 2 and raw == sorted(set(raw)), (trial.trial_id, raw)
+        if trial.trial_id in at_end:  # its one epoch, reported before the kill and never again
+            assert len(raw) == 1, (trial.trial_id, raw)
+        for step in raw:  # any other: what Ray's saved state knew of is not redone (a report it missed may be)
+            if step <= saved.get(trial.path.name, 0):
+                assert raw.count(step) == 1, (trial.trial_id, raw)
 
 
 def test_ctrl_c_pauses_a_confirmation_that_resume_finishes(two_objective, tmp_path):
