@@ -88,16 +88,19 @@ def test_confirm_retrains_each_method_with_fresh_seeds_and_pairs_them(two_object
     run_cli("report", conf, "--out", tmp_path / "conf.html")
 
 
-def test_a_sweep_with_the_same_seed_gives_the_same_values_and_metrics(tmp_path):
-    space = write_space(tmp_path, "rep", {"metric": "id_val_f1"}, search={"lr": {"loguniform": [5e-4, 3e-3]}})
+def test_a_sweep_with_the_same_seed_gives_the_same_values_and_metrics(two_objective, tmp_path):
+    """The module's two-objective sweep, run again from its own search-space file: the same searched values
+    (method and learning rate), and the same figures, trial for trial."""
+    exp, _ = two_objective
+    run_cli("sweep", exp.parent.parent / "mo.yaml", "--storage", tmp_path / "runs", "--name", "mo",
+            "--no-dashboard")
     runs = []
-    for name in ("a", "b"):
-        run_cli("sweep", space, "--storage", tmp_path / "runs", "--name", name, "--no-dashboard")
-        trials = results.load_trials(tmp_path / "runs" / name)
-        runs.append(sorted((t.param("optim.lr"), tuple(sorted((k, v) for k, v in t.last.items()
-                                                               if k.endswith(("_acc", "_f1")))))
+    for where in (exp, tmp_path / "runs" / "mo"):
+        trials = results.load_trials(where)
+        runs.append(sorted((t.param("algorithm"), t.param("optim.lr"),
+                            tuple(sorted((k, v) for k, v in t.last.items() if k.endswith(("_acc", "_f1")))))
                            for t in trials))
-    assert runs[0] == runs[1]
+    assert len(runs[0]) == 3 and runs[0] == runs[1]
 
 
 @pytest.mark.parametrize("args,message", [
