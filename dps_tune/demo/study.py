@@ -247,7 +247,8 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
     _say("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     _say(world_header(base))
     _say(f"[1/{STAGES_TOTAL}] pretrained tiny CLIP ({base.model}, pretrained={base.pretrained!r})")
-    pretrain.ensure_pretrained(base.model)
+    if base.pretrained in pretrain.TAGS:  # the tag this world's stages load: built here once, before any trial
+        pretrain.ensure_pretrained(base.model, tag=base.pretrained)
     cached = image_cache_overrides(base, overrides)
     if cached:
         overrides = overrides + cached

@@ -85,3 +85,25 @@ def test_printed_command_path_works_from_this_shell(tmp_path, monkeypatch):
     assert Path(cmd).is_file() and Path(cmd).name == "dps-tune", cmd
     proc = subprocess.run([cmd, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "sweep" in proc.stdout
+
+
+@pytest.mark.parametrize("world", ["wild", "eroding"])
+def test_the_demo_builds_the_pretraining_of_its_own_world_only(world, tmp_path, monkeypatch):
+    """Stage 1 builds (or finds) the pretrained model that the world's stages load, and no other: `--world
+    eroding` once built the wild world's model first, a cold cache's longest step, for nothing."""
+    from dps_tune.demo import pretrain, study
+
+    calls = []
+
+    class Built(Exception):
+        pass
+
+    def ensure(arch=pretrain.DEMO_ARCH, settings=None, *, tag=pretrain.TAG, force=False):
+        calls.append((arch, tag))
+        raise Built
+
+    monkeypatch.setattr(pretrain, "ensure_pretrained", ensure)
+    overrides = study.world_overrides(world) + ["data.synthetic.train_per_class=2", "data.synthetic.eval_per_class=2"]
+    with pytest.raises(Built):
+        study.run_demo(tmp_path / "demo", overrides=overrides, dashboard=False)
+    assert calls == [(pretrain.DEMO_ARCH, pretrain.tag_for(world))]
