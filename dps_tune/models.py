@@ -59,6 +59,15 @@ def list_pretrained_tags(arch: str) -> list[str]:
     return open_clip.list_pretrained_tags_by_model(arch)
 
 
+def tag_key(tag: str) -> str:
+    """A pretrained tag as open_clip looks it up: lower case, ``-`` read as ``_``.
+
+    open_clip normalises the tag it is asked for this way (``get_pretrained_cfg``), so a tag
+    registered under another spelling would never be found; ours are stored and checked by
+    this key, and any spelling open_clip accepts works here too."""
+    return tag.lower().replace("-", "_")
+
+
 def register_pretrained_tag(arch: str, tag: str, path: str | os.PathLike, *,
                             build: Callable[[], Path] | None = None, **preprocess: object) -> None:
     """Make ``pretrained=tag`` resolve to a local file through open_clip's tag lookup.
@@ -69,7 +78,7 @@ def register_pretrained_tag(arch: str, tag: str, path: str | os.PathLike, *,
     from open_clip import pretrained as oc_pretrained
 
     if build is not None:
-        _TAG_BUILDERS[(arch, tag)] = build
+        _TAG_BUILDERS[(arch, tag_key(tag))] = build
 
     cfg = {
         "file": str(path),
@@ -79,7 +88,7 @@ def register_pretrained_tag(arch: str, tag: str, path: str | os.PathLike, *,
         "resize_mode": "shortest",
         **preprocess,
     }
-    oc_pretrained._PRETRAINED.setdefault(arch, {})[tag] = cfg
+    oc_pretrained._PRETRAINED.setdefault(arch, {})[tag_key(tag)] = cfg
 
 
 def uses_quick_gelu(arch: str, pretrained: str) -> bool:
@@ -172,7 +181,7 @@ def create_model(arch: str, pretrained: str, *, device: str | torch.device = "cp
     kwargs: dict[str, object] = {"device": device, "cache_dir": cache_dir}
     if pretrained != "none":
         _load_tag_providers()
-        build = _TAG_BUILDERS.get((arch, pretrained))
+        build = _TAG_BUILDERS.get((arch, tag_key(pretrained)))
         if build is not None:
             # Resolved now, not at import: the cache directory may have changed since.
             register_pretrained_tag(arch, pretrained, build(), build=build)

@@ -78,7 +78,7 @@ def check_model(arch: str, pretrained: str, *, key: str = "model", pretrained_ke
         models.check_weights_readable(pretrained, pretrained_key)
         return
     tags = models.list_pretrained_tags(arch)
-    check(pretrained in tags, pretrained_key, pretrained,
+    check(models.tag_key(pretrained) in tags, pretrained_key, pretrained,
           f"must be none, a weights file (.pt, .bin, .safetensors) or one of the tags for "
           f"{arch}: {', '.join(tags) or '(none known)'}")
 

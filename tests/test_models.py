@@ -73,7 +73,7 @@ def test_a_fresh_process_knows_the_synthetic_tags_through_the_model_layer_alone(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["synthetic", "synthetic-eroding"]
+    assert out.stdout.split() == ["synthetic", "synthetic_eroding"]
 
 
 def test_registered_file_tag(tmp_path):
@@ -81,6 +81,25 @@ def test_registered_file_tag(tmp_path):
     save_file(models.plain_state_dict(src), str(tmp_path / "w.safetensors"))
     models.register_pretrained_tag("tiny-vit", "unit_file_tag", tmp_path / "w.safetensors")
     assert _same_weights(src, models.create_model("tiny-vit", "unit_file_tag"))
+
+
+def test_a_tag_resolves_in_every_spelling_open_clip_accepts(tmp_path):
+    """open_clip looks a tag up lower-cased with '-' as '_': a tag registered with a dash (the eroding world's
+    pretraining once was `synthetic-eroding`) must still be found, by loading and by the config check alike."""
+    from open_clip import pretrained as oc_pretrained
+
+    from dps_tune.preflight import check_model
+
+    src = _random_tiny(seed=5)
+    save_file(models.plain_state_dict(src), str(tmp_path / "w.safetensors"))
+    models.register_pretrained_tag("tiny-vit", "Unit-Dash-Tag", tmp_path / "w.safetensors")
+    try:
+        for spelling in ("Unit-Dash-Tag", "unit_dash_tag", "unit-dash_tag"):
+            assert _same_weights(src, models.create_model("tiny-vit", spelling)), spelling
+            check_model("tiny-vit", spelling)
+        assert "unit_dash_tag" in models.list_pretrained_tags("tiny-vit")
+    finally:
+        del oc_pretrained._PRETRAINED["tiny-vit"]["unit_dash_tag"]
 
 
 def test_quick_gelu_follows_the_openai_tag(monkeypatch):

@@ -191,7 +191,7 @@ class Pretrain(Command):
                        help="architecture: tiny-rn (the demo's) or tiny-vit")
         p.add_argument("--world", default="wild", choices=list(SYNTHETIC_WORLDS),
                        help="the synthetic world whose pretraining to build: wild (pretrained: synthetic) or "
-                            "eroding (pretrained: synthetic-eroding)")
+                            "eroding (pretrained: synthetic_eroding)")
         p.add_argument("--force", action="store_true", help="rebuild even if the cached weights exist")
 
     def run(self, args: argparse.Namespace) -> int:

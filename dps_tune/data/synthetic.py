@@ -12,7 +12,7 @@ spirit of iWildCam. Two worlds (``data.synthetic.world``):
   their conditions, so zero-shot starts weak and fine-tuning helps on both sides.
 * ``eroding``, the regime of CLIP on ImageNet and its shifts: ID is daylight at four
   locations, OOD is new locations at night in infrared, and the demo's pretraining for
-  this world (``pretrained: synthetic-eroding``) has seen night photos. Zero-shot is
+  this world (``pretrained: synthetic_eroding``) has seen night photos. Zero-shot is
   robust there and fine-tuning erodes it.
 
 In both worlds each location sees some classes more often than others, so the

@@ -11,7 +11,7 @@ pretrained tags exist for each supported architecture, one per world of
   (the web's common names against iWildCam's Latin labels), a fifth name no shape at all
   ("a photo of something.") and some name the wrong one. Zero-shot starts weak on ID and
   OOD alike, and fine-tuning on labelled ID photos teaches what it lacks.
-* ``synthetic-eroding`` (for the ``eroding`` world) photographs every class in every
+* ``synthetic_eroding`` (for the ``eroding`` world) photographs every class in every
   camera domain, night infrared included, with captions that name the shape and often
   the domain (``"a night photo of a star."``), so its zero-shot is already robust.
 
@@ -56,7 +56,7 @@ from dps_tune.train import evaluate_start
 logger = logging.getLogger(__name__)
 
 TAG = "synthetic"
-ERODING_TAG = "synthetic-eroding"
+ERODING_TAG = "synthetic_eroding"
 TAGS = {TAG: "wild", ERODING_TAG: "eroding"}  # pretrained tag -> the world it is built for
 
 
@@ -135,7 +135,7 @@ def supported_architectures() -> tuple[str, ...]:
 
 
 def register_tags() -> None:
-    """Register ``pretrained: synthetic`` and ``synthetic-eroding`` for every supported
+    """Register ``pretrained: synthetic`` and ``synthetic_eroding`` for every supported
     architecture (each built on first load)."""
     for tag in TAGS:
         for arch in supported_architectures():

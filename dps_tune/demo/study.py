@@ -25,6 +25,7 @@ import math
 import time
 from pathlib import Path
 
+from dps_tune import models
 from dps_tune.demo import findings, pretrain
 from dps_tune.errors import UserError
 from dps_tune.files import new_directory
@@ -247,8 +248,9 @@ def run_demo(out: Path, *, overrides: list[str] | None = None, dashboard: bool =
     _say("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     _say(world_header(base))
     _say(f"[1/{STAGES_TOTAL}] pretrained tiny CLIP ({base.model}, pretrained={base.pretrained!r})")
-    if base.pretrained in pretrain.TAGS:  # the tag this world's stages load: built here once, before any trial
-        pretrain.ensure_pretrained(base.model, tag=base.pretrained)
+    tag = models.tag_key(base.pretrained)
+    if tag in pretrain.TAGS:  # the tag this world's stages load: built here once, before any trial
+        pretrain.ensure_pretrained(base.model, tag=tag)
     cached = image_cache_overrides(base, overrides)
     if cached:
         overrides = overrides + cached
