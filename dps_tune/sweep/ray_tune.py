@@ -146,7 +146,7 @@ def trainable(params: dict[str, Any], *, base: Config, ranking: suppression.Scor
     if latest is not None and _trained_to(latest) >= last_epoch:
         # Its last report and checkpoint are in Ray's state already; training again would redo the whole
         # trial (the last checkpoint holds no train state: nothing follows it) and report every epoch twice.
-        logger.info("trial %s had trained to its last epoch (%g) before the driver stopped; it ends on that "
+        logger.info("trial %s had trained to its last epoch (%g) before it was stopped; it ends on that "
                     "checkpoint (%s)", trial_id, last_epoch, latest.path)
         return
     start = _resume_point(latest, keep) if latest is not None else None
