@@ -29,6 +29,11 @@ def main() -> int:
     targets, n = opts[0].split(","), int(opts[1])
     after = "--after" in opts[2:]
     sig = signal.SIGINT if "--signal" in opts and opts[opts.index("--signal") + 1] == "INT" else signal.SIGKILL
+    if sig == signal.SIGINT:
+        # As in a terminal's foreground job. A suite started in the background by a shell without job
+        # control (`make test &`, nohup) starts every process with SIGINT ignored, and Python then
+        # installs no KeyboardInterrupt handler: the Ctrl-C would never arrive.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     for i, opt in enumerate(opts[2:]):
         if opt == "--attr":
             where, value = opts[3 + i].split("=")
