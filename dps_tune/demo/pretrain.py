@@ -140,7 +140,14 @@ def register_tags() -> None:
     for tag in TAGS:
         for arch in supported_architectures():
             models.register_pretrained_tag(arch, tag, weights_path(arch, tag=tag),
-                                           build=functools.partial(ensure_pretrained, arch, tag=tag))
+                                           build=functools.partial(_build, arch, tag))
+
+
+def _build(arch: str, tag: str) -> Path:
+    # Looks ensure_pretrained up when the tag is loaded, not when it was registered: the
+    # registration lives as long as the process, and must not keep whatever stood under
+    # that name at the time (a test's stand-in, once, leaked into every later test).
+    return ensure_pretrained(arch, tag=tag)
 
 
 # ---------------------------------------------------------------------------- data

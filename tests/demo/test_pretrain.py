@@ -4,6 +4,7 @@ import dataclasses
 import logging
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +152,15 @@ def test_cli_pretrain_refuses_an_unsupported_model(capsys):
     assert cli.main(["pretrain", "--model", "ViT-B-16"]) == 2
     err = capsys.readouterr().err
     assert "--model" in err and "'ViT-B-16'" in err and "tiny-rn" in err and "\n" == err[-1] and err.count("\n") == 1
+
+
+def test_a_registered_tag_builds_with_the_function_in_place_when_it_is_loaded(monkeypatch):
+    """A tag registered while a test had replaced ``ensure_pretrained`` once kept that stand-in
+    for the rest of the process, and a later test in the same worker built nothing (CI, b79fd40)."""
+    called = []
+    monkeypatch.setattr(pretrain, "ensure_pretrained", lambda arch, *, tag: called.append(("old", arch, tag)))
+    pretrain.register_tags()
+    monkeypatch.setattr(pretrain, "ensure_pretrained",
+                        lambda arch, *, tag: called.append(("now", arch, tag)) or Path("built"))
+    assert models._TAG_BUILDERS[(ARCH, models.tag_key(pretrain.TAG))]() == Path("built")
+    assert called == [("now", ARCH, pretrain.TAG)]
