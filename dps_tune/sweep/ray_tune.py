@@ -30,6 +30,10 @@ os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Snapshots are forced whenever a trial checkpoints; with few kept checkpoints that is by design.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# An embedded Ray starts no idle workers ahead of need: Tune gives every trial actor a runtime
+# environment of its own (PL_DISABLE_FORK), so a prestarted plain worker never runs a trial; two of
+# them were half the worker processes of a small sweep (each importing Ray for nothing).
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 import optuna  # noqa: E402
 import ray  # noqa: E402
