@@ -168,10 +168,16 @@ def test_the_core_imports_by_string_only_the_declared_tag_providers_and_they_exi
         assert function in defined, f"{module} defines no {function}"
 
 
-def test_only_one_module_imports_ray():
+def test_only_the_ray_tune_package_imports_ray():
     users = sorted(module_name(p) for p in PACKAGE.rglob("*.py")
                    if any(m == "ray" or m.startswith("ray.") for m in imports_of(p)))
-    assert users == ["dps_tune.sweep.ray_tune"]
+    assert users and all(m.startswith("dps_tune.sweep.ray_tune.") for m in users), users
+    # Its __init__ sets Ray's environment defaults before any of its modules imports Ray.
+    init = PACKAGE / "sweep" / "ray_tune" / "__init__.py"
+    assert not any(m == "ray" or m.startswith("ray.") for m in imports_of(init))
+    lines = init.read_text().splitlines()
+    first_import = next(i for i, line in enumerate(lines) if line.startswith("from dps_tune.sweep.ray_tune."))
+    assert all(i < first_import for i, line in enumerate(lines) if line.startswith("os.environ.setdefault("))
 
 
 def reachable(edges: dict[str, set[str]], start: str) -> set[str]:

@@ -73,9 +73,12 @@ def test_a_kept_checkpoint_gets_its_test_figures_once(tiny_config, tmp_path):
 def test_the_jobs_stay_in_this_process_without_a_cluster_or_a_gpu(monkeypatch):
     """A sweep's test figures and `wise`/`soup` evaluate in the command itself where Ray would
     only be its own on a CPU machine; a cluster or a GPU gets Ray tasks."""
-    from dps_tune.sweep import ray_tune
+    import ray
 
-    monkeypatch.setattr(ray_tune.ray, "is_initialized", lambda: False)
+    from dps_tune.sweep import ray_tune
+    from dps_tune.sweep.ray_tune import connection
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert ray_tune.evaluates_here() is True
@@ -89,7 +92,7 @@ def test_the_jobs_stay_in_this_process_without_a_cluster_or_a_gpu(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr(ray_tune, "_connect", refuse)
+    monkeypatch.setattr(connection, "connect", refuse)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     jobs = [{"x": 1}, {"x": 2}, {"x": 3}]
     assert list(ray_tune.map_jobs(lambda job: 2 * job["x"], jobs)) == [(j, 2 * j["x"]) for j in jobs]

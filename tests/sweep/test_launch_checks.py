@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import ray
+from ray import tune
 
 from dps_tune import cli
 from dps_tune.config import config_from_dict, to_dict
 from dps_tune.errors import LaunchError
 from dps_tune.sweep import ray_tune  # imported, never skipped: a broken module fails these tests
+from dps_tune.sweep.ray_tune import connection, launch
+from dps_tune.sweep.ray_tune import trial as trial_module
 from support.worlds import tiny_raw
 
 
@@ -26,16 +31,16 @@ def _sweep_dir(tmp_path, meta_text: str | None = None):
 def two_node_cluster(monkeypatch):
     """A stand-in for a connected two-node cluster; Tune's restore records that it was reached."""
     reached = []
-    monkeypatch.setattr(ray_tune, "_connect", lambda address, dashboard: None)
-    monkeypatch.setattr(ray_tune.ray, "cluster_resources", lambda: {"CPU": 16.0})
-    monkeypatch.setattr(ray_tune.ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
-    monkeypatch.setattr(ray_tune.tune.Tuner, "can_restore", staticmethod(lambda path, **kwargs: True))
+    monkeypatch.setattr(connection, "connect", lambda address, dashboard: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
+    monkeypatch.setattr(tune.Tuner, "can_restore", staticmethod(lambda path, **kwargs: True))
 
     def restore(path, **kwargs):
         reached.append(path)
         raise LaunchError("restore reached")
 
-    monkeypatch.setattr(ray_tune.tune.Tuner, "restore", staticmethod(restore))
+    monkeypatch.setattr(tune.Tuner, "restore", staticmethod(restore))
     return reached
 
 
@@ -75,7 +80,7 @@ def test_the_sweep_file_is_replaced_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pathlib.Path, "write_text", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        ray_tune._finish(exp, str(exp), types.SimpleNamespace(errors=[]), "sweep")
+        launch._finish(exp, str(exp), types.SimpleNamespace(errors=[]), "sweep")
     monkeypatch.undo()
     assert (exp / "dps_tune_sweep.json").read_text() == before
     assert not list(exp.glob(".*.tmp-*"))  # nothing half-written is left to mistake for it
@@ -101,15 +106,15 @@ def test_a_fractional_gpu_request_becomes_the_trials_memory_share(gpus, share, m
     from dps_tune.config import TuneConfig
 
     seen = {}
-    monkeypatch.setattr(ray_tune.tune, "with_parameters", lambda fn, **kw: seen.update(kw) or fn)
-    monkeypatch.setattr(ray_tune.tune, "with_resources", lambda fn, res: seen.update(resources=res) or fn)
-    ray_tune._build_trainable(config_from_dict(tiny_raw()), None, TuneConfig(gpus_per_trial=gpus))
+    monkeypatch.setattr(tune, "with_parameters", lambda fn, **kw: seen.update(kw) or fn)
+    monkeypatch.setattr(tune, "with_resources", lambda fn, res: seen.update(resources=res) or fn)
+    launch._build_trainable(config_from_dict(tiny_raw()), None, TuneConfig(gpus_per_trial=gpus))
     assert seen["gpu_share"] == share and seen["resources"] == {"cpu": 1.0, "gpu": gpus}
 
     ran = {}
-    monkeypatch.setattr(ray_tune, "run_trial", lambda cfg, report, **kw: ran.update(kw))
-    monkeypatch.setattr(ray_tune.tune, "get_checkpoint", lambda: None)
-    monkeypatch.setattr(ray_tune.tune, "get_context", lambda: type("C", (), {"get_trial_id": lambda self: "t"})())
+    monkeypatch.setattr(trial_module, "run_trial", lambda cfg, report, **kw: ran.update(kw))
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(tune, "get_context", lambda: type("C", (), {"get_trial_id": lambda self: "t"})())
     ray_tune.trainable({}, base=config_from_dict(tiny_raw()), ranking=None, gpu_share=seen["gpu_share"],
                        tune_cfg=seen["tune_cfg"])
     assert ran["memory_fraction"] == share and ran["keep"].keep == 2  # the checkpoint economy, tune's defaults
@@ -127,4 +132,16 @@ def test_a_sweep_whose_experiment_another_process_drives_is_refused_before_ray(t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "another dps-tune process" in err[0] and "busy" in err[0], err
     assert not runs.exists()
-    assert not ray_tune.ray.is_initialized()
+    assert not ray.is_initialized()
+
+
+def test_a_cluster_s_workers_get_the_whole_package_through_runtime_env(monkeypatch):
+    """The package the driver ships is dps_tune itself, wherever the module that ships it sits in it."""
+    import dps_tune
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    connection.connect("127.0.0.1:6379", dashboard=False)
+    assert seen["address"] == "127.0.0.1:6379"
+    assert seen["runtime_env"] == {"py_modules": [str(Path(dps_tune.__file__).resolve().parent)]}

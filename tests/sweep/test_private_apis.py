@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 from ray.tune.search.concurrency_limiter import ConcurrencyLimiter
 
 from dps_tune.sweep import ray_tune
+from dps_tune.sweep.ray_tune import searcher as searcher_module
 
 
 def searcher(**kwargs) -> ray_tune.PrunedOptunaSearch:
@@ -44,7 +45,7 @@ def test_an_early_stop_is_told_pruned_with_its_curve_and_an_error_is_left_runnin
 
 
 def test_the_concurrency_limiter_keeps_the_attributes_the_limiter_subclass_reads():
-    limiter = ray_tune._Limiter(searcher(), max_concurrent=1)
+    limiter = searcher_module.Limiter(searcher(), max_concurrent=1)
     assert isinstance(limiter, ConcurrencyLimiter)
     assert limiter.live_trials == set() and isinstance(limiter._limit_concurrency, bool)
     assert isinstance(limiter.searcher, ray_tune.PrunedOptunaSearch)
@@ -80,7 +81,7 @@ def test_the_ray_log_lines_dps_tune_rewords_are_still_what_ray_says(module, line
 
 
 def test_the_loopback_switch_is_read_where_the_embedded_ray_sets_it():
-    """ray_tune._loopback_only turns this off, so that Ray keeps 127.0.0.1 rather than the machine's address."""
+    """ray_tune.connection.loopback_only turns this off, so that Ray keeps 127.0.0.1 rather than the machine's address."""
     from ray._private import ray_constants, services
 
     assert isinstance(ray_constants.ENABLE_RAY_CLUSTER, bool)

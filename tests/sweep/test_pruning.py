@@ -13,7 +13,8 @@ from ray import tune
 
 from dps_tune.config import TuneConfig
 from dps_tune.layout import METRICS_FILE, MODEL_FILE, STATE_FILE
-from dps_tune.sweep import ray_tune
+from dps_tune.sweep.ray_tune import callbacks
+from dps_tune.sweep.ray_tune import trial as trial_module
 
 ACC = [0.5, 0.9, 0.6, 0.7, 0.4]  # checkpoint_000000 .. 000004's id_val_acc
 
@@ -36,7 +37,7 @@ def left(trial: Path) -> dict[str, bool]:
 
 
 def prune(trial: Path, status: str, latest: str, **tune_cfg) -> dict[str, bool]:
-    pruner = ray_tune._CheckpointPruner(TuneConfig(metric="id_val_acc", keep_checkpoints=1, **tune_cfg))
+    pruner = callbacks.CheckpointPruner(TuneConfig(metric="id_val_acc", keep_checkpoints=1, **tune_cfg))
     pruner._prune_trial(pafs.LocalFileSystem(), str(trial), status, latest)
     return left(trial)
 
@@ -81,11 +82,11 @@ def test_nothing_is_deleted_while_the_restore_point_is_missing(tmp_path):
 def test_a_trial_resumes_from_the_newest_checkpoint_ray_knows_that_holds_train_state(tmp_path, without_state, latest,
                                                                                    expected):
     trial = trial_dir(tmp_path, without_state=without_state)
-    start = ray_tune._resume_point(tune.Checkpoint(str(trial / latest), filesystem=pafs.LocalFileSystem()), None)
+    start = trial_module._resume_point(tune.Checkpoint(str(trial / latest), filesystem=pafs.LocalFileSystem()), None)
     assert Path(start.path).name == expected
 
 
 def test_a_trial_with_no_train_state_anywhere_starts_over(tmp_path):
     trial = trial_dir(tmp_path, without_state=(0, 1, 2, 3, 4))
     latest = tune.Checkpoint(str(trial / "checkpoint_000004"), filesystem=pafs.LocalFileSystem())
-    assert ray_tune._resume_point(latest, None) is None
+    assert trial_module._resume_point(latest, None) is None

@@ -53,10 +53,11 @@ def test_resume_and_sweep_share_the_rule():
     import inspect
 
     from dps_tune.sweep import ray_tune
+    from dps_tune.sweep.ray_tune import launch
 
     for fn in (ray_tune.run_sweep, ray_tune.resume_sweep):
         assert "_resolve_dps(" in inspect.getsource(fn), fn.__name__
-    assert "reference.resolve(" in inspect.getsource(ray_tune._resolve_dps)
+    assert "reference.resolve(" in inspect.getsource(launch._resolve_dps)
 
 
 def test_reference_experiment_resolves_to_its_best_checkpoint_and_is_pinned(tmp_path, reference_file, monkeypatch):
