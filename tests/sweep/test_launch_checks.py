@@ -13,7 +13,7 @@ from dps_tune import cli
 from dps_tune.config import config_from_dict, to_dict
 from dps_tune.errors import LaunchError
 from dps_tune.sweep import ray_tune  # imported, never skipped: a broken module fails these tests
-from dps_tune.sweep.ray_tune import connection, launch
+from dps_tune.sweep.ray_tune import StorageFull, connection, launch
 from dps_tune.sweep.ray_tune import trial as trial_module
 from support.worlds import tiny_raw
 
@@ -84,6 +84,24 @@ def test_the_sweep_file_is_replaced_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (exp / "dps_tune_sweep.json").read_text() == before
     assert not list(exp.glob(".*.tmp-*"))  # nothing half-written is left to mistake for it
+
+
+@pytest.mark.parametrize("error,raised", [(RuntimeError("a trial's own bug"), None),
+                                          (OSError(28, "No space left on device"), StorageFull)])
+def test_the_end_of_a_run_with_errored_trials_is_recorded(tmp_path, error, raised):
+    """Errored trials finish the run with their count recorded (`resume` continues them); one that failed on a
+    full storage stops it as StorageFull. The first case once died of a NameError in the driver instead."""
+    import types
+
+    exp = _sweep_dir(tmp_path)
+    result = types.SimpleNamespace(errors=[error])
+    if raised is None:
+        launch._finish(exp, str(exp), result, "sweep")
+    else:
+        with pytest.raises(raised):
+            launch._finish(exp, str(exp), result, "sweep")
+    recorded = json.loads((exp / "dps_tune_sweep.json").read_text())
+    assert recorded["status"] == "finished" and recorded["errors"] == 1, recorded
 
 
 @pytest.mark.parametrize("problem", [

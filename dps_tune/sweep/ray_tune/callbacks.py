@@ -23,7 +23,7 @@ from dps_tune.errors import first_line
 from dps_tune.objectives import scalar_objective
 from dps_tune.paths import is_remote
 from dps_tune.sweep import storage
-from dps_tune.sweep.ray_tune.trial import full
+from dps_tune.sweep.ray_tune.trial import is_full_storage
 from dps_tune.sweep.results import TRIAL_CONFIG_FILE, flat_params
 from dps_tune.sweep.sweep_file import SWEEP_FILE
 
@@ -160,7 +160,7 @@ class FullStorageStops(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         path = trial.error_file
         text = Path(path).read_text(errors="replace") if path and Path(path).is_file() else ""
-        if full(text) and not STORAGE_FULL.is_set():
+        if is_full_storage(text) and not STORAGE_FULL.is_set():
             STORAGE_FULL.set()
             os.kill(os.getpid(), signal.SIGINT)
 

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 from dps_tune.errors import UserError
 from dps_tune.files import disk_full, space_left
 from dps_tune.sweep.ray_tune.callbacks import STORAGE_FULL
-from dps_tune.sweep.ray_tune.trial import full
+from dps_tune.sweep.ray_tune.trial import is_full_storage
 
 
 class _RayLines(logging.Filter):
@@ -29,7 +29,7 @@ class _RayLines(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        if record.exc_info and full(record.exc_info[1]):
+        if record.exc_info and is_full_storage(record.exc_info[1]):
             return False
         if self.stopped and text.startswith("Failed to fetch metrics"):
             return False

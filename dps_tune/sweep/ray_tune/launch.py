@@ -31,7 +31,7 @@ from dps_tune.sweep.ray_tune.callbacks import (OPTUNA_FILE, STORAGE_FULL, Checkp
 from dps_tune.sweep.ray_tune.interrupts import StorageFull, ctrl_c_pauses, full_storage_stops
 from dps_tune.sweep.ray_tune.searcher import Limiter, PrunedOptunaSearch
 from dps_tune.sweep.ray_tune.tasks import map_jobs
-from dps_tune.sweep.ray_tune.trial import full, trainable
+from dps_tune.sweep.ray_tune.trial import is_full_storage, trainable
 from dps_tune.sweep.results import open_sweep
 from dps_tune.sweep.sweep_file import SWEEP_FILE, Confirmation, SweepFile
 from dps_tune.sweep.search_space import SearchSpace, Sweep, parse_search, to_optuna
@@ -267,7 +267,7 @@ def _finish(local: Path, location: str, result: Any, what: str) -> None:
     interrupted = len(ended) < total
     errors = len(result.errors)
     sweep = sweep.interrupted_now(set(states) - set(ended), errors) if interrupted else sweep.finished_now(errors)
-    full = STORAGE_FULL.is_set() or any(full(e) for e in result.errors)
+    full = STORAGE_FULL.is_set() or any(is_full_storage(e) for e in result.errors)
     if not interrupted and not full:  # kept checkpoints get their test figures once (see map_jobs)
         test_figures.complete(location, lambda jobs: map_jobs(test_figures.evaluate_job, jobs),
                               say=lambda line: print(line, file=sys.stderr, flush=True))
@@ -345,8 +345,8 @@ def resume_sweep(exp: str | os.PathLike | Resumable, *, address: str | None = No
         local.mkdir(parents=True, exist_ok=True)
         job.sweep.running().write(local)
         upload_state(local, location)
-        trainable = _build_trainable(resolved.config, resolved.ranking, tune_cfg)
-        tuner = tune.Tuner.restore(restore_at, trainable=trainable, resume_unfinished=True, resume_errored=True,
+        restored = _build_trainable(resolved.config, resolved.ranking, tune_cfg)
+        tuner = tune.Tuner.restore(restore_at, trainable=restored, resume_unfinished=True, resume_errored=True,
                                    restart_errored=False, storage_filesystem=filesystem)
         what = "confirmation run" if job.sweep.confirm is not None else "sweep"
         with ctrl_c_pauses(what), full_storage_stops(location, what):

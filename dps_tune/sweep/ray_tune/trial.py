@@ -124,7 +124,7 @@ def trainable(params: dict[str, Any], *, base: Config, ranking: suppression.Scor
 FULL = "the storage is full"  # how a trial's error names a full storage
 
 
-def full(error: BaseException | str) -> bool:
+def is_full_storage(error: BaseException | str) -> bool:
     """Whether a trial's error (the exception, or the text of its error.txt) is a full storage."""
     return FULL in str(error) or "No space left on device" in str(error) or (
         isinstance(error, BaseException) and disk_full(error))
