@@ -122,7 +122,7 @@ def test_a_trial_finishes_on_the_other_node_when_its_node_is_removed(tmp_path, t
     # waiting minutes for the removed node's health checks to run out.
     monkeypatch.setenv("RAY_health_check_failure_threshold", "5")
 
-    epochs = 8
+    epochs = 12
     (gcs,) = free_ports(1)
     # The head runs the driver only (no CPU for trials); each worker node has room for the one trial.
     cluster = Cluster(initialize_head=True, head_node_args={"node_ip_address": "127.0.0.1", "gcs_server_port": gcs,
@@ -143,10 +143,14 @@ def test_a_trial_finishes_on_the_other_node_when_its_node_is_removed(tmp_path, t
         while not (list(exp.glob("*/result.json")) and len(result_rows(exp)) >= 2):
             assert sweep.poll() is None and time.time() < deadline, sweep.stdout.read()[-4000:]
             time.sleep(0.5)
+        trial_pid = result_rows(exp)[-1]["pid"]
+        # Frozen first: a trial of this tiny world trains an epoch in a fifth of a second, and once it
+        # had trained all of them before the removal reached its node (nothing was left to move).
+        os.kill(trial_pid, signal.SIGSTOP)
         before = result_rows(exp)
-        trial_pid = before[-1]["pid"]
         (node,) = [n for n in workers if raylet_pid(n) in ancestors(trial_pid)]
-        cluster.remove_node(node, allow_graceful=False)  # the trial's node dies with it, mid-training
+        cluster.remove_node(node, allow_graceful=False)  # the trial's node dies, mid-training,
+        os.kill(trial_pid, signal.SIGKILL)  # and its processes with it
 
         out, _ = sweep.communicate(timeout=1200)
         assert sweep.returncode == 0, out[-4000:]

@@ -90,12 +90,14 @@ def test_shipped_iwildcam_spaces_validate(name, tmp_path):
 
 
 def test_multi_node_local_storage_fails_fast(monkeypatch):
-    from dps_tune.sweep import ray_tune as tuning
+    import ray
+
     from dps_tune.config import TuneConfig
     from dps_tune.errors import LaunchError
+    from dps_tune.sweep.ray_tune import launch as tuning
 
-    monkeypatch.setattr(tuning.ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 8.0})
-    monkeypatch.setattr(tuning.ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 8.0})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
     with pytest.raises(LaunchError, match="a local path, but the cluster has 2 nodes"):
         tuning._check_resources(TuneConfig(gpus_per_trial=1), "/home/me/runs", shared_storage=False)
     tuning._check_resources(TuneConfig(gpus_per_trial=1), "s3://bucket/runs", shared_storage=False)
