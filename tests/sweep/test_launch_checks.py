@@ -163,3 +163,21 @@ def test_a_cluster_s_workers_get_the_whole_package_through_runtime_env(monkeypat
     connection.connect("127.0.0.1:6379", dashboard=False)
     assert seen["address"] == "127.0.0.1:6379"
     assert seen["runtime_env"] == {"py_modules": [str(Path(dps_tune.__file__).resolve().parent)]}
+
+
+def test_ray_s_unhandled_error_of_a_trial_stopped_by_a_full_storage_is_not_shown():
+    """Ray logs the stopped trial's error with its frames ("Unhandled error …", no "Traceback" line) now and then,
+    after the run has said it in one line; any other unhandled error still shows."""
+    import logging
+
+    from dps_tune.sweep.ray_tune.interrupts import _RayLines
+
+    def record(text: str) -> logging.LogRecord:
+        return logging.LogRecord("ray._private.worker", logging.ERROR, "worker.py", 439, text, None, None)
+
+    lines = _RayLines("sweep")
+    full = ("Unhandled error (suppress with 'RAY_IGNORE_UNHANDLED_ERRORS=1'): ray::ImplicitFunc.train() (pid=1)\n"
+            '  File "trial.py", line 100, in report\nRuntimeError: the storage is full (6.3 MB free of 47.2 MB, at /x)')
+    assert lines.filter(record(full)) is False
+    other = "Unhandled error (suppress with 'RAY_IGNORE_UNHANDLED_ERRORS=1'): ray::f() ValueError: a bug"
+    assert lines.filter(record(other)) is True

@@ -75,6 +75,7 @@ def test_a_function_the_tests_or_the_ctrl_c_handling_rely_on_exists(target):
     ("ray.tune.tune", "Experiment has been interrupted"),  # names Tuner.restore: hidden
     ("ray.tune.tune", "Trials did not complete"),
     ("ray.tune.analysis.experiment_analysis", "Failed to fetch metrics"),  # hidden once stopped
+    ("ray._private.worker", "Unhandled error"),  # a trial stopped by a full storage: hidden
 ])
 def test_the_ray_log_lines_dps_tune_rewords_are_still_what_ray_says(module, line):
     assert line in inspect.getsource(importlib.import_module(module))

@@ -31,6 +31,8 @@ class _RayLines(logging.Filter):
         text = record.getMessage()
         if record.exc_info and is_full_storage(record.exc_info[1]):
             return False
+        if text.startswith("Unhandled error") and (STORAGE_FULL.is_set() or is_full_storage(text)):
+            return False  # the stopped trial's error, with Ray's frames: its error.txt and our one line say it
         if self.stopped and text.startswith("Failed to fetch metrics"):
             return False
         if text.startswith("Stop signal received"):
@@ -72,7 +74,7 @@ def ctrl_c_pauses(what: str) -> Iterator[None]:
     STORAGE_FULL.clear()
     quiet = _RayLines(what)
     ray_logs = [logging.getLogger(name) for name in ("ray.tune.tune", "ray.tune.execution.tune_controller",
-                                                     "ray.tune.analysis.experiment_analysis")]
+                                                     "ray.tune.analysis.experiment_analysis", "ray._private.worker")]
     previous = signal.signal(signal.SIGINT, put_off_ctrl_c(f"saving the {what}'s state",
                                                                  " (`resume` then goes on from the last state saved)"))
     for log in ray_logs:
