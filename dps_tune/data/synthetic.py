@@ -11,8 +11,8 @@ spirit of iWildCam. Two worlds (``data.synthetic.world``):
   more branches) and class frequencies. The demo's
   pretraining never sees a camera-trap photo of any of these locations, nor most of
   their conditions, so zero-shot starts weak and fine-tuning helps on both sides.
-* ``eroding``, the regime of CLIP on ImageNet and its shifts: ID is daylight at four
-  locations, OOD is new locations at night in infrared, and the demo's pretraining for
+* ``eroding``, the regime of CLIP on ImageNet and its shifts: ID is daylight at 12
+  locations, OOD is 12 new locations per split at night in infrared, and the demo's pretraining for
   this world (``pretrained: synthetic_eroding``) has seen night photos. Zero-shot is
   robust there and fine-tuning erodes it.
 
@@ -83,9 +83,9 @@ LAYOUTS = {
                    "ood_val": tuple(range(100, 112)), "ood_test": tuple(range(200, 212))},
         conditions={split: CAMERA_CONDITIONS for split in ("train", "id_val", "id_test", "ood_val", "ood_test")},
         home_bias=0.0, class_skew=0.8),
-    "eroding": Layout(
-        locations={"train": (0, 1, 2, 3), "id_val": (0, 1, 2, 3), "id_test": (0, 1, 2, 3),
-                   "ood_val": (4, 5), "ood_test": (6, 7)},
+    "eroding": Layout(  # the wild world's camera locations, so OOD comes from 12 of them too
+        locations={"train": _ID_WILD, "id_val": _ID_WILD, "id_test": _ID_WILD,
+                   "ood_val": tuple(range(100, 112)), "ood_test": tuple(range(200, 212))},
         conditions={"train": {"day": 1.0}, "id_val": {"day": 1.0}, "id_test": {"day": 1.0},
                     "ood_val": {"night": 1.0}, "ood_test": {"night": 1.0}},
         home_bias=0.5, class_skew=0.0),
@@ -118,10 +118,13 @@ def location_view(world: str, location: int) -> View:
 def class_frequencies(world: str, location: int, classes: int) -> np.ndarray:
     """How often each class passes a camera: [classes], summing to 1."""
     layout = LAYOUTS[world]
-    if world == "eroding":
-        home = np.zeros(classes)
-        home[[c for c in range(classes) if c % 4 == location % 4]] = 1.0
-        return home
+    if world == "eroding":  # class c's home is ID location c % 12; OOD locations see every class alike
+        ids = LAYOUTS[world].locations["train"]
+        if location not in ids:
+            return np.full(classes, 1.0 / classes)
+        here = np.array([layout.home_bias * (ids[c % len(ids)] == location) + (1 - layout.home_bias) / len(ids)
+                         for c in range(classes)])
+        return here / here.sum()
     rng = np.random.default_rng([6151, location])
     return rng.dirichlet(np.full(classes, layout.class_skew))
 

@@ -72,9 +72,11 @@ def test_eroding_world_is_daylight_id_and_night_ood(tmp_path):
     root = synthetic.generate(cfg, tmp_path / "e")
     for split in ("train", "id_val", "id_test"):
         assert {r["domain"] for r in _rows(root, split)} == {"day"}
-        assert {r["location"] for r in _rows(root, split)} <= {"0", "1", "2", "3"}
+        assert {int(r["location"]) for r in _rows(root, split)} <= set(range(12))
     for split in ("ood_val", "ood_test"):
         assert {r["domain"] for r in _rows(root, split)} == {"night"}
+        assert {int(r["location"]) for r in _rows(root, split)} <= set(synthetic.LAYOUTS["eroding"].locations[split])
+    assert all(len(synthetic.LAYOUTS["eroding"].locations[s]) >= 10 for s in ("ood_val", "ood_test"))
     assert synthetic.world_key(cfg) != synthetic.world_key(SyntheticConfig(**{**cfg.__dict__, "world": "wild"}))
 
 
