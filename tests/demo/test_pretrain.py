@@ -47,7 +47,7 @@ def test_pretraining_locations_exclude_evaluation_locations():
     from dps_tune.data import synthetic
 
     evaluation = synthetic.evaluation_locations("wild") | synthetic.evaluation_locations("eroding")
-    assert len(evaluation) == 12 + 12 + 12  # wild: 12 ID, 12 + 12 OOD; the eroding world's 0-7 lie among the ID ones
+    assert len(evaluation) == 12 + 12 + 12  # 12 ID, 12 + 12 OOD: the eroding world photographs at the same ones
     for tag in pretrain.TAGS:
         scenes, captions = pretrain.pretrain_scenes(pretrain.DEFAULT_SETTINGS[tag][ARCH])
         assert not {s.location for s in scenes} & evaluation, tag
