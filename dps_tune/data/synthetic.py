@@ -7,14 +7,14 @@ spirit of iWildCam. Two worlds (``data.synthetic.world``):
   (``ood_val``, ``ood_test``) both mix times of day and weather (day, night infrared,
   dusk, fog, snow). ID comes from 12 known camera locations; each OOD split from 12 new
   ones, with their own backgrounds, viewpoints (how far the subject stands, how the
-  camera is tilted, how much vegetation is in front: OOD cameras are tilted more and have
-  more branches) and class frequencies. The demo's
-  pretraining never sees a camera-trap photo of any of these locations, nor most of
-  their conditions, so zero-shot starts weak and fine-tuning helps on both sides.
-* ``eroding``, the regime of CLIP on ImageNet and its shifts: ID is daylight at 12
-  locations, OOD is 12 new locations per split at night in infrared, and the demo's pretraining for
-  this world (``pretrained: synthetic_eroding``) has seen night photos. Zero-shot is
-  robust there and fine-tuning erodes it.
+  camera is tilted, how much vegetation is in front; OOD cameras are tilted more and
+  have more branches) and class frequencies. The demo's pretraining never sees a
+  camera-trap photo of any of these locations, nor most of their conditions, so
+  zero-shot starts weak and fine-tuning helps on both sides.
+* ``eroding``, the regime of CLIP on ImageNet and its shifts: ID is daylight at the same
+  12 locations, OOD is 12 new locations per split at night in infrared, and the demo's
+  pretraining for this world (``pretrained: synthetic_eroding``) has seen night photos.
+  Zero-shot is robust there and fine-tuning erodes it.
 
 In both worlds each location sees some classes more often than others, so the
 background carries a little (spurious) information about the label, and every class
@@ -102,8 +102,9 @@ def location_view(world: str, location: int) -> View:
     """The viewpoint of a camera. The eroding world keeps one view everywhere. In the wild
     world every camera stands at its own distance from the trail; an ID camera is nearly
     level with at most one branch in front, an OOD camera (location >= 100) is tilted a
-    little more and may have two. (OOD cameras that also stood farther off cost a
-    fine-tuned model so much more than zero-shot that fine-tuning no longer paid on OOD.)"""
+    little more and may have two. (When OOD cameras also stood farther off, that cost
+    the demo's CE 0.12 more OOD test accuracy than it cost zero-shot, whose pretraining
+    had seen near and far subjects.)"""
     if world == "eroding":
         return View()
     rng = np.random.default_rng([4099, location])
