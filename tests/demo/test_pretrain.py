@@ -1,6 +1,5 @@
 """The demo's pretrained tiny CLIP: a reduced build that works zero-shot, and the ``synthetic`` tag."""
 
-import dataclasses
 import logging
 import threading
 import time
@@ -14,11 +13,11 @@ from dps_tune import cli, files, models
 from dps_tune.demo import pretrain
 from dps_tune.config import SyntheticConfig, config_from_dict
 from dps_tune.errors import ConfigError
+from support.worlds import reduced_eroding_pretraining
 
 ARCH = pretrain.DEMO_ARCH
 # The full build learns 10 classes in about 1.5 minutes; this one learns 4 in about half a minute.
-# The eroding world's pretraining (clean captions) on 4 classes: it learns them in about half a minute.
-REDUCED = dataclasses.replace(pretrain.ERODING, classes=4, images=1500, steps=900, batch_size=64, warmup_steps=30)
+REDUCED = reduced_eroding_pretraining()
 # Enough images per split that chance (0.25) and a working model are far apart.
 EVAL_WORLD = SyntheticConfig(world="eroding", classes=4, train_per_class=1, eval_per_class=40)
 # Just enough to exercise building, caching and loading.
