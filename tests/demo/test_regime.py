@@ -51,12 +51,13 @@ def _trained(cfg) -> dict:
     return final["weights"]
 
 
-def _test_correct(cfg, weights: dict | None = None, evaluator: Evaluator | None = None) -> dict[str, np.ndarray]:
+def _test_correct(cfg, weights: dict | None = None) -> dict[str, np.ndarray]:
+    """Per test split, which images ``weights`` (default: the pretrained model's) classify right."""
     predictions: dict = {}
     if weights is None:
         evaluate_start(cfg, predictions)
     else:
-        (evaluator or Evaluator(cfg))(weights, TEST_SPLITS, predictions)
+        Evaluator(cfg)(weights, TEST_SPLITS, predictions)
     return _correct(predictions)
 
 
