@@ -114,7 +114,7 @@ def test_build_is_deterministic_and_concurrent_builders_share_one_file(monkeypat
     real_pretrain = pretrain.pretrain_model
 
     def counted(*args, **kwargs):
-        builds.append(1)
+        builds.append(torch.get_num_threads())
         return real_pretrain(*args, **kwargs)
 
     monkeypatch.setattr(pretrain, "pretrain_model", counted)
@@ -135,8 +135,15 @@ def test_build_is_deterministic_and_concurrent_builders_share_one_file(monkeypat
     first = load_file(str(paths[0]))
     assert not list(paths[0].parent.glob(files.TEMP_GLOB))
 
-    rebuilt = load_file(str(pretrain.ensure_pretrained(ARCH, settings, force=True)))
-    assert len(builds) == 2
+    # The build's rounding depends on the thread count: it uses BUILD_THREADS whatever the caller set.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rebuilt = load_file(str(pretrain.ensure_pretrained(ARCH, settings, force=True)))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert builds == [pretrain.BUILD_THREADS] * 2 == [2, 2]
     assert first.keys() == rebuilt.keys() and all(torch.equal(first[k], rebuilt[k]) for k in first)
 
 
