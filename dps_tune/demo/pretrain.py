@@ -12,8 +12,8 @@ pretrained tags exist for each supported architecture, one per world of
   ("a photo of something.") and some name the wrong one. Zero-shot starts weak on ID and
   OOD alike, and fine-tuning on labelled ID photos teaches what it lacks.
 * ``synthetic_eroding`` (for the ``eroding`` world) photographs every class in every
-  camera domain, night infrared included, with captions that name the shape and often
-  the domain (``"a night photo of a star."``), so its zero-shot is already robust.
+  camera domain, dusk and night infrared included, with captions that name the shape and
+  often the domain (``"a photo of a star at dusk."``), so its zero-shot is already robust.
 
 :func:`ensure_pretrained` builds the weights once, deterministically from
 :class:`PretrainSettings`, and caches them under ``cache_dir() / "pretrained"``, keyed

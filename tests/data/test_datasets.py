@@ -107,12 +107,14 @@ def test_eroding_worlds_ood_split_is_a_different_domain(tmp_path):
     root = synthetic.generate(SyntheticConfig(**TINY_WORLD, world="eroding"), tmp_path / "w")
     spec = data_mod.load_dataset(DataConfig(dataset="synthetic", root=str(root)))
 
-    def mean_saturation(records):
-        arr = np.stack([np.asarray(Image.open(p), dtype=np.float32) for p in records.paths])
-        return float((arr.max(-1) - arr.min(-1)).mean())
+    def pixels(records) -> np.ndarray:  # [images, H, W, 3]
+        return np.stack([np.asarray(Image.open(p), dtype=np.float32) for p in records.paths])
 
-    # Night infrared is grey; daylight is colour.
-    assert mean_saturation(spec.splits["ood_test"]) < 0.3 * mean_saturation(spec.splits["id_test"])
+    day, dusk = pixels(spec.splits["id_test"]), pixels(spec.splits["ood_test"])
+    # Dusk is darker than daylight, and warmer: less blue for its red.
+    assert dusk.mean() < 0.7 * day.mean()
+    blue_for_red = lambda a: a[..., 2].mean() / a[..., 0].mean()  # noqa: E731
+    assert blue_for_red(dusk) < 0.7 * blue_for_red(day)
 
 
 def test_epoch_sampler_resumes_mid_epoch():

@@ -67,14 +67,14 @@ def test_wild_ood_cameras_see_their_subject_differently():
     assert mean(ood_views, lambda v: v.clutter) > mean(id_views, lambda v: v.clutter)  # behind branches
 
 
-def test_eroding_world_is_daylight_id_and_night_ood(tmp_path):
+def test_eroding_world_is_daylight_id_and_dusk_ood(tmp_path):
     cfg = SyntheticConfig(world="eroding", classes=4, train_per_class=5, eval_per_class=5, image_size=32)
     root = synthetic.generate(cfg, tmp_path / "e")
     for split in ("train", "id_val", "id_test"):
         assert {r["domain"] for r in _rows(root, split)} == {"day"}
         assert {int(r["location"]) for r in _rows(root, split)} <= set(range(12))
     for split in ("ood_val", "ood_test"):
-        assert {r["domain"] for r in _rows(root, split)} == {"night"}
+        assert {r["domain"] for r in _rows(root, split)} == {"dusk"}
         assert {int(r["location"]) for r in _rows(root, split)} <= set(synthetic.LAYOUTS["eroding"].locations[split])
     assert all(len(synthetic.LAYOUTS["eroding"].locations[s]) >= 10 for s in ("ood_val", "ood_test"))
     assert synthetic.world_key(cfg) != synthetic.world_key(SyntheticConfig(**{**cfg.__dict__, "world": "wild"}))

@@ -7,10 +7,11 @@ pretrained model, training set, search spaces and evaluation splits of 1,000 ima
 epochs instead of 4 at a fixed lr, no sweep, one seed; the intervals are bootstraps over the
 test images, paired on the same images. The demo test checks the same on the real run.
 
-The eroding world is in the regime of CLIP on ImageNet, on a 4-class reduced run: zero-shot
-is robust (its OOD accuracy within 0.05 of its ID), and CE fine-tuning beats it on ID but is
-below it on OOD, both intervals excluding 0. (Its WiSE-FT curve has no interior optimum, in
-the full world either; the README gives the figures.)
+The eroding world is in the regime of CLIP on ImageNet and its shifts, on the demo's own
+pretrained model and training set: CE fine-tuning (at a fixed lr, one seed) beats zero-shot on
+ID, and its gain on OOD is below its gain on ID (fine-tuning erodes zero-shot's robustness);
+WiSE-FT's α = 0.5, the paper's default mix, beats both ends on OOD test accuracy, each interval
+excluding 0.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from dps_tune import stats
 from dps_tune.config import load_config
 from dps_tune.demo.study import SPACES
 from dps_tune.train import evaluate_start, run_trial
-from dps_tune.weight_space import Evaluator
-from support.worlds import reduced_eroding_pretraining
+from dps_tune.weight_space import Evaluator, interpolate
 
 TEST_SPLITS = ("id_test", "ood_test")
 # The demo trains for 4 epochs (its sweeps search lr); these runs train for 3 at a fixed lr. With 300
@@ -83,20 +83,23 @@ def test_the_wild_world_is_in_iwildcams_regime():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)  # builds the eroding world's pretrained model first (2 to 3 minutes on 2 cores)
 def test_the_eroding_world_is_in_the_regime_of_clip_on_imagenet():
-    from dps_tune.demo import pretrain
-
-    # tests/demo/test_pretrain.py's reduced build; 250 evaluation images per class keep 1,000 per split
-    path = pretrain.ensure_pretrained(pretrain.DEMO_ARCH, reduced_eroding_pretraining())
-    cfg = load_config(SPACES / "demo.yaml", [
-        "data.synthetic.world=eroding", f"pretrained={path}", "data.synthetic.classes=4",
-        "data.synthetic.train_per_class=200", "data.synthetic.eval_per_class=250", "optim.epochs=3", "seed=1"])
+    cfg = load_config(SPACES / "demo.yaml", ["data.synthetic.world=eroding", "pretrained=synthetic_eroding",
+                                             "optim.lr=1.5e-3", "seed=1"])
     zero_shot = _test_correct(cfg)
-    ce = _test_correct(cfg, _trained(cfg))
-    figures = {name: {s: float(c.mean()) for s, c in side.items()} for name, side in (("zero-shot", zero_shot), ("ce", ce))}
-    assert all(c.size == 1000 for side in (zero_shot, ce) for c in side.values()), figures
-    assert abs(figures["zero-shot"]["id_test"] - figures["zero-shot"]["ood_test"]) <= 0.05, figures  # robust
-    on_id = stats.paired_two_level_bootstrap(ce["id_test"][None], zero_shot["id_test"][None]).interval()
-    on_ood = stats.paired_two_level_bootstrap(ce["ood_test"][None], zero_shot["ood_test"][None]).interval()
-    assert on_id.low > 0 and on_ood.high < 0, (on_id, on_ood, figures)  # fine-tuning trades OOD for ID
+    weights = _trained(cfg)
+    ce = _test_correct(cfg, weights)
+    wise = _test_correct(cfg, interpolate(Evaluator(cfg).theta0, weights, 0.5))
+    sides = (("zero-shot", zero_shot), ("ce", ce), ("wise 0.5", wise))
+    figures = {name: {s: float(c.mean()) for s, c in side.items()} for name, side in sides}
+    assert all(c.size == 1000 for _, side in sides for c in side.values()), figures
+
+    def gain(a: dict, b: dict, split: str):
+        return stats.paired_two_level_bootstrap(a[split][None], b[split][None]).interval()
+
+    on_id, on_ood = gain(ce, zero_shot, "id_test"), gain(ce, zero_shot, "ood_test")
+    assert on_id.low > 0, (on_id, figures)
+    assert on_ood.high < on_id.low, (on_id, on_ood, figures)  # fine-tuning gains less, or loses, on OOD
+    over_zero_shot, over_ce = gain(wise, zero_shot, "ood_test"), gain(wise, ce, "ood_test")
+    assert over_zero_shot.low > 0 and over_ce.low > 0, (over_zero_shot, over_ce, figures)  # the interior mix

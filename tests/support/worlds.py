@@ -31,8 +31,7 @@ def tiny_raw(**overrides) -> dict:
 
 def reduced_eroding_pretraining():
     """The eroding world's pretraining (clean captions) on 4 classes: it learns them in about
-    half a minute. tests/demo/test_pretrain.py and test_regime.py share the build (one file in
-    the run's cache)."""
+    half a minute (tests/demo/test_pretrain.py)."""
     import dataclasses
 
     from dps_tune.demo import pretrain
