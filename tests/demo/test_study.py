@@ -54,7 +54,8 @@ def test_demo_runs_the_whole_study(tmp_path):
     assert "id_val     1,000 images at 12 locations" in text and "ood_test   1,000 images at 12 locations" in text
     # findings.md: each sentence chosen by its interval, one per compared pair
     findings = (out / "findings.md").read_text()
-    assert "## Against zero-shot" in findings and "## Against CE's WiSE-FT curve" in findings
+    sections = ("Against zero-shot", "Along CE's WiSE-FT curve", "Against CE's WiSE-FT curve")
+    assert all(f"## {s}" in findings for s in sections), findings
     for a in ("ce", "flyp", "dps (top)"):
         assert any(line.startswith(f"- {a} beats zero-shot") or line.startswith(f"- {a} is below zero-shot")
                    or line.startswith(f"- The data cannot tell {a} from zero-shot") for line in findings.splitlines()), a
