@@ -236,6 +236,51 @@ def finished_seeds(exp_dir: str | os.PathLike) -> tuple[dict[str, dict[int, dict
     return per_method, correct
 
 
+def wise_mix_sides(exp_dir: str | os.PathLike, method: str, alpha: float, metric: str = "ood_test_acc",
+                   ) -> tuple[Any, Any, Any] | None:
+    """``method``'s WiSE-FT mix at ``alpha`` over the confirmed seeds, beside the two ends of its curve.
+
+    Each seed of ``method`` that trained to its end has its last checkpoint mixed with the
+    pretrained weights (``(1 − alpha) θ0 + alpha θ``) and evaluated on ``metric``'s split.
+    Returns the per-image correctness ``(mix, fine-tuned, zero-shot)``: [seeds, images],
+    [seeds, images] (the same seeds, in the same order) and [1, images]; None when no seed
+    of ``method`` finished with a kept checkpoint.
+    """
+    import numpy as np
+
+    from dps_tune import checkpoint as ckpt
+    from dps_tune.config import config_from_dict
+    from dps_tune.layout import CONFIG_FILE, OPEN_CLIP_KEY
+    from dps_tune.weight_space import Evaluator, interpolate
+
+    _, correct = finished_seeds(exp_dir)
+    labels = None
+    seeds = sorted(s for s, side in correct.get(method, {}).items() if metric in side)
+    if not seeds:
+        return None
+    last = {}
+    for t in results.load_trials(exp_dir):
+        if results.method_name(t.config) == method and t.param("seed") in seeds:
+            kept = [p for p, m in results.checkpoints(t.path) if m.get("epoch") == t.last.get("epoch")]
+            last[int(t.param("seed"))] = kept[-1]
+    mixed = []
+    for seed in seeds:
+        config = results.checkpoint_json(last[seed], CONFIG_FILE)
+        config.pop(OPEN_CLIP_KEY, None)
+        evaluator = Evaluator(config_from_dict(config))
+        predictions: dict = {}
+        evaluator(interpolate(evaluator.theta0, ckpt.load_checkpoint(last[seed], with_state=False).model_state, alpha),
+                  [metric.removesuffix("_acc")], predictions)
+        labels, mix = _correct(predictions)[metric]
+        if not np.array_equal(labels, correct[method][seed][metric][0]):
+            raise UserError(f"{method} seed {seed}: its mix was evaluated on other images than its confirmation")
+        mixed.append(mix)
+    zero_labels, zero = _correct(ckpt.read_predictions(zero_shot(exp_dir)))[metric]
+    if not np.array_equal(labels, zero_labels):
+        raise UserError(f"{method}: its mix was evaluated on other images than zero-shot")
+    return np.stack(mixed), matrix(correct[method], seeds, metric), zero[None]
+
+
 def summarize(exp_dir: str | os.PathLike, metrics: Sequence[str] = METRICS, *, with_zero_shot: bool = True,
               resamples: int = 4000) -> dict[str, Any]:
     """Per-method intervals and the Holm-adjusted family of paired comparisons of a confirmation run.

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -83,6 +84,12 @@ def test_confirm_retrains_each_method_with_fresh_seeds_and_pairs_them(two_object
         assert pair["a"] == "flyp" and pair["b"] == "ce" and pair["seeds"] == [1, 2]
         assert pair["mean"] == pytest.approx(sum(diffs) / 2)
         assert "Holm-adjusted over the family" in proc.stdout
+    # A WiSE-FT mix of each confirmed seed: at alpha 1 it is the seed's own model, image for image.
+    for method in methods:
+        mix, fine_tuned, zero_shot = confirm.wise_mix_sides(conf, method, 1.0)
+        assert mix.shape == fine_tuned.shape == (2, zero_shot.shape[1]) and zero_shot.shape[0] == 1
+        assert np.array_equal(mix, fine_tuned)
+    assert confirm.wise_mix_sides(conf, "dps (top)", 0.5) is None  # no such method confirmed
     # an experiment like any other
     run_cli("best", conf, "--export", tmp_path / "best")
     run_cli("report", conf, "--out", tmp_path / "conf.html")
