@@ -28,12 +28,3 @@ def tiny_raw(**overrides) -> dict:
         node[parts[-1]] = value
     return raw
 
-
-def reduced_eroding_pretraining():
-    """The eroding world's pretraining (clean captions) on 4 classes: it learns them in about
-    half a minute (tests/demo/test_pretrain.py)."""
-    import dataclasses
-
-    from dps_tune.demo import pretrain
-
-    return dataclasses.replace(pretrain.ERODING, classes=4, images=1500, steps=900, batch_size=64, warmup_steps=30)
