@@ -249,12 +249,9 @@ def wise_mix_sides(exp_dir: str | os.PathLike, method: str, alpha: float, metric
     import numpy as np
 
     from dps_tune import checkpoint as ckpt
-    from dps_tune.config import config_from_dict
-    from dps_tune.layout import CONFIG_FILE, OPEN_CLIP_KEY
     from dps_tune.weight_space import Evaluator, interpolate
 
     _, correct = finished_seeds(exp_dir)
-    labels = None
     seeds = sorted(s for s, side in correct.get(method, {}).items() if metric in side)
     if not seeds:
         return None
@@ -265,9 +262,7 @@ def wise_mix_sides(exp_dir: str | os.PathLike, method: str, alpha: float, metric
             last[int(t.param("seed"))] = kept[-1]
     mixed = []
     for seed in seeds:
-        config = results.checkpoint_json(last[seed], CONFIG_FILE)
-        config.pop(OPEN_CLIP_KEY, None)
-        evaluator = Evaluator(config_from_dict(config))
+        evaluator = Evaluator(ckpt.read_config(last[seed]))
         predictions: dict = {}
         evaluator(interpolate(evaluator.theta0, ckpt.load_checkpoint(last[seed], with_state=False).model_state, alpha),
                   [metric.removesuffix("_acc")], predictions)
