@@ -32,7 +32,7 @@ import threading
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import parse_qs, urlencode
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -242,7 +242,9 @@ def _not_ready(environ: dict, start_response: Callable) -> list[bytes]:  # repla
 def serve(exp_dirs: Sequence[str | os.PathLike], *, host: str = "127.0.0.1", port: int = 0,
           token: str | None = None, work_dir: Path | None = None,
           ready: Callable[[str], None] | None = None) -> None:
-    """Serve the dashboard until interrupted; ``ready(url)`` is called with the URL (token included)."""
+    """Serve the dashboard until interrupted (Ctrl-C, or SIGTERM as a service manager stops it); ``ready(url)``
+    is called with the URL (token included). The temporary folder it made for the live report is removed."""
+    import shutil
     import tempfile
 
     experiments = find_experiments(exp_dirs)
@@ -252,11 +254,34 @@ def serve(exp_dirs: Sequence[str | os.PathLike], *, host: str = "127.0.0.1", por
         raise UserError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
     token = token or secrets.token_urlsafe(24)
     work = work_dir or Path(tempfile.mkdtemp(prefix="dps_tune_dashboard_"))  # only once the port is ours
-    server.set_app(Dashboard(experiments, token, work, server.server_port))
-    url = f"http://{host if ':' not in host else f'[{host}]'}:{server.server_port}/?token={token}"
-    if ready:
-        ready(url)
     try:
-        server.serve_forever(poll_interval=0.2)
+        with _sigterm_as_ctrl_c():
+            server.set_app(Dashboard(experiments, token, work, server.server_port))
+            url = f"http://{host if ':' not in host else f'[{host}]'}:{server.server_port}/?token={token}"
+            if ready:
+                ready(url)
+            server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()
+        if work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt while the server runs, so ``kill``, systemd or Kubernetes stop it as
+    Ctrl-C does: its report folder removed, exit status 0. Only the main thread can take a signal handler."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -26,16 +26,24 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 WORLD = {**SWEEP_WORLD, "train_per_class": 100}  # longer trials: the browser looks while the sweep runs
 
 
-def start(*args) -> subprocess.Popen:
+def start(*args, env: dict | None = None, ctrl_c: bool = False) -> subprocess.Popen:
+    """``dps-tune ARGS`` in a session of its own. With ``ctrl_c`` it takes SIGINT as a terminal's foreground job
+    does: started by a pytest-xdist worker, or by any shell without job control (`make test &`), a process begins
+    with SIGINT ignored, and Python then installs no KeyboardInterrupt handler."""
+    def default_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     return subprocess.Popen(cli_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, **(env or {})},
+                            preexec_fn=default_sigint if ctrl_c else None)
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+    """``sig`` to the process's session (SIGTERM: as a service manager stops it); SIGKILL after ``timeout``."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, sig)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -187,7 +195,12 @@ def test_two_dashboards_on_one_host_keep_their_logins_with_strict_cookies_and_cs
         exp = write_experiment(tmp_path, name, [("ce000001", {"algorithm": "ce"}, 2, 0.8)])
         optuna.create_study(study_name=name, storage=f"sqlite:///{exp / 'optuna.db'}")
         exps.append(exp)
-    dashboards = [start("dashboard", exp, "--port", "0") for exp in exps]
+    # Each with a temporary folder of its own, to see that it removes the one it makes for its live report.
+    temps = [tmp_path / "tmp-first", tmp_path / "tmp-second"]
+    for t in temps:
+        t.mkdir()
+    dashboards = [start("dashboard", exp, "--port", "0", env={"TMPDIR": str(t)}, ctrl_c=True)
+                  for exp, t in zip(exps, temps)]
     try:
         urls = [dashboard_url(d) for d in dashboards]
         roots = [url.split("/?token=")[0] for url in urls]
@@ -220,6 +233,15 @@ def test_two_dashboards_on_one_host_keep_their_logins_with_strict_cookies_and_cs
         (morsel,) = SimpleCookie(login.getheader("Set-Cookie")).values()
         assert morsel.key == f"dps_tune_token_{ports[0]}" and morsel.value == urls[0].split("token=")[1]
         assert morsel["httponly"] is True and morsel["samesite"] == "Strict" and morsel["path"] == "/"
+        assert all(list(t.iterdir()) for t in temps)  # each made its report folder there
+
+        # Ctrl-C stops the first, SIGTERM the second (kill, systemd, Kubernetes): each at once, exit 0, its
+        # report folder gone.
+        for d, sig in zip(dashboards, (signal.SIGINT, signal.SIGTERM)):
+            began = time.time()
+            stop(d, sig, timeout=20)
+            assert d.returncode == 0 and time.time() - began < 20, (sig, d.returncode, d.stderr.read()[-2000:])
+        assert not [list(t.iterdir()) for t in temps if list(t.iterdir())]
     finally:
         for d in dashboards:
             stop(d)
