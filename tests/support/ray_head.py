@@ -24,6 +24,10 @@ from typing import Iterator
 
 BIN = Path(sys.executable).parent  # the environment's `ray`
 STARTED = "Ray runtime started"
+# On SIGTERM, `ray start` (Ray 2.60) first drains its node for up to 30 s, so that Serve replicas finish
+# their requests. The test's SIGTERM reaches the GCS and the raylet at the same moment, and the drain
+# then waited out its whole timeout: 33 s of every head's teardown. Nothing here serves requests.
+NO_DRAIN = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
 
 def free_ports(n: int) -> list[int]:
@@ -54,7 +58,7 @@ def ray_head(*, num_cpus: int = 2, dashboard: bool = False, env: dict | None = N
          "--runtime-env-agent-port", str(runtime_env), "--num-cpus", str(num_cpus), "--temp-dir", temp,
          "--disable-usage-stats"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={**os.environ, **(env or {})})
+        env={**os.environ, **NO_DRAIN, **(env or {})})
     output: list[str] = []
     started = threading.Event()
 

@@ -290,8 +290,9 @@ def test_sweep_on_a_running_cluster(tmp_path):
         path = space(tmp_path, "cluster", tune={"num_samples": 2})
         # The cluster asks for a token; with RAY_ADDRESS set and RAY_AUTH_MODE unset, Ray
         # does not send it. That is one line saying what to set, not a traceback, and no experiment.
+        # (Ray retries the refused connection once a second, 20 times by default; 3 tell the same.)
         proc = run_cli("sweep", path, "--storage", tmp_path / "runs", "--name", "noauth", check=False, timeout=300,
-                       env={"RAY_AUTH_MODE": None, "RAY_ADDRESS": f"127.0.0.1:{port}"})
+                       env={"RAY_AUTH_MODE": None, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_NUM_REDIS_GET_RETRIES": "3"})
         assert proc.returncode == 2, proc.stderr[-3000:]
         errors = [x for x in proc.stderr.splitlines() if x.startswith("dps-tune: error:")]
         assert len(errors) == 1 and f"RAY_ADDRESS 127.0.0.1:{port}" in errors[0], proc.stderr[-3000:]
