@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from pathlib import Path
 
 import optuna
 import pytest
@@ -48,8 +50,16 @@ def test_sweep_results_best_report_and_resume_on_a_file_uri(tmp_path):
     run_cli("report", exp_uri, "--out", tmp_path / "report.html")
     assert "results-table" in (tmp_path / "report.html").read_text()
 
-    # A finished sweep resumes to the same end: nothing is lost, nothing runs again.
-    run_cli("resume", exp_uri, "--no-dashboard")
+    # A finished sweep resumes to the same end: nothing is lost, nothing runs again, and no Ray starts (none
+    # writes a session into the Ray temporary folder it is given).
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must stay short
+    try:
+        again = run_cli("resume", exp_uri, "--no-dashboard", env={"RAY_TMPDIR": str(ray_tmp)})
+        assert not list(ray_tmp.rglob("session_*")), list(ray_tmp.rglob("*"))[:10]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert f"every trial of {exp_uri} has finished: nothing to resume" in again.stderr, again.stderr[-2000:]
+    assert "ood_test_acc" in again.stdout  # its summary, as after a sweep
     assert json.loads((exp / "dps_tune_sweep.json").read_text())["status"] == "finished"
     assert len(list(exp.glob("*/params.json"))) == 2
 

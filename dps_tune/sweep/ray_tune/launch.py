@@ -33,7 +33,7 @@ from dps_tune.sweep.ray_tune.searcher import Limiter, PrunedOptunaSearch
 from dps_tune.sweep.ray_tune.tasks import map_jobs
 from dps_tune.sweep.ray_tune.trial import is_full_storage, trainable
 from dps_tune.sweep.results import open_sweep
-from dps_tune.sweep.sweep_file import SWEEP_FILE, Confirmation, SweepFile
+from dps_tune.sweep.sweep_file import FINISHED, SWEEP_FILE, Confirmation, SweepFile
 from dps_tune.sweep.search_space import SearchSpace, Sweep, parse_search, to_optuna
 
 PROGRESS_METRICS = {
@@ -318,6 +318,33 @@ def load_resumable(exp: str | os.PathLike) -> Resumable:
     return Resumable(location, sweep, cfg, tune_cfg, space)
 
 
+def _nothing_to_resume(location: str) -> bool:
+    """Whether the sweep at ``location`` has ended whole: finished with no trial in an error, as its file says
+    (read again under the driver lock), every trial ended in Ray's saved state, and none left running in the
+    study. Resuming it would train nothing, so it starts no Ray."""
+    import tempfile
+
+    _, sweep = open_sweep(location)
+    if sweep.status != FINISHED or sweep.errors:
+        return False
+    states = restore_points(location)
+    if not states or any(status != "TERMINATED" for status, _ in states.values()):
+        return False
+    with tempfile.TemporaryDirectory() as tmp:  # the study as the storage holds it (a copy, read only)
+        db = Path(tmp) / OPTUNA_FILE
+        if not storage.download(storage.join(location, OPTUNA_FILE), db):
+            return False
+        study = optuna.storages.RDBStorage(f"sqlite:///{db}")
+        try:
+            running = study.get_all_trials(study.get_study_id_from_name(sweep.name), deepcopy=False,
+                                           states=(TrialState.RUNNING,))
+        except KeyError:  # no study of that name: let the resume say what is wrong
+            return False
+        finally:
+            study.engine.dispose()
+    return not running
+
+
 def _restore_point(location: str) -> tuple[str, Any]:
     """Where Ray restores ``location`` from, and the filesystem object for a URI or a mounted one (else None)."""
     if is_remote(location):
@@ -332,6 +359,9 @@ def resume_sweep(exp: str | os.PathLike | Resumable, *, address: str | None = No
     job = exp if isinstance(exp, Resumable) else load_resumable(exp)
     with storage.driver_lock(job.location):
         location, cfg, tune_cfg, space = job.location, job.config, job.tune, job.space
+        if _nothing_to_resume(location):
+            print(f"every trial of {location} has finished: nothing to resume", file=sys.stderr, flush=True)
+            return location
         storage.check_round_trip(location)
         restore_at, filesystem = _restore_point(location)
         local = storage.staging_dir(location) if is_remote(location) else Path(location)
