@@ -79,8 +79,9 @@ def write_yaml(tmp_path):
 
 # The modules that take longest, first: under pytest-xdist a worker takes the next module when
 # it is free, so the longest start at once and the short ones fill in around them.
-LONGEST_FIRST = ("demo/test_study.py", "sweep/test_s3.py", "sweep/test_ray_tune.py", "sweep/test_confirm.py",
-                 "sweep/test_ensembles.py", "sweep/test_cluster.py", "test_cli.py")
+# test_regime.py comes once the demo test has built the pretrained model it also needs (behind the build's lock).
+LONGEST_FIRST = ("demo/test_study.py", "sweep/test_s3.py", "sweep/test_ray_tune.py", "demo/test_regime.py",
+                 "sweep/test_confirm.py", "sweep/test_ensembles.py", "sweep/test_cluster.py", "test_cli.py")
 
 
 def pytest_collection_modifyitems(items):
