@@ -19,8 +19,9 @@ The suite's ``run_cli`` uses the same server for every command a test runs to it
 (:mod:`support.cli`). Its cases add ``"replace_env": true`` (the child's environment is
 exactly ``env``, as a subprocess's would be) and ``"announce": true`` (this process
 first answers ``{"pid": N}``, so a test stopped meanwhile can kill the command's process
-group). A child ends as a Python process does: its atexit handlers run (Ray's shutdown
-among them), and an uncaught exception is a traceback and exit status 1.
+group), and ``"kill"`` (:func:`kill_after.install`'s keywords) arms the child as
+``kill_after.py`` arms a process. A child ends as a Python process does: its atexit handlers run
+(Ray's shutdown among them), and an uncaught exception is a traceback and exit status 1.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def _child(case: dict) -> None:
         os.environ.clear()
     os.environ.update(case["env"])
     sys.argv = [MAIN_FILE, *case["argv"]]  # as `python -m dps_tune.cli ARGS` has it
+    if case.get("kill"):  # killed at the Nth call of a function, as under kill_after.py
+        import kill_after
+
+        kill_after.install(**case["kill"])
     out = case["out"]
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)

@@ -1,17 +1,21 @@
-"""``dps-tune ARGS`` run to its end as a fork of a process that has imported torch and open_clip already.
+"""``dps-tune ARGS`` run to its end as a fork of a process that has imported torch, open_clip and Ray already.
 
-Importing torch and open_clip takes several seconds of CPU in every new interpreter, and the
-suite runs about a hundred commands to their end. :class:`CliServer` starts
-``cli_forkserver.py`` once per test process, with those modules preloaded, and runs each
-command in a fork of it: a child with exactly the environment the test gives, in the test's
-working directory, its output in files, ended as a Python process ends (atexit handlers,
-Ray's shutdown among them). Ray and dps_tune's own modules other than the CLI are imported
-by the command itself, after its environment is set, as in a new interpreter.
+Importing torch and open_clip takes several seconds of CPU in every new interpreter, and
+Ray, Ray Tune, Optuna and MLflow (which Ray Tune imports at every ``Tuner.fit`` to count
+callbacks by class) about two more in every sweep's driver; the suite runs about a hundred
+commands to their end. :class:`CliServer` starts ``cli_forkserver.py`` once per test
+process, with those modules preloaded, and runs each command in a fork of it: a child with
+exactly the environment the test gives, in the test's working directory, its output in
+files, ended as a Python process ends (atexit handlers, Ray's shutdown among them).
+dps_tune's own modules other than the CLI are imported by the command itself, as in a new
+interpreter.
 
-A command the fork cannot stand in for runs in a subprocess instead:
-one whose environment changes how Python starts (``PYTHON*``), and one started while another
-holds the server (from a second thread). ``DPS_TUNE_TEST_FORK=0`` runs every command in a
-subprocess.
+Ray, Ray Tune and Optuna read some environment variables when they are imported. So a
+command the fork cannot stand in for runs in a subprocess instead: one whose environment
+differs from the server's in a variable that Python or a preloaded package reads at start
+(``PYTHON*``, ``RAY_*``, ``TUNE_*``, ``OPTUNA_*``, ``MLFLOW_*``), and one started while
+another holds the server (from a second thread). ``DPS_TUNE_TEST_FORK=0`` runs every
+command in a subprocess.
 """
 
 from __future__ import annotations
@@ -29,13 +33,25 @@ import threading
 from pathlib import Path
 
 FORKSERVER = Path(__file__).resolve().with_name("cli_forkserver.py")
-PRELOAD = "torch,open_clip,pandas,numpy,PIL.Image,safetensors.torch"
+PRELOAD = ("torch,open_clip,pandas,numpy,PIL.Image,safetensors.torch,"
+           "ray,ray.tune,optuna,ray.air.integrations.mlflow")
+# Read by Python at start, or by a preloaded package when it is imported.
+READ_AT_IMPORT = ("PYTHON", "RAY_", "TUNE_", "OPTUNA_", "MLFLOW_")
 ENABLED = os.environ.get("DPS_TUNE_TEST_FORK", "1") != "0"
+# The server's environment: the test process's as it was imported, before any test changed it.
+SERVER_ENV = dict(os.environ)
 
 
-def python_variables(env) -> dict[str, str]:
-    """The variables that tell Python how to start (``PYTHONPATH``, ``PYTHONHASHSEED``, ...)."""
-    return {k: v for k, v in env.items() if k.startswith("PYTHON")}
+# What Ray writes into its own process's environment: `import ray` the first, a local `ray.init()` the others.
+# A test process that did either passes them on to its commands; none of them is read at an import, and a
+# command's Ray writes the same values.
+RAY_WRITES = {"RAY_CLIENT_MODE": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+              "PYTHONBREAKPOINT": "ray.util.rpdb._driver_set_trace"}
+
+
+def read_at_import(env) -> dict[str, str]:
+    """The variables that Python reads at start (``PYTHONPATH``, ...) or a preloaded package at its import."""
+    return {k: v for k, v in env.items() if k.startswith(READ_AT_IMPORT) and RAY_WRITES.get(k) != v}
 
 
 class CliServer:
@@ -45,25 +61,26 @@ class CliServer:
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self._io = Path(tempfile.mkdtemp(prefix="dps_tune_cli_"))
-        self.python_env = python_variables(os.environ)  # the server's, and so every fork's
+        self.read_at_import = read_at_import(SERVER_ENV)  # the server's, and so every fork's
         atexit.register(self.close)
 
     def _server(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
             self._proc = subprocess.Popen([sys.executable, str(FORKSERVER), "--preload", PRELOAD],
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=SERVER_ENV)
         return self._proc
 
-    def run(self, args: list[str], env: dict[str, str], timeout: float, cwd: str
+    def run(self, args: list[str], env: dict[str, str], timeout: float, cwd: str, kill: dict | None = None
             ) -> subprocess.CompletedProcess | None:
-        """``args`` run to its end in a fork; None when another command holds the server."""
+        """``args`` run to its end in a fork (armed by ``kill``: see :func:`kill_after.install`); None when
+        another command holds the server."""
         if not self._lock.acquire(blocking=False):
             return None
         try:
             out = Path(tempfile.mkdtemp(dir=self._io))
             server = self._server()
             server.stdin.write(json.dumps({"argv": args, "cwd": cwd, "env": env, "out": str(out),
-                                           "timeout": timeout, "replace_env": True, "announce": True}) + "\n")
+                                           "timeout": timeout, "replace_env": True, "announce": True, "kill": kill}) + "\n")
             server.stdin.flush()
             pid = json.loads(server.stdout.readline())["pid"]
             try:
@@ -96,13 +113,14 @@ class CliServer:
 _SERVER: CliServer | None = None
 
 
-def run_in_fork(args: list[str], env: dict[str, str], timeout: float, cwd: str | None
+def run_in_fork(args: list[str], env: dict[str, str], timeout: float, cwd: str | None, kill: dict | None = None
                 ) -> subprocess.CompletedProcess | None:
-    """``dps-tune ARGS`` in a fork of this process's server, or None where it must be a subprocess."""
+    """``dps-tune ARGS`` in a fork of this process's server (armed by ``kill``, as :mod:`kill_after` arms a
+    process), or None where it must be a subprocess."""
     global _SERVER
     if not ENABLED:
         return None
     _SERVER = _SERVER or CliServer()
-    if python_variables(env) != _SERVER.python_env:
+    if read_at_import(env) != _SERVER.read_at_import:
         return None
-    return _SERVER.run(args, env, timeout, str(cwd or os.getcwd()))
+    return _SERVER.run(args, env, timeout, str(cwd or os.getcwd()), kill)
