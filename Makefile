@@ -10,6 +10,10 @@ PYTEST_ARGS ?=
 # loadscope), so a module's shared experiment is built once, and the modules start in the order
 # tests/conftest.py gives them, longest first (--no-loadscope-reorder).
 PYTEST_WORKERS ?= 2
+# Bytecode for dps_tune and the tests' helpers, written ahead: the suite starts several hundred Python
+# processes (commands, Ray's trial workers), and where PYTHONDONTWRITEBYTECODE is set
+# each of them would compile the package again. Python reads these files with or without that variable.
+COMPILE := $(BIN)/python -m compileall -q dps_tune tests/support
 
 .PHONY: demo test test-fast bench reference clean
 
@@ -24,6 +28,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@touch $(STAMP)
 
 demo: $(STAMP)
+	@$(COMPILE)
 	$(BIN)/dps-tune demo
 
 # The S3-compatible server tests/sweep/test_s3.py starts on 127.0.0.1: npm's s3rver, pinned by its lock file.
@@ -38,6 +43,7 @@ $(S3RVER): tests/s3server/package-lock.json
 	else echo "npm not found: tests/sweep/test_s3.py will skip"; fi
 
 test: $(STAMP) $(S3RVER)
+	@$(COMPILE)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
