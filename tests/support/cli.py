@@ -66,13 +66,12 @@ def run_killed(targets: str, n: int, *args, sig: str = "KILL", attrs: tuple[str,
     ``targets`` is written there when the command exits (for ``n`` = 0: how much work a rerun redid).
     It runs in a fork of :mod:`support.cli_server`'s server, armed as kill_after.py arms a process, where
     :func:`run_cli` would run the command in one."""
-    env = {**os.environ, **({"CALLS_FILE": str(calls)} if calls else {})}
+    calls_env = {"CALLS_FILE": str(calls)} if calls else {}
     kill = {"targets": targets.split(","), "n": n, "sig": sig, "attrs": list(attrs)}
-    proc = run_in_fork([str(a) for a in args], env, timeout, None, kill)
+    proc = run_in_fork([str(a) for a in args], {**os.environ, **calls_env}, timeout, None, kill)
     if proc is not None:
         return proc
-    return run(kill_after_argv(targets, n, *args, sig=sig, attrs=attrs), check=False, timeout=timeout,
-               env={"CALLS_FILE": str(calls)} if calls else None)
+    return run(kill_after_argv(targets, n, *args, sig=sig, attrs=attrs), check=False, timeout=timeout, env=calls_env)
 
 
 def kill_after_first_checkpoint_deletion(*args, timeout: float = 1200) -> None:
