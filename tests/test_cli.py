@@ -113,3 +113,28 @@ def test_the_console_script_flushes_everything_and_keeps_the_exit_status(tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert last["epoch"] == 1 and json.loads((out / "checkpoint" / "metrics.json").read_text())["epoch"] == 1
+
+
+def test_commands_run_in_a_fork_once_every_dps_tune_module_is_imported():
+    """pytest-xdist imports every test module before the first test, and some dps_tune modules set defaults in
+    os.environ when they are imported (the Ray package: RAY_DEDUP_LOGS, TUNE_GLOBAL_CHECKPOINT_S, ...). A
+    command must still run in a fork of the CLI server: once, that difference sent every command of the suite
+    to a new interpreter, 5 to 7 CPU-seconds of imports each."""
+    import importlib
+    import os
+    import pkgutil
+
+    import pytest
+
+    import dps_tune
+    from support import cli_server
+
+    if not cli_server.ENABLED:
+        pytest.skip("DPS_TUNE_TEST_FORK=0: every command runs in a subprocess")
+    for module in pkgutil.walk_packages(dps_tune.__path__, "dps_tune."):
+        if not module.name.endswith("__main__"):  # a __main__ runs its command when imported
+            importlib.import_module(module.name)
+    proc = cli_server.run_in_fork(["--help"], dict(os.environ), 300, None)
+    assert proc is not None, sorted(set(cli_server.read_at_import(os.environ).items())
+                                    ^ set(cli_server.read_at_import(cli_server.SERVER_ENV).items()))
+    assert proc.returncode == 0 and "sweep" in proc.stdout, proc.stderr[-2000:]

@@ -38,6 +38,14 @@ PRELOAD = ("torch,open_clip,pandas,numpy,PIL.Image,safetensors.torch,"
 # Read by Python at start, or by a preloaded package when it is imported.
 READ_AT_IMPORT = ("PYTHON", "RAY_", "TUNE_", "OPTUNA_", "MLFLOW_")
 ENABLED = os.environ.get("DPS_TUNE_TEST_FORK", "1") != "0"
+# Every sweep command sets Ray's and Tune's defaults (RAY_DEDUP_LOGS, TUNE_GLOBAL_CHECKPOINT_S, ...) in its
+# environment before it imports Ray, and so does any test module that imports dps_tune's Ray package. This
+# process sets them first, so that the server imports Ray under them as a command would, and so that a test
+# module imported after this one does not make every later command's environment differ from the server's:
+# it did, and under pytest-xdist (which imports every test module before the first test) every command of
+# the suite ran in a new interpreter.
+import dps_tune.sweep.ray_tune  # noqa: E402,F401
+
 # The server's environment: the test process's as it was imported, before any test changed it.
 SERVER_ENV = dict(os.environ)
 
