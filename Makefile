@@ -10,10 +10,10 @@ PYTEST_ARGS ?=
 # loadscope), so a module's shared experiment is built once, and the modules start in the order
 # tests/conftest.py gives them, longest first (--no-loadscope-reorder).
 PYTEST_WORKERS ?= 2
-# Bytecode for dps_tune and the tests' helpers, written ahead: the suite starts several hundred Python
-# processes (commands, Ray's trial workers), and where PYTHONDONTWRITEBYTECODE is set
+# Bytecode for dps_tune (and, for `make test`, the tests' helpers), written ahead: the suite starts several
+# hundred Python processes (commands, Ray's trial workers), and where PYTHONDONTWRITEBYTECODE is set
 # each of them would compile the package again. Python reads these files with or without that variable.
-COMPILE := $(BIN)/python -m compileall -q dps_tune tests/support
+COMPILE := $(BIN)/python -m compileall -q dps_tune
 
 .PHONY: demo test test-fast bench reference clean
 
@@ -43,7 +43,7 @@ $(S3RVER): tests/s3server/package-lock.json
 	else echo "npm not found: tests/sweep/test_s3.py will skip"; fi
 
 test: $(STAMP) $(S3RVER)
-	@$(COMPILE)
+	@$(COMPILE) tests/support
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
