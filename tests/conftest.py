@@ -93,9 +93,58 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)  # stable: each module's tests keep their order
 
 
-def pytest_terminal_summary(terminalreporter):
-    """The size of the bad-input matrix, in every run's output (tests/test_input_matrix.py)."""
+_LEFT: list[str] = []  # the drift last reported, so that one leak fails one test, not every test after it
+
+
+@pytest.fixture(autouse=True)
+def _environment_left_as_the_cli_server_took_it():
+    """Fails, at its teardown, a test that leaves a variable read at import (RAY_*, PYTHON*, ...) changed in
+    this process's environment: every later command of this test process would run in a new interpreter
+    instead of a fork of the CLI server (support/cli_server.py). Changes made with monkeypatch are undone
+    before this runs."""
+    yield
     import sys
+
+    server = sys.modules.get("support.cli_server")
+    if server is None or not server.ENABLED:
+        return
+    left = server.changed_since_taken()
+    if left and left != _LEFT:
+        _LEFT[:] = left
+        pytest.fail("this test (or a module imported since support.cli_server) left its process's environment "
+                    "changed in variables read at import, so every later dps-tune command of this test process "
+                    "runs in a new interpreter: " + "; ".join(left) + ". Use monkeypatch, or pass env= to the "
+                    "command.", pytrace=False)
+    _LEFT[:] = left
+
+
+def pytest_sessionfinish(session):
+    """Under pytest-xdist, each worker hands where its commands ran to the controller (pytest_testnodedown)."""
+    import sys
+
+    tally = sys.modules.get("support.cli_tally")
+    if tally is not None and hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["cli_tally"] = dict(tally.TALLY)
+
+
+_WORKER_TALLIES: list[dict] = []
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    _WORKER_TALLIES.append(getattr(node, "workeroutput", {}).get("cli_tally", {}))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The size of the bad-input matrix, in every run's output (tests/test_input_matrix.py), and where the
+    dps-tune commands ran (support/cli_server.py)."""
+    import sys
+
+    from support import cli_tally
+
+    line = cli_tally.summary(_WORKER_TALLIES or [dict(cli_tally.TALLY)])
+    if line:
+        terminalreporter.write_line(line)
 
     matrix = sys.modules.get("test_input_matrix")
     ran = any(getattr(r, "nodeid", "").startswith("tests/test_input_matrix.py")

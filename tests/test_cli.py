@@ -138,3 +138,41 @@ def test_commands_run_in_a_fork_once_every_dps_tune_module_is_imported():
     assert proc is not None, sorted(set(cli_server.read_at_import(os.environ).items())
                                     ^ set(cli_server.read_at_import(cli_server.SERVER_ENV).items()))
     assert proc.returncode == 0 and "sweep" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_a_command_that_cannot_fork_is_counted_with_the_variables_that_kept_it_out(monkeypatch):
+    """The run's summary says where commands ran and why not in a fork (support/cli_tally.py), so that a
+    fallback for every command, as once happened unseen, shows in every run's output."""
+    import os
+
+    import pytest
+
+    from support import cli_server, cli_tally
+
+    if not cli_server.ENABLED:
+        pytest.skip("DPS_TUNE_TEST_FORK=0: every command runs in a subprocess")
+    assert cli_server.drift(os.environ) == []  # the autouse fixture in conftest.py fails a test that changes this
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1", "PYTHONPATH": "elsewhere", "DPS_TUNE_CACHE": "any"}
+    before = dict(cli_tally.TALLY)
+    try:
+        assert cli_server.run_in_fork(["--help"], env, 60, None) is None
+        reason = "its environment differs from the server's in PYTHONPATH, RAY_ADDRESS"  # DPS_TUNE_* is read later
+        assert cli_tally.TALLY[reason] == before.get(reason, 0) + 1
+    finally:  # no command ran: the run's summary must not count one
+        cli_tally.TALLY.clear()
+        cli_tally.TALLY.update(before)
+    assert cli_server.fallback_reason(env, cli_server.read_at_import(cli_server.SERVER_ENV)) == reason
+    assert cli_server.fallback_reason(dict(os.environ), cli_server.read_at_import(cli_server.SERVER_ENV)) is None
+
+    line = cli_tally.summary([{"fork": 3, reason: 1}, {"fork": 2, "another thread held the server": 2}, {}])
+    assert line == ("dps-tune commands of run_cli and run_killed: 5 in forks of the CLI server, 3 in new "
+                    f"interpreters (2 because another thread held the server; 1 because {reason})")
+    assert cli_tally.summary([{}, {}]) is None
+
+    # What conftest.py's autouse fixture fails a test for: a change left in the process's own environment.
+    assert cli_server.changed_since_taken() == []
+    monkeypatch.setenv("TUNE_SOMETHING", "1")
+    monkeypatch.delenv("RAY_DEDUP_LOGS")
+    dedup = cli_server.SERVER_ENV["RAY_DEDUP_LOGS"]  # "0", dps_tune's default, unless the user set it
+    assert cli_server.changed_since_taken() == [f"RAY_DEDUP_LOGS=None (the server has {dedup!r})",
+                                                "TUNE_SOMETHING='1' (the server has None)"]

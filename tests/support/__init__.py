@@ -8,5 +8,6 @@ Importable as ``support`` because pyproject.toml's pytest settings put tests/ on
 - :mod:`support.datasets`: a small iWildCam in the WILDS layout.
 - :mod:`support.cli`: ``run_cli`` and the argv of the commands a test starts itself, also under
   ``kill_after.py`` (a crash at a chosen call); ``cli_forkserver.py`` serves the input matrix and,
-  through :mod:`support.cli_server`, every ``run_cli``.
+  through :mod:`support.cli_server`, every ``run_cli``; :mod:`support.cli_tally` counts where each ran,
+  for the line in the run's summary.
 """

@@ -16,6 +16,13 @@ differs from the server's in a variable that Python or a preloaded package reads
 (``PYTHON*``, ``RAY_*``, ``TUNE_*``, ``OPTUNA_*``, ``MLFLOW_*``), and one started while
 another holds the server (from a second thread). ``DPS_TUNE_TEST_FORK=0`` runs every
 command in a subprocess.
+
+:data:`support.cli_tally.TALLY` counts where each command ran, and why one did not run in a fork; the run's summary
+prints it (conftest.py). A subprocess is meant when a test sets such a variable for its command (a
+``RAY_ADDRESS``, a ``PYTHONPATH``). A test that leaves one changed in its own process's environment
+sends every later command of that process to a new interpreter, so conftest.py fails such a test
+at its teardown (:func:`drift`): once, a change like that went unseen for a whole round and cost the
+suite an eighth of its CPU.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+
+from support.cli_tally import TALLY
 
 FORKSERVER = Path(__file__).resolve().with_name("cli_forkserver.py")
 PRELOAD = ("torch,open_clip,pandas,numpy,PIL.Image,safetensors.torch,"
@@ -55,6 +64,7 @@ SERVER_ENV = dict(os.environ)
 # command's Ray writes the same values.
 RAY_WRITES = {"RAY_CLIENT_MODE": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
               "PYTHONBREAKPOINT": "ray.util.rpdb._driver_set_trace"}
+
 
 
 def read_at_import(env) -> dict[str, str]:
@@ -127,8 +137,30 @@ def run_in_fork(args: list[str], env: dict[str, str], timeout: float, cwd: str |
     process), or None where it must be a subprocess."""
     global _SERVER
     if not ENABLED:
+        TALLY["DPS_TUNE_TEST_FORK=0"] += 1
         return None
     _SERVER = _SERVER or CliServer()
-    if read_at_import(env) != _SERVER.read_at_import:
-        return None
-    return _SERVER.run(args, env, timeout, str(cwd or os.getcwd()), kill)
+    reason = fallback_reason(env, _SERVER.read_at_import)
+    proc = None if reason else _SERVER.run(args, env, timeout, str(cwd or os.getcwd()), kill)
+    TALLY[reason or ("fork" if proc is not None else "another thread held the server")] += 1
+    return proc
+
+
+def fallback_reason(env: dict[str, str], server: dict[str, str]) -> str | None:
+    """Why a command with environment ``env`` cannot run in a fork of a server with ``server``'s variables
+    read at import; None when it can."""
+    differ = drift(env, server)
+    return "its environment differs from the server's in " + ", ".join(differ) if differ else None
+
+
+def drift(env, server: dict[str, str] | None = None) -> list[str]:
+    """The variables read at import in which ``env`` differs from the server's (by default, SERVER_ENV's)."""
+    theirs, server = read_at_import(env), read_at_import(SERVER_ENV) if server is None else server
+    return sorted(k for k in set(theirs) | set(server) if theirs.get(k) != server.get(k))
+
+
+
+def changed_since_taken() -> list[str]:
+    """``NAME=value (the server has value)`` for each variable read at import in which this process's
+    environment now differs from the server's."""
+    return [f"{k}={os.environ.get(k)!r} (the server has {SERVER_ENV.get(k)!r})" for k in drift(os.environ)]
