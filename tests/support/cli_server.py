@@ -17,12 +17,12 @@ differs from the server's in a variable that Python or a preloaded package reads
 another holds the server (from a second thread). ``DPS_TUNE_TEST_FORK=0`` runs every
 command in a subprocess.
 
-:data:`support.cli_tally.TALLY` counts where each command ran, and why one did not run in a fork; the run's summary
-prints it (conftest.py). A subprocess is meant when a test sets such a variable for its command (a
-``RAY_ADDRESS``, a ``PYTHONPATH``). A test that leaves one changed in its own process's environment
-sends every later command of that process to a new interpreter, so conftest.py fails such a test
-at its teardown (:func:`drift`): once, a change like that went unseen for a whole round and cost the
-suite an eighth of its CPU.
+:data:`support.cli_tally.TALLY` counts where each command ran, and why one did not run in a
+fork; the run's summary prints it (conftest.py). A subprocess is meant when a test sets such a
+variable for its command (a ``RAY_ADDRESS``, a ``PYTHONPATH``). A test that leaves one changed in
+its own process's environment sends every later command of that process to a new interpreter, so
+conftest.py fails such a test at its teardown (:func:`changed_since_taken`): once, a change like
+that went unseen for a whole round and cost the suite an eighth of its CPU.
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ SERVER_ENV = dict(os.environ)
 # command's Ray writes the same values.
 RAY_WRITES = {"RAY_CLIENT_MODE": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
               "PYTHONBREAKPOINT": "ray.util.rpdb._driver_set_trace"}
-
 
 
 def read_at_import(env) -> dict[str, str]:
@@ -157,7 +156,6 @@ def drift(env, server: dict[str, str] | None = None) -> list[str]:
     """The variables read at import in which ``env`` differs from the server's (by default, SERVER_ENV's)."""
     theirs, server = read_at_import(env), read_at_import(SERVER_ENV) if server is None else server
     return sorted(k for k in set(theirs) | set(server) if theirs.get(k) != server.get(k))
-
 
 
 def changed_since_taken() -> list[str]:
