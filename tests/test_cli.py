@@ -135,8 +135,7 @@ def test_commands_run_in_a_fork_once_every_dps_tune_module_is_imported():
         if not module.name.endswith("__main__"):  # a __main__ runs its command when imported
             importlib.import_module(module.name)
     proc = cli_server.run_in_fork(["--help"], dict(os.environ), 300, None)
-    assert proc is not None, sorted(set(cli_server.read_at_import(os.environ).items())
-                                    ^ set(cli_server.read_at_import(cli_server.SERVER_ENV).items()))
+    assert proc is not None, cli_server.changed_since_taken()
     assert proc.returncode == 0 and "sweep" in proc.stdout, proc.stderr[-2000:]
 
 
@@ -161,8 +160,8 @@ def test_a_command_that_cannot_fork_is_counted_with_the_variables_that_kept_it_o
     finally:  # no command ran: the run's summary must not count one
         cli_tally.TALLY.clear()
         cli_tally.TALLY.update(before)
-    assert cli_server.fallback_reason(env, cli_server.read_at_import(cli_server.SERVER_ENV)) == reason
-    assert cli_server.fallback_reason(dict(os.environ), cli_server.read_at_import(cli_server.SERVER_ENV)) is None
+    assert cli_server.fallback_reason(env) == reason
+    assert cli_server.fallback_reason(dict(os.environ)) is None
 
     line = cli_tally.summary([{"fork": 3, reason: 1}, {"fork": 2, "another thread held the server": 2}, {}])
     assert line == ("dps-tune commands of run_cli and run_killed: 5 in forks of the CLI server, 3 in new "

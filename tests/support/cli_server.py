@@ -78,7 +78,6 @@ class CliServer:
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self._io = Path(tempfile.mkdtemp(prefix="dps_tune_cli_"))
-        self.read_at_import = read_at_import(SERVER_ENV)  # the server's, and so every fork's
         atexit.register(self.close)
 
     def _server(self) -> subprocess.Popen:
@@ -139,22 +138,21 @@ def run_in_fork(args: list[str], env: dict[str, str], timeout: float, cwd: str |
         TALLY["DPS_TUNE_TEST_FORK=0"] += 1
         return None
     _SERVER = _SERVER or CliServer()
-    reason = fallback_reason(env, _SERVER.read_at_import)
+    reason = fallback_reason(env)
     proc = None if reason else _SERVER.run(args, env, timeout, str(cwd or os.getcwd()), kill)
     TALLY[reason or ("fork" if proc is not None else "another thread held the server")] += 1
     return proc
 
 
-def fallback_reason(env: dict[str, str], server: dict[str, str]) -> str | None:
-    """Why a command with environment ``env`` cannot run in a fork of a server with ``server``'s variables
-    read at import; None when it can."""
-    differ = drift(env, server)
+def fallback_reason(env: dict[str, str]) -> str | None:
+    """Why a command with environment ``env`` cannot run in a fork of the server; None when it can."""
+    differ = drift(env)
     return "its environment differs from the server's in " + ", ".join(differ) if differ else None
 
 
-def drift(env, server: dict[str, str] | None = None) -> list[str]:
-    """The variables read at import in which ``env`` differs from the server's (by default, SERVER_ENV's)."""
-    theirs, server = read_at_import(env), read_at_import(SERVER_ENV) if server is None else server
+def drift(env) -> list[str]:
+    """The variables read at import in which ``env`` differs from the server's environment."""
+    theirs, server = read_at_import(env), read_at_import(SERVER_ENV)
     return sorted(k for k in set(theirs) | set(server) if theirs.get(k) != server.get(k))
 
 

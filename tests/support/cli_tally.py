@@ -20,5 +20,5 @@ def summary(tallies: list[dict[str, int]]) -> str | None:
         return None
     forks = total.pop("fork", 0)
     why = "; ".join(f"{n} because {reason}" for reason, n in sorted(total.items(), key=lambda kv: (-kv[1], kv[0])))
-    return f"dps-tune commands of run_cli and run_killed: {forks} in forks of the CLI server, {total.total()} in new interpreters" + (
-        f" ({why})" if why else "")
+    line = f"dps-tune commands of run_cli and run_killed: {forks} in forks of the CLI server, "
+    return line + f"{total.total()} in new interpreters" + (f" ({why})" if why else "")
